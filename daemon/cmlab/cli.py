@@ -1,0 +1,340 @@
+"""The `cmlab` command line. Exit codes: 0 done, 1 failed, 2 bad usage.
+
+Administrator actions go through the site database, as the SMS Provider's do; SMSDBMon's
+triggers wake the components."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cmlab.config import load_config
+from cmlab.contract import folder_of, load_contract
+from cmlab.errors import CmlabError
+from cmlab.sitedb import connect, procs, transaction
+from cmlab.sitedb.functions import tsql_to_sqlite
+from cmlab.statecodes import PackageState
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"cmlab: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from cmlab.siteinit import InitOptions, init_site
+
+    root = init_site(
+        InitOptions(
+            site_dir=Path(args.site_dir),
+            site_code=args.site_code,
+            role=args.role,
+            parent=Path(args.parent) if args.parent else None,
+            content_source=Path(args.content_source) if args.content_source else None,
+            display_root=args.display_root or "",
+            sync_interval=args.sync_interval,
+            rescan_interval=args.rescan_interval,
+            ca_dir=Path(args.ca) if args.ca else None,
+            key_type=args.key_type,
+            scp_remote=args.scp_remote,
+        )
+    )
+    print(f"Created site {args.site_code.upper()} in {root}")
+    print(f"  run it:   cmlab run {root}")
+    print(f"  sync:     cmlab sync {root}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cmlab.daemon import run
+
+    return run(Path(args.site_dir))
+
+
+def daemon_running(site_dir: Path) -> bool:
+    lock = site_dir / "db" / "cmlab.lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def collect_status(site_dir: Path) -> dict[str, Any]:
+    config = load_config(site_dir)
+    conn = connect(config.paths.db_file, config.site_code)
+    try:
+        packages = [
+            {
+                "PackageGuid": r[0],
+                "Name": r[1],
+                "State": r[2],
+                "StateName": PackageState.name_of(r[2]),
+                "Flag": r[3],
+            }
+            for r in conn.execute(
+                "SELECT PackageGuid, Name, State, Flag FROM CM_UpdatePackages ORDER BY Name"
+            )
+        ]
+        version = conn.execute("SELECT fnCurrentSiteVersion()").fetchone()[0]
+        to_download = [
+            r[0] for r in conn.execute("SELECT PackageGuid FROM CM_UpdatePackagesToDownload")
+        ]
+        last_sync = conn.execute(
+            "SELECT ID, Reason, Requested, Finished, Result FROM SyncHistory "
+            "ORDER BY ID DESC LIMIT 1"
+        ).fetchone()
+    finally:
+        conn.close()
+    inboxes = []
+    for entry in load_contract():
+        folder = folder_of(entry, config.root)
+        waiting = bad = 0
+        if folder.is_dir():
+            import fnmatch
+
+            for name in os.listdir(folder):
+                if any(fnmatch.fnmatchcase(name.upper(), p.upper()) for p in entry.files):
+                    waiting += 1
+            bad_dir = folder / "BAD"
+            if bad_dir.is_dir():
+                bad = sum(1 for n in os.listdir(bad_dir) if not n.endswith(".reason"))
+        inboxes.append(
+            {"inbox": entry.folder, "component": entry.component, "backlog": waiting, "bad": bad}
+        )
+    return {
+        "site": config.site_code,
+        "role": config.role,
+        "folder": str(config.root),
+        "daemon_running": daemon_running(config.root),
+        "site_version": version,
+        "packages": packages,
+        "to_download": to_download,
+        "last_sync": None
+        if last_sync is None
+        else {
+            "id": last_sync[0],
+            "reason": last_sync[1],
+            "requested": last_sync[2],
+            "finished": last_sync[3],
+            "result": last_sync[4],
+        },
+        "inboxes": inboxes,
+    }
+
+
+def print_status(status: dict[str, Any]) -> None:
+    running = "running" if status["daemon_running"] else "not running"
+    print(
+        f"Site {status['site']} ({status['role']}), version {status['site_version']}, "
+        f"daemon {running}"
+    )
+    print(f"  {status['folder']}")
+    sync = status["last_sync"]
+    if sync:
+        print(
+            f"Last synchronization: #{sync['id']} ({sync['reason']}) {sync['requested']} -> "
+            f"{sync['result'] or 'in progress'}"
+        )
+    print()
+    if status["packages"]:
+        print(f"{'PackageGuid':38} {'State':36} Name")
+        for p in status["packages"]:
+            state = f"{p['StateName']} ({p['State']})"
+            print(f"{p['PackageGuid']:38} {state:36} {p['Name']}")
+    else:
+        print("No update packages yet: run `cmlab sync`.")
+    print()
+    print(f"{'Inbox':46} {'Component':34} backlog  BAD")
+    for i in status["inboxes"]:
+        print(f"{i['inbox']:46} {i['component']:34} {i['backlog']:7}  {i['bad']:3}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = collect_status(Path(args.site_dir))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print_status(status)
+    return 0
+
+
+def _with_db(site_dir: Path) -> Any:
+    config = load_config(site_dir)
+    return config, connect(config.paths.db_file, config.site_code)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    _, conn = _with_db(Path(args.site_dir))
+    try:
+        with transaction(conn):
+            sync_id = procs.spRequestSync(conn, "admin")
+    finally:
+        conn.close()
+    print(f"Synchronization requested (SyncHistory ID={sync_id}).")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run one of the guide's queries (T-SQL spellings like dbo. and TOP n are accepted)."""
+    _, conn = _with_db(Path(args.site_dir))
+    try:
+        cur = conn.execute(tsql_to_sqlite(args.query))
+        rows = cur.fetchall()
+        cols = [d[0] for d in cur.description or []]
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
+    else:
+        if cols:
+            print(" | ".join(cols))
+        for r in rows:
+            print(" | ".join("NULL" if v is None else str(v) for v in r))
+    return 0
+
+
+def cmd_payload_build(args: argparse.Namespace) -> int:
+    from cmlab.payload import build_cab_from_dir
+    from cmlab.trust import Signer
+
+    signer = None
+    if not args.unsigned:
+        if not (args.key and args.cert):
+            return _fail("payload build needs --key and --cert (or --unsigned)", 2)
+        signer = Signer.from_pem_files(
+            Path(args.key), Path(args.cert), Path(args.chain) if args.chain else None, args.digest
+        )
+    build_cab_from_dir(Path(args.src), Path(args.out), signer)
+    print(f"Built {'unsigned' if signer is None else 'signed'} {args.out}")
+    return 0
+
+
+def cmd_payload_verify(args: argparse.Namespace) -> int:
+    from cmlab.trust import TrustStore, verify_cab
+
+    config = load_config(Path(args.site))
+    trust = TrustStore.from_pem_files(config.trust_roots, config.microsoft_roots)
+    verdict = verify_cab(Path(args.file), trust)
+    result = {
+        "file": args.file,
+        "status": verdict.status.name,
+        "trusted": verdict.trusted,
+        "ms_root": verdict.ms_root,
+        "reason": verdict.reason,
+        "digest_algorithm": verdict.digest_algorithm,
+        "signer": verdict.signer_subject,
+        "root": verdict.root_subject,
+        "signing_time": verdict.signing_time.isoformat() if verdict.signing_time else None,
+        "chain": [c.subject.rfc4514_string() for c in verdict.chain],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        if verdict.trusted:
+            print(f"File '{args.file}' is signed and trusted.")
+            if verdict.ms_root:
+                print(f"File '{args.file}' is signed with MS root cert.")
+        else:
+            print(f"File '{args.file}' is NOT trusted: {verdict.status.name}: {verdict.reason}")
+        for i, subject in enumerate(result["chain"]):
+            print(f"  chain[{i}]: {subject}")
+    return 0 if verdict.trusted else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cmlab.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a site folder")
+    p.add_argument("site_dir")
+    p.add_argument("--site-code", required=True)
+    p.add_argument("--role", choices=("cas", "primary", "secondary"), default="cas")
+    p.add_argument("--parent")
+    p.add_argument("--content-source")
+    p.add_argument("--display-root", help=r"show paths Windows-style, e.g. 'E:\ConfigMgr'")
+    p.add_argument(
+        "--sync-interval", type=float, default=86400.0, help="seconds; 0 = on request only"
+    )
+    p.add_argument("--rescan-interval", type=float, default=5.0)
+    p.add_argument("--ca", help="use an existing lab CA folder instead of creating one")
+    p.add_argument("--key-type", choices=("rsa", "ecdsa"), default="rsa")
+    p.add_argument(
+        "--scp-remote", action="store_true", help="SCP remote: MCMs go via MP/OUTBOXES/MCM.box"
+    )
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("run", help="run the site's components in the foreground")
+    p.add_argument("site_dir")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="packages, states, inbox backlog")
+    p.add_argument("site_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sync", help="check for updates now")
+    p.add_argument("site_dir")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("sql", help="run a query against the site database (the guide's queries)")
+    p.add_argument("site_dir")
+    p.add_argument("query")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("payload", help="build or verify signed CABs")
+    psub = p.add_subparsers(dest="payload_command", required=True)
+    b = psub.add_parser("build", help="CAB a folder and sign it")
+    b.add_argument("src")
+    b.add_argument("out")
+    b.add_argument("--key")
+    b.add_argument("--cert")
+    b.add_argument("--chain")
+    b.add_argument("--digest", choices=("sha256", "sha384", "sha1"), default="sha256")
+    b.add_argument("--unsigned", action="store_true")
+    b.set_defaults(func=cmd_payload_build)
+    v = psub.add_parser("verify", help="verify a CAB's signature against a site's trust")
+    v.add_argument("file")
+    v.add_argument("--site", required=True)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_payload_verify)
+
+    p = sub.add_parser("demo", help="a whole update on a fresh lab site")
+    p.add_argument("dir", nargs="?")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CmlabError as exc:
+        return _fail(str(exc))
+    except LookupError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

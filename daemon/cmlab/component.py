@@ -1,0 +1,136 @@
+"""What every emulated component shares: the site's config, paths, database, logs, trust and
+inbox engine. Components never call each other: they drop files and write the database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import string
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cmlab.config import SiteConfig
+from cmlab.contract import entries_for, folder_of
+from cmlab.inbox import InboxEngine, InboxSpec
+from cmlab.paths import SitePaths
+from cmlab.sitedb import SiteDB
+from cmlab.smslog import LogRegistry, SmsLog
+
+if TYPE_CHECKING:
+    from cmlab.trust import TrustStore, Verdict
+
+T = TypeVar("T")
+
+
+@dataclass
+class SiteContext:
+    config: SiteConfig
+    db: SiteDB
+    logs: LogRegistry
+    engine: InboxEngine
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def paths(self) -> SitePaths:
+        return self.config.paths
+
+    @cached_property
+    def trust(self) -> TrustStore:
+        from cmlab.trust import TrustStore
+
+        return TrustStore.from_pem_files(self.config.trust_roots, self.config.microsoft_roots)
+
+
+class Component:
+    """Base of DMPDownloader, HMAN, SMSDBMon, statesys, ... (one module each)."""
+
+    component = "SMS_COMPONENT"
+    log_file = "component.log"
+
+    def __init__(self, ctx: SiteContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.paths = ctx.paths
+        self.db = ctx.db
+        self.log: SmsLog = ctx.logs.get(self.log_file, self.component)
+        self._tasks: list[asyncio.Task[Any]] = []
+        # A stable pseudo thread id per component, so a trainee can filter a log by thread as
+        # the guide suggests even though every component runs on one event loop.
+        self.thread_id = 1000 + (sum(self.component.encode()) * 37) % 8000
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def inboxes(self) -> list[InboxSpec]:
+        """This component's inboxes, as the inbox contract (`inboxes/contract.toml`) lists them."""
+        specs = []
+        for entry in entries_for(self.component):
+            handler = getattr(self, entry.handler)
+            folder = folder_of(entry, self.paths.root)
+            name = entry.folder.removeprefix("inboxes/")
+            specs.append(self.inbox(name, folder, entry.files, handler))
+        return specs
+
+    async def start(self) -> None:
+        """Start background loops (timers, pollers). Inboxes are started by the engine."""
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{self.component}:{name}")
+        self._tasks.append(task)
+        return task
+
+    def inbox(self, name: str, folder: Path, patterns: tuple[str, ...], handler: Any) -> InboxSpec:
+        return InboxSpec(
+            name=name,
+            folder=folder,
+            patterns=patterns,
+            handler=handler,
+            log=self.log,
+            show=self.show,
+        )
+
+    def say(self, message: str, *, level: str = "info") -> None:
+        self.log.write(message, thread=self.thread_id, level=level)
+
+    def show(self, path: Path | str, *, trailing_sep: bool = False) -> str:
+        return self.paths.show(path, trailing_sep=trailing_sep)
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Hashing, extracting and verifying release the GIL: run them off the loop."""
+        return await asyncio.to_thread(fn, *args)
+
+    async def verify(self, path: Path) -> Verdict:
+        from cmlab.trust import verify_cab
+
+        return await self.in_thread(verify_cab, path, self.ctx.trust)
+
+    def trust_lines(self, shown: str, verdict: Verdict) -> None:
+        """The guide's two lines for a trusted CAB."""
+        self.say(f"File '{shown}' is signed and trusted.")
+        if verdict.ms_root:
+            self.say(f"File '{shown}' is signed with MS root cert.")
+
+
+def random_smx_name() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "___CMU" + "".join(secrets.choice(alphabet) for _ in range(8)) + ".SMX"
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def process_ids() -> tuple[int, int]:
+    return os.getpid(), threading.get_native_id()

@@ -1,0 +1,43 @@
+"""The inbox contract (`inboxes/contract.toml`): which folder each component owns, which drop
+files wake it and which handler takes them. Data, so tools and docs read the same table."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from cmlab.resources import data_dir
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    component: str
+    folder: str
+    files: tuple[str, ...]
+    handler: str
+    purpose: str
+
+
+@cache
+def load_contract() -> tuple[InboxEntry, ...]:
+    doc = tomllib.loads((data_dir("inboxes") / "contract.toml").read_text(encoding="utf-8"))
+    return tuple(
+        InboxEntry(
+            component=e["component"],
+            folder=e["folder"],
+            files=tuple(e["files"]),
+            handler=e["handler"],
+            purpose=e.get("purpose", ""),
+        )
+        for e in doc["inbox"]
+    )
+
+
+def entries_for(component: str) -> list[InboxEntry]:
+    return [e for e in load_contract() if e.component == component]
+
+
+def folder_of(entry: InboxEntry, site_root: Path) -> Path:
+    return site_root.joinpath(*entry.folder.split("/"))

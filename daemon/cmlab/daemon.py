@@ -1,0 +1,115 @@
+"""`cmlab run SITE_DIR`: every component of one site on one event loop, until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+from cmlab import sdnotify
+from cmlab.component import Component, SiteContext
+from cmlab.config import SiteConfig, load_config
+from cmlab.dmpdownloader import DMPDownloader
+from cmlab.errors import ConfigError
+from cmlab.hman import HierarchyManager
+from cmlab.inbox import InboxEngine
+from cmlab.mpfdm import MPFileDispatchManager
+from cmlab.sitedb import SiteDB
+from cmlab.smsdbmon import SMSDBMon
+from cmlab.smslog import LogRegistry, LogSink
+from cmlab.statesys import StateSystem
+
+# Start order: the database monitor and state system first, so nothing another component
+# causes at start-up is missed; stop order is the reverse.
+COMPONENTS: tuple[type[Component], ...] = (
+    SMSDBMon,
+    StateSystem,
+    HierarchyManager,
+    MPFileDispatchManager,
+    DMPDownloader,
+)
+
+
+@contextlib.contextmanager
+def site_lock(config: SiteConfig) -> Iterator[None]:
+    """One daemon per site: two would claim the same drop files."""
+    config.paths.db_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = config.paths.db_dir / "cmlab.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ConfigError(f"another cmlab daemon is already running for {config.root}") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+class SiteDaemon:
+    def __init__(self, config: SiteConfig, *, json_stdout: bool | None = None) -> None:
+        self.config = config
+        sink = LogSink(
+            folder=config.paths.logs,
+            max_size=config.log_max_size,
+            json_stdout=config.log_json_stdout if json_stdout is None else json_stdout,
+            site_code=config.site_code,
+        )
+        self.logs = LogRegistry(sink)
+        self.db = SiteDB(config.paths.db_file, config.site_code, durability=config.durability)
+        self.engine = InboxEngine(rescan=config.intervals.rescan, settle=config.intervals.settle)
+        self.ctx = SiteContext(config=config, db=self.db, logs=self.logs, engine=self.engine)
+        self.components = [cls(self.ctx) for cls in COMPONENTS]
+        for component in self.components:
+            for spec in component.inboxes():
+                self.engine.add(spec)
+
+    async def start(self) -> None:
+        for component in self.components:
+            await component.start()
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+        for component in reversed(self.components):
+            await component.stop()
+        await asyncio.to_thread(self.db.close)
+        self.logs.close()
+
+
+async def serve(site_dir: Path, *, json_stdout: bool | None = None) -> int:
+    config = load_config(site_dir)
+    with site_lock(config):
+        daemon = SiteDaemon(config, json_stdout=json_stdout)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await daemon.start()
+        sdnotify.notify("READY=1\nSTATUS=serving site " + config.site_code)
+        pinger = None
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            pinger = asyncio.create_task(_watchdog_pings(interval))
+        await stop.wait()
+        sdnotify.notify("STOPPING=1")
+        if pinger is not None:
+            pinger.cancel()
+        await daemon.stop()
+    return 0
+
+
+async def _watchdog_pings(interval: float) -> None:
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def run(site_dir: Path) -> int:
+    return asyncio.run(serve(site_dir))

@@ -1,0 +1,120 @@
+"""`cmlab demo`: a fresh lab site, its daemon, and an update taken as far as cmlab reaches,
+printed stage by stage as it happens. Everything it shows is read back from the site's own
+database and logs, the way a trainee would watch it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cmlab.cli import collect_status, print_status
+from cmlab.config import load_config
+from cmlab.daemon import SiteDaemon
+from cmlab.sitedb import connect, procs, transaction
+from cmlab.siteinit import InitOptions, init_site
+from cmlab.statecodes import PackageState
+
+# The states at which this build of cmlab stops moving a package on its own.
+RESTING = {
+    PackageState.APPLICABILITY_SUCCESS,
+    PackageState.APPLICABILITY_HIDE,
+    PackageState.APPLICABILITY_NA,
+    PackageState.APPLICABILITY_FAILED,
+}
+STAGE_OF = {
+    PackageState.APPLICABILITY_CHECKING: "Applicability",
+    PackageState.APPLICABILITY_SUCCESS: "Applicability",
+    PackageState.APPLICABILITY_HIDE: "Applicability",
+    PackageState.APPLICABILITY_NA: "Applicability",
+    PackageState.APPLICABILITY_FAILED: "Applicability",
+}
+
+
+def _color(text: str, code: str) -> str:
+    return f"\033[{code}m{text}\033[0m" if sys.stdout.isatty() else text
+
+
+class Watcher:
+    def __init__(self, site: Path) -> None:
+        config = load_config(site)
+        self.conn = connect(config.paths.db_file, config.site_code)
+        self.seen_messages = 0
+        self.states: dict[str, int] = {}
+        self.t0 = time.monotonic()
+
+    def stamp(self) -> str:
+        return f"[{time.monotonic() - self.t0:6.2f}s]"
+
+    def poll(self) -> None:
+        for state_id, name, topic in self.conn.execute(
+            "SELECT StateID, StateName, TopicID FROM StateMessages WHERE ID > ? ORDER BY ID",
+            (self.seen_messages,),
+        ).fetchall():
+            self.seen_messages += 1
+            print(
+                f"{self.stamp()} Synchronization  DMPDownloader state message {state_id:>2} {name}"
+                + ("" if topic.startswith("00000000") else f" ({topic})")
+            )
+        for guid, pkg_name, state in self.conn.execute(
+            "SELECT PackageGuid, Name, State FROM CM_UpdatePackages ORDER BY Name"
+        ).fetchall():
+            if self.states.get(guid) != state:
+                self.states[guid] = state
+                stage = (
+                    STAGE_OF.get(PackageState(state), "Update")
+                    if state in PackageState._value2member_map_
+                    else "Update"
+                )
+                label = _color(
+                    f"{PackageState.name_of(state)} ({state})",
+                    "1;32" if state in RESTING else "1;33",
+                )
+                print(f"{self.stamp()} {stage:16} {pkg_name}: {label}")
+
+    def settled(self) -> bool:
+        sync = self.conn.execute(
+            "SELECT COUNT(*) FROM SyncHistory WHERE Finished IS NULL"
+        ).fetchone()[0]
+        return sync == 0 and bool(self.states) and all(s in RESTING for s in self.states.values())
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def _demo(site: Path, deadline_s: float) -> int:
+    daemon = SiteDaemon(load_config(site), json_stdout=False)
+    await daemon.start()
+    watcher = Watcher(site)
+    try:
+        with transaction(watcher.conn):
+            procs.spRequestSync(watcher.conn, "admin")
+        print(f"{watcher.stamp()} Administrator    Check for updates (SyncHistory request)")
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            watcher.poll()
+            if watcher.settled():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            print("The demo did not settle in time; see the logs in", site / "Logs")
+            return 1
+    finally:
+        watcher.close()
+        await daemon.stop()
+    return 0
+
+
+def run_demo(folder: Path | None = None, *, deadline_s: float = 120.0) -> int:
+    base = folder if folder is not None else Path(tempfile.mkdtemp(prefix="cmlab-demo-"))
+    site = base / "CAS"
+    print(f"Creating lab site CAS in {site} ...")
+    init_site(InitOptions(site_dir=site, site_code="CAS", sync_interval=0, rescan_interval=1.0))
+    print("Starting the site's components: SMSDBMon, statesys, HMAN, MPFDM, DMPDownloader\n")
+    rc = asyncio.run(_demo(site, deadline_s))
+    print()
+    print_status(collect_status(site))
+    print(f"\nLogs: {site / 'Logs'}  (hman.log, dmpdownloader.log, SMSDBMon.log, statesys.log)")
+    return rc

@@ -1,0 +1,436 @@
+"""The inbox engine: how every component notices, claims, processes and retires drop files.
+
+Guarantees (DESIGN.md, "The inbox engine"):
+1. A drop file is deleted only after its handler returned, i.e. after everything it caused is
+   durable (handlers commit and write outputs atomically before returning).
+2. Handlers are idempotent, so the re-run after a crash changes nothing.
+3. Files are noticed three ways: a startup scan of the backlog, watchdog events, and a
+   periodic rescan. One file is claimed by one worker at a time.
+4. Files written in place by someone else are taken only once closed (or unchanged for
+   `settle` seconds); files renamed in are taken at once.
+5. Bad input is moved to `BAD/` beside the file with a `.reason` file; links are never followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import fnmatch
+import os
+import sqlite3
+import stat
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+from cmlab.atomic import TMP_PREFIX, remove_stale_tmp, write_atomic
+from cmlab.errors import CmlabError
+from cmlab.smslog import SmsLog
+
+BAD_FOLDER = "BAD"
+TRANSIENT_RETRIES = 5
+
+
+class Outcome(enum.Enum):
+    DONE = "done"  # effects are durable: the engine deletes the drop file
+    CONSUMED = "consumed"  # the handler moved or deleted the file itself
+    RETRY = "retry"  # leave the file; offer it again after `retry_after`
+
+
+class BadInput(CmlabError):
+    """Raised by a handler for a file that must go to BAD (the message is the reason)."""
+
+
+Handler = Callable[[Path], Awaitable[Outcome | None]]
+
+
+@dataclass
+class InboxSpec:
+    name: str  # e.g. "hman.box/CFD", used in logs and status
+    folder: Path
+    patterns: tuple[str, ...]  # case-insensitive globs: the guide writes both 2.esc and 2.ESC
+    handler: Handler
+    log: SmsLog | None = None
+    workers: int = 1
+    retry_after: float = 1.0
+    show: Callable[[Path], str] = str
+
+    def matches(self, name: str) -> bool:
+        if name.startswith(TMP_PREFIX) or name.startswith("."):
+            return False
+        upper = name.upper()
+        return any(fnmatch.fnmatchcase(upper, p.upper()) for p in self.patterns)
+
+
+@dataclass
+class InboxStats:
+    handled: int = 0
+    quarantined: int = 0
+    retried: int = 0
+    handler_start_lag: list[float] = field(default_factory=list)
+
+
+class Inbox:
+    """One watched folder with its queue and workers."""
+
+    def __init__(self, spec: InboxSpec, engine: InboxEngine) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.pending: set[str] = set()
+        self.in_flight: set[str] = set()
+        self.again: set[str] = set()
+        self.attempts: dict[str, int] = {}
+        self.settling: dict[str, asyncio.TimerHandle] = {}
+        self.workers: list[asyncio.Task[None]] = []
+        self.stats = InboxStats()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        # time.monotonic() of the event that made each queued name ready, for latency stats
+        self.ready_at: dict[str, float] = {}
+        self.on_handler_start: Callable[[str, float], None] | None = None
+
+    # -- noticing ------------------------------------------------------------------------------
+
+    def offer(self, name: str, *, ready: bool, seen_at: float | None = None) -> None:
+        if not self.spec.matches(name):
+            return
+        if name in self.in_flight:
+            self.again.add(name)
+            return
+        if name in self.pending:
+            return
+        if not ready:
+            self._settle_later(name)
+            return
+        timer = self.settling.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        self.pending.add(name)
+        self.ready_at[name] = seen_at if seen_at is not None else time.monotonic()
+        self.idle.clear()
+        self.queue.put_nowait(name)
+
+    def _settle_later(self, name: str) -> None:
+        if name in self.settling:
+            return
+        loop = asyncio.get_running_loop()
+        self.settling[name] = loop.call_later(self.engine.settle, self._settle_check, name)
+
+    def _settle_check(self, name: str) -> None:
+        self.settling.pop(name, None)
+        try:
+            st = os.lstat(self.spec.folder / name)
+        except FileNotFoundError:
+            return
+        age = time.time() - st.st_mtime
+        if age >= self.engine.settle or _is_link(st):
+            self.offer(name, ready=True)
+        else:
+            self._settle_later(name)
+
+    def scan(self) -> None:
+        """Offer every matching file already in the folder (startup backlog and rescans)."""
+        try:
+            entries = list(os.scandir(self.spec.folder))
+        except FileNotFoundError:
+            return
+        now = time.time()
+        # Oldest first: the order the files were dropped in.
+        ready: list[tuple[float, str]] = []
+        for entry in entries:
+            name = entry.name
+            if not self.spec.matches(name) or name in self.pending or name in self.in_flight:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if _is_link(st) or now - st.st_mtime >= self.engine.settle:
+                ready.append((st.st_mtime, name))
+            else:
+                self.offer(name, ready=False)
+        for _, name in sorted(ready):
+            self.offer(name, ready=True)
+
+    # -- processing ----------------------------------------------------------------------------
+
+    async def worker(self) -> None:
+        while True:
+            name = await self.queue.get()
+            self.pending.discard(name)
+            self.in_flight.add(name)
+            try:
+                await self._process(name)
+            finally:
+                self.in_flight.discard(name)
+                self.queue.task_done()
+                if name in self.again:
+                    self.again.discard(name)
+                    if os.path.lexists(self.spec.folder / name):
+                        self.offer(name, ready=False)
+                if not self.pending and not self.in_flight:
+                    self.idle.set()
+
+    async def _process(self, name: str) -> None:
+        path = self.spec.folder / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if _is_link(st):
+            self.quarantine(path, "it is a symbolic link; cmlab never follows a link in an inbox")
+            return
+        if not _is_regular(st):
+            self.quarantine(path, "it is not a regular file")
+            return
+        seen = self.ready_at.pop(name, None)
+        if seen is not None:
+            lag = time.monotonic() - seen
+            if self.on_handler_start is not None:
+                self.on_handler_start(name, lag)
+        try:
+            outcome = await self.spec.handler(path)
+        except asyncio.CancelledError:
+            raise
+        except CmlabError as exc:
+            self.attempts.pop(name, None)
+            self.quarantine(path, str(exc))
+            return
+        except (OSError, sqlite3.OperationalError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOENT and not path.exists():
+                return  # someone else took the file (e.g. a trainee cleaning up by hand)
+            tries = self.attempts.get(name, 0) + 1
+            self.attempts[name] = tries
+            if tries >= TRANSIENT_RETRIES:
+                self.attempts.pop(name, None)
+                self.quarantine(path, f"failed {tries} times: {type(exc).__name__}: {exc}")
+                return
+            self._log(f"Failed to process {self.spec.show(path)} ({exc}); will retry.")
+            self.stats.retried += 1
+            self._retry_later(name, self.spec.retry_after * tries)
+            return
+        except Exception as exc:
+            self.attempts.pop(name, None)
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            print(traceback.format_exc(), file=sys.stderr)
+            self.quarantine(path, f"internal error while processing: {detail}")
+            return
+        self.attempts.pop(name, None)
+        if outcome is None or outcome is Outcome.DONE:
+            self._retire(path, st)
+            self.stats.handled += 1
+        elif outcome is Outcome.CONSUMED:
+            self.stats.handled += 1
+        elif outcome is Outcome.RETRY:
+            self._retry_later(name, self.spec.retry_after)
+
+    def _retire(self, path: Path, claimed: os.stat_result) -> None:
+        """Delete the drop file we processed, but not a new one dropped over it meanwhile
+        (producers rename in, so a re-drop is a different inode): that one is offered again."""
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return
+        same = (now.st_ino, now.st_dev, now.st_mtime_ns) == (
+            claimed.st_ino,
+            claimed.st_dev,
+            claimed.st_mtime_ns,
+        )
+        if same:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            self.again.add(path.name)
+
+    def _retry_later(self, name: str, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.idle.clear()
+        loop.call_later(delay, self._retry_fire, name)
+
+    def _retry_fire(self, name: str) -> None:
+        if os.path.lexists(self.spec.folder / name):
+            self.offer(name, ready=True)
+        elif not self.pending and not self.in_flight:
+            self.idle.set()
+
+    def quarantine(self, path: Path, reason: str) -> Path | None:
+        dest = quarantine(path, reason, self.spec.show)
+        if dest is not None:
+            self.stats.quarantined += 1
+            self._log(
+                f"ERROR: Moved bad file {self.spec.show(path)} to {self.spec.show(dest)}: {reason}"
+            )
+        return dest
+
+    def _log(self, message: str) -> None:
+        if self.spec.log is not None:
+            self.spec.log.write(message, level="error" if message.startswith("ERROR") else "info")
+
+
+def quarantine(path: Path, reason: str, show: Callable[[Path], str] = str) -> Path | None:
+    """Move `path` (never following a link) to BAD/ beside it, with a `.reason` file."""
+    bad = path.parent / BAD_FOLDER
+    bad.mkdir(exist_ok=True)
+    dest = bad / path.name
+    if os.path.lexists(dest):
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        dest = bad / f"{path.name}.{stamp}"
+    try:
+        os.rename(path, dest)
+    except FileNotFoundError:
+        return None
+    write_atomic(dest.with_name(dest.name + ".reason"), f"{show(path)}\n{reason}\n")
+    return dest
+
+
+def _is_link(st: os.stat_result) -> bool:
+    return stat.S_ISLNK(st.st_mode)
+
+
+def _is_regular(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode)
+
+
+class _Forwarder(FileSystemEventHandler):
+    """Runs on watchdog's thread: hands each event to the loop, nothing else."""
+
+    def __init__(self, inbox: Inbox, loop: asyncio.AbstractEventLoop) -> None:
+        self.inbox = inbox
+        self.loop = loop
+        self.folder = os.fspath(inbox.spec.folder)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        now = time.monotonic()
+        if isinstance(event, FileMovedEvent):
+            dest = os.fsdecode(event.dest_path)
+            if os.path.dirname(dest) != self.folder:
+                return
+            self.loop.call_soon_threadsafe(self._ready, os.path.basename(dest), now)
+        elif isinstance(event, FileClosedEvent):
+            src = os.fsdecode(event.src_path)
+            self.loop.call_soon_threadsafe(self._ready, os.path.basename(src), now)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            src = os.fsdecode(event.src_path)
+            self.loop.call_soon_threadsafe(self._maybe, os.path.basename(src))
+
+    def _ready(self, name: str, seen: float) -> None:
+        self.inbox.offer(name, ready=True, seen_at=seen)
+
+    def _maybe(self, name: str) -> None:
+        # A symlink or hard link appears with IN_CREATE and no close; check it now.
+        try:
+            st = os.lstat(self.inbox.spec.folder / name)
+        except FileNotFoundError:
+            return
+        if _is_link(st):
+            self.inbox.offer(name, ready=True)
+        else:
+            self.inbox.offer(name, ready=False)
+
+
+def _make_observer() -> object:
+    if sys.platform.startswith("linux"):
+        from watchdog.observers.inotify import InotifyObserver
+
+        # Full events: a file renamed in from another folder arrives as a move, not a create,
+        # so it is taken at once instead of after the settle delay.
+        return InotifyObserver(generate_full_events=True)
+    from watchdog.observers import Observer
+
+    return Observer()
+
+
+class InboxEngine:
+    """All inboxes of one process, one watchdog observer, one rescan timer."""
+
+    def __init__(self, *, rescan: float = 5.0, settle: float = 0.25) -> None:
+        self.rescan = rescan
+        self.settle = settle
+        self.inboxes: list[Inbox] = []
+        self._observer: object | None = None
+        self._rescan_task: asyncio.Task[None] | None = None
+
+    def add(self, spec: InboxSpec) -> Inbox:
+        inbox = Inbox(spec, self)
+        self.inboxes.append(inbox)
+        return inbox
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        observer = _make_observer()
+        for inbox in self.inboxes:
+            inbox.spec.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(inbox.spec.folder)
+            observer.schedule(  # type: ignore[attr-defined]
+                _Forwarder(inbox, loop), os.fspath(inbox.spec.folder), recursive=False
+            )
+        observer.start()  # type: ignore[attr-defined]
+        self._observer = observer
+        # Watches exist before the backlog scan, so nothing dropped in between is missed.
+        for inbox in self.inboxes:
+            inbox.scan()
+            for _ in range(inbox.spec.workers):
+                inbox.workers.append(asyncio.create_task(inbox.worker(), name=inbox.spec.name))
+        if self.rescan > 0:
+            self._rescan_task = asyncio.create_task(self._rescan_loop(), name="inbox-rescan")
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.rescan)
+            for inbox in self.inboxes:
+                inbox.scan()
+
+    def scan_all(self) -> None:
+        for inbox in self.inboxes:
+            inbox.scan()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop noticing, let in-flight handlers finish (or abandon them after `timeout`)."""
+        if self._rescan_task is not None:
+            self._rescan_task.cancel()
+        if self._observer is not None:
+            self._observer.stop()  # type: ignore[attr-defined]
+            await asyncio.to_thread(self._observer.join, 2.0)  # type: ignore[attr-defined]
+            self._observer = None
+        for inbox in self.inboxes:
+            for timer in inbox.settling.values():
+                timer.cancel()
+            inbox.settling.clear()
+        busy = [inbox for inbox in self.inboxes if inbox.in_flight]
+        if busy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(self._drain_in_flight(i) for i in busy)), timeout
+                )
+        tasks = [t for inbox in self.inboxes for t in inbox.workers]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._rescan_task is not None:
+            await asyncio.gather(self._rescan_task, return_exceptions=True)
+
+    @staticmethod
+    async def _drain_in_flight(inbox: Inbox) -> None:
+        # Drop what is queued but not started: it stays on disk and is found at next start.
+        while not inbox.queue.empty():
+            inbox.queue.get_nowait()
+            inbox.queue.task_done()
+        inbox.pending.clear()
+        while inbox.in_flight:
+            await asyncio.sleep(0.01)

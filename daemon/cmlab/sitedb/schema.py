@@ -1,0 +1,164 @@
+"""The site database schema: the guide's table and view names, so its queries run as written."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# GUID columns compare case-insensitively, as uniqueidentifier does in SQL Server: the guide
+# itself writes the same GUID in upper and lower case.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS SchemaInfo (
+    Name TEXT PRIMARY KEY,
+    Value TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS ServerData (
+    ID INTEGER PRIMARY KEY,
+    SiteCode TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    ParentSiteCode TEXT COLLATE NOCASE,
+    SiteServerName TEXT NOT NULL,
+    SiteType INTEGER NOT NULL,          -- 4 CAS, 2 primary, 1 secondary (as in ConfigMgr)
+    IsLocal INTEGER NOT NULL DEFAULT 0,
+    SiteFolder TEXT
+);
+
+CREATE TABLE IF NOT EXISTS Sites (
+    SiteCode TEXT PRIMARY KEY COLLATE NOCASE,
+    SiteName TEXT,
+    Version TEXT NOT NULL,              -- 5.00.nnnn.1000
+    FullVersion TEXT NOT NULL,          -- 5.00.nnnn.10mm
+    BuildNumber INTEGER NOT NULL,
+    ReportingSiteCode TEXT COLLATE NOCASE,
+    ServerName TEXT,
+    Type INTEGER
+);
+
+CREATE TABLE IF NOT EXISTS CM_UpdatePackages (
+    PackageGuid TEXT PRIMARY KEY COLLATE NOCASE,
+    Name TEXT NOT NULL,
+    Description TEXT,
+    UpdateNumber TEXT,                  -- e.g. 2509 (the manifest's <Update>)
+    PackageType INTEGER NOT NULL DEFAULT 0,  -- 0 update, 1 hotfix
+    FullVersion TEXT,
+    MinCMVersion TEXT,
+    MaxCMVersion TEXT,
+    MoreInfoLink TEXT,
+    ContentUrl TEXT,
+    ContentHash TEXT,
+    RedistManifestUrl TEXT,
+    LanguagePackManifestUrl TEXT,
+    ApplicabilityCheck TEXT,
+    ApplicabilityHash TEXT,
+    DateReleased TEXT,
+    State INTEGER NOT NULL DEFAULT 0,
+    Flag INTEGER NOT NULL DEFAULT 0,
+    DateCreated TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    LastUpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
+CREATE TABLE IF NOT EXISTS CM_UpdatePackagesToDownload (
+    PackageGuid TEXT PRIMARY KEY COLLATE NOCASE,
+    RequestTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
+CREATE TABLE IF NOT EXISTS CM_UpdatePackageSiteStatus (
+    PackageGuid TEXT NOT NULL COLLATE NOCASE,
+    SiteNumber INTEGER NOT NULL,
+    State INTEGER NOT NULL,
+    Flag INTEGER NOT NULL DEFAULT 0,
+    UpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    PRIMARY KEY (PackageGuid, SiteNumber)
+);
+
+CREATE TABLE IF NOT EXISTS CM_UpdatePackage_MonitoringStatus (
+    PackageGuid TEXT NOT NULL COLLATE NOCASE,
+    SiteNumber INTEGER NOT NULL,
+    SubStageID INTEGER NOT NULL,
+    IsComplete INTEGER NOT NULL,
+    Progress INTEGER NOT NULL,
+    Applicable INTEGER NOT NULL DEFAULT 1,
+    MessageTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    PRIMARY KEY (PackageGuid, SiteNumber, SubStageID)
+);
+
+CREATE TABLE IF NOT EXISTS CM_UpdatePackagePrereqStatus (
+    PackageGuid TEXT NOT NULL COLLATE NOCASE,
+    SiteNumber INTEGER NOT NULL,
+    ServerName TEXT NOT NULL,
+    RuleName TEXT NOT NULL,
+    Status INTEGER NOT NULL,            -- 0 Passed, 1 Warning, 2 Failed
+    Message TEXT,
+    MessageTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    PRIMARY KEY (PackageGuid, SiteNumber, ServerName, RuleName)
+);
+
+CREATE TABLE IF NOT EXISTS SMSPackages (
+    PkgID TEXT PRIMARY KEY COLLATE NOCASE,
+    Name TEXT NOT NULL,
+    Source TEXT,
+    SourceSite TEXT,
+    SourceVersion INTEGER NOT NULL DEFAULT 0,
+    SourceDate TEXT,
+    SourceSize INTEGER NOT NULL DEFAULT 0,
+    StoredPkgVersion INTEGER NOT NULL DEFAULT 0,
+    StoredPkgHash TEXT,
+    StorePkgFlag INTEGER NOT NULL DEFAULT 2,   -- 2: replicate to site servers only
+    LastRefresh TEXT,
+    Hash TEXT
+);
+
+CREATE TABLE IF NOT EXISTS EasySetupSettings (
+    PackageID TEXT PRIMARY KEY COLLATE NOCASE,
+    PackageGuid TEXT COLLATE NOCASE,
+    PackageVersion INTEGER NOT NULL DEFAULT 0,
+    PackageHash TEXT,
+    LastUpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
+CREATE VIEW IF NOT EXISTS vEasySetupPackage AS
+SELECT e.PackageID AS PackageID, e.PackageVersion AS PackageVersion, e.PackageHash AS PackageHash,
+       e.PackageGuid AS PackageGUID, p.StoredPkgHash AS StoredPkgHash, p.Source AS Source,
+       p.SourceSite AS SourceSite, p.LastRefresh AS LastRefresh,
+       p.StoredPkgVersion AS StoredPkgVersion, p.StorePkgFlag AS StorePkgFlag,
+       p.SourceDate AS SourceDate, p.SourceVersion AS SourceVersion, p.SourceSize AS SourceSize
+FROM EasySetupSettings e LEFT JOIN SMSPackages p ON p.PkgID = e.PackageID;
+
+CREATE VIEW IF NOT EXISTS v_LocalizedUpdatePackageMetaData_SiteLoc AS
+SELECT PackageGuid, Name, Description, UpdateNumber, FullVersion, MoreInfoLink, DateReleased,
+       State, 1033 AS LocaleID
+FROM CM_UpdatePackages;
+
+-- SMSDBMon's queue: triggers write here inside the writer's own transaction.
+CREATE TABLE IF NOT EXISTS TableChangeNotifications (
+    ID INTEGER PRIMARY KEY AUTOINCREMENT,
+    TriggerName TEXT NOT NULL,
+    TableName TEXT NOT NULL,
+    Action TEXT NOT NULL,
+    KeyValue TEXT,
+    FileName TEXT NOT NULL,
+    Directory TEXT NOT NULL,
+    CreatedTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
+-- What statesys recorded from the .SMX state messages (one row per message file).
+CREATE TABLE IF NOT EXISTS StateMessages (
+    ID INTEGER PRIMARY KEY AUTOINCREMENT,
+    FileName TEXT NOT NULL UNIQUE,
+    Component TEXT NOT NULL,
+    MachineName TEXT,
+    TopicID TEXT NOT NULL COLLATE NOCASE,
+    StateID INTEGER NOT NULL,
+    StateName TEXT,
+    MessageTime TEXT,
+    ReceivedTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
+CREATE TABLE IF NOT EXISTS SyncHistory (
+    ID INTEGER PRIMARY KEY AUTOINCREMENT,
+    Requested TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    Reason TEXT NOT NULL DEFAULT 'admin',  -- admin (`cmlab sync`) or interval
+    Started TEXT,
+    Finished TEXT,
+    Result TEXT
+);
+"""

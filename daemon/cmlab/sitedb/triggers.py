@@ -1,0 +1,133 @@
+"""SMSDBMon's table triggers: each writes a row to TableChangeNotifications inside the writer's
+own transaction, naming the drop file SMSDBMon must create. So an administrator's UPDATE, from
+the CLI or from `sqlite3` by hand, wakes the owning component exactly as in the guide."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TriggerDef:
+    name: str
+    table: str
+    action: str  # INSERT | UPDATE | DELETE
+    columns: tuple[str, ...]  # for UPDATE OF ...; shown in SMSDBMon's "Modified trigger" line
+    when: str  # SQL condition on NEW/OLD
+    key_expr: str  # what RCV: shows in brackets
+    file_expr: str  # SQL expression giving the drop file name
+    extension: str  # shown in SMSDBMon's "Modified trigger" line: "file ESC in dir ..."
+    directory: str  # inbox, relative to SITE_DIR/inboxes
+    component: str  # friendly owner, e.g. "Hierarchy Manager"
+
+
+def trigger_defs(site_code: str) -> tuple[TriggerDef, ...]:
+    code = site_code.upper()
+    return (
+        TriggerDef(
+            name="CM_UpdatePackages_UPD_HMAN",
+            table="CM_UpdatePackages",
+            action="UPDATE",
+            columns=("State",),
+            when="NEW.State = 2",
+            key_expr="NEW.State",
+            file_expr="NEW.State || '.ESC'",
+            extension="ESC",
+            directory="hman.box/CFD",
+            component="Hierarchy Manager",
+        ),
+        TriggerDef(
+            name="EasySetupSettings_INS_HMAN",
+            table="EasySetupSettings",
+            action="INSERT",
+            columns=("PackageHash",),
+            when="NEW.PackageGuid IS NOT NULL",
+            key_expr="NEW.PackageID",
+            file_expr="upper(NEW.PackageGuid) || '.CME'",
+            extension="CME",
+            directory="hman.box/CFD",
+            component="Hierarchy Manager",
+        ),
+        TriggerDef(
+            name="EasySetupSettings_UPD_HMAN",
+            table="EasySetupSettings",
+            action="UPDATE",
+            columns=("PackageHash",),
+            when="NEW.PackageGuid IS NOT NULL",
+            key_expr="NEW.PackageID",
+            file_expr="upper(NEW.PackageGuid) || '.CME'",
+            extension="CME",
+            directory="hman.box/CFD",
+            component="Hierarchy Manager",
+        ),
+        TriggerDef(
+            # The manifest has reached the site (state message 4): the site control update
+            # file wakes HMAN to process it.
+            name="StateMessages_INS_HMAN",
+            table="StateMessages",
+            action="INSERT",
+            columns=(),
+            when="NEW.StateID = 4 AND NEW.Component = 'SMS_DMP_DOWNLOADER'",
+            key_expr="NEW.StateID",
+            file_expr=f"'{code}.SCU'",
+            extension="SCU",
+            directory="hman.box",
+            component="Hierarchy Manager",
+        ),
+        TriggerDef(
+            name="SyncHistory_INS_DMP",
+            table="SyncHistory",
+            action="INSERT",
+            columns=(),
+            when="1",
+            key_expr="NEW.ID",
+            file_expr="'SYNC.DMP'",
+            extension="DMP",
+            directory="dmpdownloader.box",
+            component="DMP Downloader",
+        ),
+        TriggerDef(
+            name="CM_UpdatePackagesToDownload_INS_DMP",
+            table="CM_UpdatePackagesToDownload",
+            action="INSERT",
+            columns=(),
+            when="1",
+            key_expr="NEW.PackageGuid",
+            file_expr="upper(NEW.PackageGuid) || '.DMP'",
+            extension="DMP",
+            directory="dmpdownloader.box",
+            component="DMP Downloader",
+        ),
+    )
+
+
+def _create_sql(t: TriggerDef) -> str:
+    event = t.action
+    if t.action == "UPDATE" and t.columns:
+        event = f"UPDATE OF {', '.join(t.columns)}"
+    return (
+        f"CREATE TRIGGER IF NOT EXISTS {t.name} AFTER {event} ON {t.table} "
+        f"WHEN {t.when} BEGIN "
+        "INSERT INTO TableChangeNotifications "
+        "(TriggerName, TableName, Action, KeyValue, FileName, Directory) VALUES "
+        f"('{t.name}', '{t.table}', '{t.action}', {t.key_expr}, {t.file_expr}, '{t.directory}'); "
+        "END"
+    )
+
+
+def install_triggers(conn: sqlite3.Connection, site_code: str) -> tuple[TriggerDef, ...]:
+    defs = trigger_defs(site_code)
+    for t in defs:
+        conn.execute(_create_sql(t))
+    return defs
+
+
+def drop_triggers(conn: sqlite3.Connection, site_code: str) -> None:
+    for t in trigger_defs(site_code):
+        conn.execute(f"DROP TRIGGER IF EXISTS {t.name}")
+
+
+def installed_triggers(conn: sqlite3.Connection) -> set[str]:
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    return {r[0] for r in rows}

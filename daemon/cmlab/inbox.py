@@ -94,7 +94,8 @@ class Inbox:
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.pending: set[str] = set()
         self.in_flight: set[str] = set()
-        self.again: set[str] = set()
+        # names re-dropped while in flight -> whether that drop is known complete
+        self.again: dict[str, bool] = {}
         self.attempts: dict[str, int] = {}
         self.settling: dict[str, asyncio.TimerHandle] = {}
         self.workers: list[asyncio.Task[None]] = []
@@ -111,7 +112,7 @@ class Inbox:
         if not self.spec.matches(name):
             return
         if name in self.in_flight:
-            self.again.add(name)
+            self.again[name] = self.again.get(name, False) or ready
             return
         if name in self.pending:
             return
@@ -181,9 +182,9 @@ class Inbox:
                 self.in_flight.discard(name)
                 self.queue.task_done()
                 if name in self.again:
-                    self.again.discard(name)
+                    ready = self.again.pop(name)
                     if os.path.lexists(self.spec.folder / name):
-                        self.offer(name, ready=False)
+                        self.offer(name, ready=ready)
                 if not self.pending and not self.in_flight:
                     self.idle.set()
 
@@ -256,7 +257,7 @@ class Inbox:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         else:
-            self.again.add(path.name)
+            self.again.setdefault(path.name, False)
 
     def _retry_later(self, name: str, delay: float) -> None:
         loop = asyncio.get_running_loop()

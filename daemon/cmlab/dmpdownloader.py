@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cmlab.atomic import atomic_output, move_durable, write_atomic
 from cmlab.component import Component, random_smx_name, utc_now_iso
+from cmlab.failpoints import crashpoint
 from cmlab.inbox import Outcome, quarantine
 from cmlab.sitedb import procs
 from cmlab.statecodes import NULL_PACKAGE_GUID, DmpStateMessage
@@ -121,6 +122,7 @@ class DMPDownloader(Component):
             self.say(f"ERROR: Failed to download manifest.cab from {src}: {exc}~~", level="error")
             return f"failed: download: {exc}"
         self.say(f"manifest.cab (http response) size is {size}~~")
+        crashpoint("dmp.after_download")
         self.state_message(DmpStateMessage.START_VERIFY_MANIFESTFILE_TRUSTED)
         from cmlab.trust import verify_cab
 
@@ -143,6 +145,7 @@ class DMPDownloader(Component):
         outbox = self.outbox
         outbox.mkdir(parents=True, exist_ok=True)
         move_durable(dest, outbox / MANIFEST_MCM)
+        crashpoint("dmp.after_move")
         self.say("Manifest.cab was successfully moved to the connector outbox~~")
         self.state_message(DmpStateMessage.MANIFEST_DOWNLOADED)
         return "success"

@@ -1,4 +1,4 @@
-"""The project's own exceptions: every parser and verifier raises one of these, never anything else."""
+"""The project's own exceptions: every parser and verifier raises one of these, nothing else."""
 
 
 class CmlabError(Exception):

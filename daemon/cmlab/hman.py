@@ -15,6 +15,7 @@ from pathlib import Path
 from cmlab.atomic import move_durable
 from cmlab.component import Component
 from cmlab.errors import CmlabError, ManifestError
+from cmlab.failpoints import crashpoint
 from cmlab.hashing import sha256_file
 from cmlab.inbox import BadInput, Outcome, quarantine
 from cmlab.manifest import Manifest, ManifestPackage, applicability_path, parse_manifest
@@ -93,6 +94,7 @@ class HierarchyManager(Component):
 
     async def on_forward(self, path: Path) -> Outcome:
         await self.in_thread(self.forward, path)
+        crashpoint("hman.after_forward")
         return Outcome.CONSUMED
 
     def forward_pending_manifests(self) -> None:
@@ -127,6 +129,7 @@ class HierarchyManager(Component):
         )
         await self.in_thread(self.forward_pending_manifests)
         await self.in_thread(self.process_manifest)
+        crashpoint("hman.before_scu_delete")
         return Outcome.DONE
 
     def process_manifest(self) -> None:
@@ -163,6 +166,7 @@ class HierarchyManager(Component):
             self.say(f"ERROR: Failed to extract {shown}: {exc}", level="error")
             self._reject(cab, f"extraction failed: {exc}")
             return
+        crashpoint("hman.after_extract")
         manifest_file = find_case_insensitive(staging, "Manifest.xml")
         self.say(
             "Processing Configuration Manager Update manifest file "
@@ -177,6 +181,7 @@ class HierarchyManager(Component):
             self._reject(cab, str(exc))
             return
         failures = self.check_applicability(manifest)
+        crashpoint("hman.after_applicability")
         if failures:
             self._reject(cab, "; ".join(failures))
         else:

@@ -19,6 +19,7 @@ from watchdog.observers import Observer
 
 from cmlab.atomic import write_atomic
 from cmlab.component import Component
+from cmlab.failpoints import crashpoint
 from cmlab.sitedb import triggers
 
 BATCH = 500
@@ -117,6 +118,7 @@ class SMSDBMon(Component):
         if not rows:
             return 0
         done = await self.in_thread(self._drop_all, rows)
+        crashpoint("smsdbmon.after_drop")
         await self.db.tx(_delete, done)
         self.dropped += len(done)
         return len(rows)

@@ -14,6 +14,7 @@ from defusedxml import DefusedXmlException
 
 from cmlab.component import Component
 from cmlab.errors import CmlabError
+from cmlab.failpoints import crashpoint
 from cmlab.inbox import Outcome
 from cmlab.sitedb import procs
 from cmlab.statecodes import DmpStateMessage
@@ -109,6 +110,7 @@ class StateSystem(Component):
                 message_time=msg.message_time,
             )
         )
+        crashpoint("statesys.after_record")
         if new:
             self.say(
                 f"Processed state message {path.name}: {msg.component} state {msg.state_id}"

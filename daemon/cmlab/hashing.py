@@ -1,0 +1,104 @@
+"""SHA-256 in the guide's spelling (upper-case hex), for files, bytes and whole folders.
+
+`folder_hash` is the one algorithm behind both the content library hash of an Easy Setup
+Package and CMUpdate's `Staging folder has hash = ...`; docs/formats.md defines it with a
+worked example. Never change it without changing that document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from cmlab.errors import CabPathError, CmlabError
+
+__all__ = ["EMPTY_SHA256", "folder_hash", "sha256_bytes", "sha256_file"]
+
+EMPTY_SHA256 = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"
+
+_CHUNK = 1024 * 1024
+_NOFOLLOW_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest().upper()
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    # One reusable buffer: memory stays at 1 MiB whatever the file size, and hashlib
+    # releases the GIL while it digests each chunk.
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest().upper()
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's content, streamed in 1 MiB chunks."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return _sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _walk(root: Path, rel: bytes, records: list[tuple[bytes, bool]]) -> None:
+    """Collect (relative path, is_file) for regular files and empty folders, no links."""
+    folder = os.path.join(root, os.fsdecode(rel)) if rel else os.fspath(root)
+    with os.scandir(folder) as it:
+        children = list(it)
+    if not children and rel:
+        records.append((rel, False))
+    for child in children:
+        name = os.fsencode(child.name)
+        if b"\n" in name or b"\r" in name:
+            raise CmlabError(f"{child.path}: a name with a line break cannot be hashed")
+        child_rel = rel + b"/" + name if rel else name
+        st = child.stat(follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise CabPathError(f"{child.path}: symbolic link in a hashed folder")
+        if stat.S_ISDIR(st.st_mode):
+            _walk(root, child_rel, records)
+        elif stat.S_ISREG(st.st_mode):
+            records.append((child_rel, True))
+        else:
+            raise CmlabError(f"{child.path}: not a regular file or folder")
+
+
+def folder_hash(path: Path) -> str:
+    """The folder hash defined in docs/formats.md ("Folder hash").
+
+    For every regular file, sorted by relative posix path compared as UTF-8 bytes:
+    `relpath + "\\n" + SHA256(content) + "\\n"`; for every empty folder: `relpath + "/\\n"`;
+    all fed into one SHA-256, printed upper-case. Links and special files are errors.
+    """
+    root = Path(path)
+    st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode):
+        raise CabPathError(f"{root}: is a symbolic link; not followed")
+    if not stat.S_ISDIR(st.st_mode):
+        raise CmlabError(f"{root}: not a folder")
+    records: list[tuple[bytes, bool]] = []
+    _walk(root, b"", records)
+    records.sort(key=lambda r: r[0])
+    digest = hashlib.sha256()
+    for rel, is_file in records:
+        if is_file:
+            fd = os.open(
+                os.path.join(root, os.fsdecode(rel)),
+                _NOFOLLOW_READ,
+            )
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CmlabError(f"{root / os.fsdecode(rel)}: changed while hashing")
+                digest.update(rel + b"\n" + _sha256_fd(fd).encode("ascii") + b"\n")
+            finally:
+                os.close(fd)
+        else:
+            digest.update(rel + b"/\n")
+    return digest.hexdigest().upper()

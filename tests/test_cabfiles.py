@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -135,7 +136,7 @@ SAMPLE = {
     "SMSSetup\\bin\\x64\\empty.msi": b"",
     "splash.hta": b"<html>cmlab</html>",
     "CMUClient/ccmsetup.exe": b"x" * 70_000,
-    "Dossier/\u00e9t\u00e9.txt": "unicode name".encode(),
+    "Dossier/\u00e9t\u00e9.txt": b"unicode name",
 }
 
 
@@ -207,7 +208,8 @@ def test_lzx_and_quantum_from_libmspack_test_corpus(tmp_path: Path, backend: str
     cab.write_bytes(LIBMSPACK_CABS["mszip_lzx_qtm.cab"])
     entries = extract_cab(cab, tmp_path / "out")
     assert [e.path for e in entries] == ["mszip.txt", "lzx.txt", "qtm.txt"]
-    md5 = {e.path: hashlib.md5((tmp_path / "out" / e.path).read_bytes()).hexdigest() for e in entries}
+    out = tmp_path / "out"
+    md5 = {e.path: hashlib.md5((out / e.path).read_bytes()).hexdigest() for e in entries}
     assert md5 == {
         "mszip.txt": "940cba86658fbceb582faecd2b5975d1",
         "lzx.txt": "703474293b614e7110b3eb8ac2762b53",
@@ -514,7 +516,7 @@ def test_flipped_bytes_in_compressed_data(tmp_path: Path, backend: str) -> None:
         bad[pos] ^= 0xFF
         cab = tmp_path / f"flip{i}.cab"
         cab.write_bytes(bytes(bad))
-        with pytest.raises(CabError, match="checksum|corrupt"):
+        with pytest.raises(CabError, match=r"checksum|corrupt"):
             extract_cab(cab, tmp_path / "out")
         assert not (tmp_path / "out").exists()
     assert leftovers(tmp_path) == []
@@ -599,10 +601,8 @@ def test_fuzz_mutated_cabs_raise_only_cmlab_errors(data: bytes) -> None:
         root = Path(d)
         cab = root / "m.cab"
         cab.write_bytes(data)
-        try:
+        with contextlib.suppress(CmlabError):
             list_cab(cab)
-        except CmlabError:
-            pass
         small = ExtractLimits(max_files=50, max_file_size=1024**2, max_total_size=4 * 1024**2)
         try:
             extract_cab(cab, root / "out", limits=small)

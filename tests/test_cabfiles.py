@@ -675,3 +675,36 @@ def test_raw_writer_checksum_matches_cabarchive(tmp_path: Path) -> None:
     tail = struct.pack("<HH", 1001, 1001)
     assert _checksum(payload, tail) == _checksum_compute(tail, _checksum_compute(payload))
     assert io.BytesIO(raw_cab([(b"a", payload)])).read(4) == b"MSCF"
+
+
+def test_on_file_failure_cleans_up(tmp_path: Path) -> None:
+    cab = tmp_path / "c.cab"
+    create_cab({"a": b"a", "b": b"b"}, cab)
+
+    def boom(entry: CabEntry) -> None:
+        raise RuntimeError(f"callback failed on {entry.path}")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        extract_cab(cab, tmp_path / "out", on_file=boom)
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+    into = tmp_path / "into"
+    into.mkdir()
+    with pytest.raises(RuntimeError):
+        extract_cab_into(cab, into, on_file=boom)
+    assert list(into.iterdir()) == []
+
+
+def test_extract_into_replaces_a_link_without_following_it(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    dest = tmp_path / "staging"
+    dest.mkdir()
+    (dest / "pkg").symlink_to(victim)
+    cab = tmp_path / "c.cab"
+    create_cab({"pkg\\new.txt": b"new"}, cab)
+    extract_cab_into(cab, dest)
+    assert not (dest / "pkg").is_symlink()
+    assert tree(dest) == {"pkg/new.txt": b"new"}
+    assert tree(victim) == {"keep.txt": b"keep"}

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,10 +256,16 @@ _MSPACK_ERRORS = {
 _USE_LIBMSPACK_DIRECT: bool | None = None
 _mspack_lib: ctypes.CDLL | None = None
 _mspack_probed = False
+_mspack_lock = threading.Lock()
 
 
 def _load_libmspack() -> ctypes.CDLL | None:
     """libmspack as pylibmspack loaded it, else a system copy; None if neither is usable."""
+    with _mspack_lock:
+        return _probe_libmspack()
+
+
+def _probe_libmspack() -> ctypes.CDLL | None:
     global _mspack_lib, _mspack_probed
     if _mspack_probed:
         return _mspack_lib
@@ -813,7 +820,8 @@ def create_cab(
     timestamp (`mtime`, else $SOURCE_DATE_EPOCH, else DEFAULT_CAB_MTIME) so that equal
     inputs give byte-identical cabinets. Written to a temporary sibling, fsynced and
     renamed over `dst`. cabarchive builds the whole cabinet in memory: expect peak memory
-    of about twice the input size (fine for the payload builder's inputs).
+    of about three times the input size (measured: 152 MB for 50 MB of incompressible input;
+    fine for the payload builder).
     """
     from cabarchive import CabArchive, CabFile
 

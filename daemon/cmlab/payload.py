@@ -567,7 +567,7 @@ def build_cab_from_dir(src_dir: Path, dst: Path, signer: Signer | None) -> None:
     """CAB every file under `src_dir` (names relative, with "\\"), signed if `signer`.
 
     Empty folders are not kept (a CAB holds files only); links are refused. The cabinet is
-    built in memory by cabarchive (about twice the input size at peak).
+    built in memory by cabarchive (about three times the input size at peak).
     """
     files: dict[str, Path | bytes] = {
         rel.replace("/", "\\"): path for rel, path in _walk_files(Path(src_dir))

@@ -111,7 +111,9 @@ async def test_symlink_is_quarantined_without_touching_its_target(tmp_path: Path
     assert secret.read_text() == "do not read me"
 
 
-async def test_bad_input_goes_to_bad_with_reason_and_the_inbox_keeps_serving(tmp_path: Path) -> None:
+async def test_bad_input_goes_to_bad_with_reason_and_the_inbox_keeps_serving(
+    tmp_path: Path,
+) -> None:
     box = tmp_path / "box"
     box.mkdir()
     seen: list[str] = []

@@ -13,7 +13,10 @@ DEFAULT_TIMEOUT = 30.0
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02, what: str = ""
+    predicate: Callable[[], T],
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = 0.02,
+    what: str = "",
 ) -> T:
     deadline = time.monotonic() + timeout
     while True:
@@ -26,7 +29,10 @@ def wait_until(
 
 
 async def await_until(
-    predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.01, what: str = ""
+    predicate: Callable[[], T],
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = 0.01,
+    what: str = "",
 ) -> T:
     deadline = time.monotonic() + timeout
     while True:

@@ -70,7 +70,7 @@ def build_content_source(
             redist_url = ""
             lang_url = ""
             if source is not None:
-                tree = build_payload_tree(source, tmp / f"payload-{guid}")
+                tree = build_payload_tree(source, tmp / f"payload-{guid}", signer=signer)
                 build_cab_from_dir(tree, payload_cab, signer)
                 redist_dir = out / guid / "redist"
                 if redist_dir.exists():

@@ -59,6 +59,7 @@ def test_manifest_round_trip() -> None:
         (lambda s: s.replace(b"ConfigMgrUpdates", b"Other"), "root"),
         (lambda s: s[: len(s) // 2], "not well-formed"),
         (lambda s: b"", "not well-formed"),
+        (lambda s: s.replace(b'encoding="utf-8"', b'encoding="utf-9"'), "not well-formed"),
         (
             lambda s: s.replace(
                 b"</ConfigMgrUpdates>",

@@ -92,7 +92,7 @@ def parse_manifest(data: bytes) -> Manifest:
         root = DET.fromstring(data, forbid_dtd=True)
     except DefusedXmlException as exc:
         raise ManifestError(f"Manifest.xml refused: {type(exc).__name__} ({exc})") from exc
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
         raise ManifestError(f"Manifest.xml is not well-formed XML: {exc}") from exc
     if root.tag != "ConfigMgrUpdates":
         raise ManifestError(f"Manifest.xml root is <{root.tag}>, expected <ConfigMgrUpdates>")

@@ -61,7 +61,7 @@ def parse_state_message(data: bytes) -> StateMessage:
         el = DET.fromstring(data, forbid_dtd=True)
     except DefusedXmlException as exc:
         raise StateMessageError(f"refused hostile XML: {type(exc).__name__}") from exc
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
         raise StateMessageError(f"not well-formed XML: {exc}") from exc
     if el.tag != "StateMessage":
         raise StateMessageError(f"root element is <{el.tag}>, expected <StateMessage>")

@@ -211,10 +211,24 @@ def test_remote_scp_goes_through_the_mp_outbox(site: Path) -> None:
 
 def test_backlog_at_restart_is_processed(site: Path) -> None:
     """Drop files already waiting in every inbox when the daemon starts are all handled."""
-    # A sync requested while the daemon is down: SMSDBMon finds the row at start.
+    from cmlab.atomic import write_atomic
+    from cmlab.statesys import StateMessage, render_state_message
+
+    inboxes = site / "inboxes"
+    high = inboxes / "auth" / "statesys.box" / "incoming" / "high"
+    for i in range(200):
+        msg = StateMessage("SMS_DMP_DOWNLOADER", "cas", NULL, i % 4, "", "2026-11-21T00:00:00")
+        write_atomic(high / f"___CMU{i:08d}.SMX", render_state_message(msg))
+    manifest = (site / "cloud" / "ConfigMgr.Update.Manifest.cab").read_bytes()
+    write_atomic(
+        inboxes / "hman.box" / "ForwardingMsg" / "___CABConfigMgr.Update.Manifest.mcm", manifest
+    )
+    write_atomic(inboxes / "hman.box" / "CAS.SCU", b"")
+    # And a sync requested while the daemon was down: SMSDBMon finds the row at start.
     cmlab("sync", str(site))
     with Daemon(site) as daemon:
         daemon.start()
         wait_until(lambda: synced(site), timeout=60)
         assert daemon.stop() == 0
-    assert len(query(site, "SELECT * FROM StateMessages")) == 5
+    assert len(query(site, "SELECT * FROM StateMessages")) == 200 + 5
+    assert inbox_files(site) == []

@@ -4,10 +4,8 @@ inbox engine. Components never call each other: they drop files and write the da
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import string
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -130,7 +128,3 @@ def random_smx_name() -> str:
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def process_ids() -> tuple[int, int]:
-    return os.getpid(), threading.get_native_id()

@@ -24,7 +24,7 @@ RESTING = {
     PackageState.APPLICABILITY_NA,
     PackageState.APPLICABILITY_FAILED,
 }
-STAGE_OF = {
+STAGE_OF: dict[int, str] = {
     PackageState.APPLICABILITY_CHECKING: "Applicability",
     PackageState.APPLICABILITY_SUCCESS: "Applicability",
     PackageState.APPLICABILITY_HIDE: "Applicability",
@@ -63,11 +63,7 @@ class Watcher:
         ).fetchall():
             if self.states.get(guid) != state:
                 self.states[guid] = state
-                stage = (
-                    STAGE_OF.get(PackageState(state), "Update")
-                    if state in PackageState._value2member_map_
-                    else "Update"
-                )
+                stage = STAGE_OF.get(state, "Update")
                 label = _color(
                     f"{PackageState.name_of(state)} ({state})",
                     "1;32" if state in RESTING else "1;33",

@@ -445,5 +445,6 @@ class InboxEngine:
             inbox.queue.get_nowait()
             inbox.queue.task_done()
         inbox.pending.clear()
-        while inbox.in_flight:
-            await asyncio.sleep(0.01)
+        if inbox.in_flight:
+            inbox.idle.clear()  # the worker sets it when its handler returns
+            await inbox.idle.wait()

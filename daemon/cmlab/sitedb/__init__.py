@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,54 +122,111 @@ def split_statements(script: str) -> list[str]:
     return _statements(script)
 
 
-class SiteDB:
-    """The process's connection, used from one dedicated thread so that database work never
-    blocks the event loop and never interleaves two transactions on one connection."""
+@dataclass
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    write: bool
+    future: Future[Any]
 
-    def __init__(
-        self,
-        db_file: Path,
-        site_code: str,
-        *,
-        durability: str = "process",
-    ) -> None:
+
+class SiteDB:
+    """The process's connection, owned by one thread, so database work never blocks the event
+    loop and never interleaves two transactions on one connection.
+
+    Group commit: write jobs that queue up while a transaction runs are committed together,
+    each inside its own SAVEPOINT, so one failing job rolls back alone and the others share one
+    COMMIT. A caller's `tx()` returns only after the COMMIT that contains its job succeeded."""
+
+    BATCH = 128
+
+    def __init__(self, db_file: Path, site_code: str, *, durability: str = "process") -> None:
         self.db_file = db_file
         self.site_code = site_code
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sitedb")
-        self._conn: sqlite3.Connection | None = None
         self._durability = durability
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="sitedb", daemon=True)
+        self._thread.start()
+        self.commits = 0
+        self.jobs = 0
 
-    def _get(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = connect(self.db_file, self.site_code, durability=self._durability)
-        return self._conn
+    def _serve(self) -> None:
+        conn: sqlite3.Connection | None = None
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < self.BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            try:
+                if conn is None:
+                    conn = connect(self.db_file, self.site_code, durability=self._durability)
+                self._run_batch(conn, batch)
+            except BaseException as exc:  # delivered to every caller of the batch
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+        if conn is not None:
+            conn.close()
 
-    def _run_tx(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = self._get()
-        with transaction(conn):
-            return fn(conn, *args)
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        results: list[tuple[_Job, bool, Any]] = []
+        writes = any(j.write for j in batch)
+        if writes:
+            conn.execute("BEGIN IMMEDIATE")
+        try:
+            for j in batch:
+                if writes:
+                    conn.execute("SAVEPOINT job")
+                try:
+                    value = j.fn(conn, *j.args)
+                except Exception as exc:
+                    if writes:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    results.append((j, False, exc))
+                else:
+                    if writes:
+                        conn.execute("RELEASE job")
+                    results.append((j, True, value))
+            if writes:
+                conn.execute("COMMIT")
+                self.commits += 1
+        except BaseException:
+            if writes and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.jobs += len(batch)
+        for j, ok, value in results:
+            if ok:
+                j.future.set_result(value)
+            else:
+                j.future.set_exception(value)
 
-    def _run_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        return fn(self._get(), *args)
+    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put(_Job(fn, args, write, future))
+        return future
 
     async def tx(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(conn, *args)` in one committed transaction; returns when it is durable."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_tx, fn, args)
+        """Run `fn(conn, *args)` in a committed transaction; returns when it is durable."""
+        return await asyncio.wrap_future(self._submit(fn, args, True))
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_read, fn, args)
+        return await asyncio.wrap_future(self._submit(fn, args, False))
 
     def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """For code already on a worker thread: run on the DB thread and wait."""
-        return self._executor.submit(self._run_tx, fn, args).result()
+        """For code already on a worker thread: run a transaction on the DB thread and wait."""
+        return self._submit(fn, args, True).result()
 
     def close(self) -> None:
-        def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        self._executor.submit(_close).result()
-        self._executor.shutdown(wait=True)
+        self._queue.put(None)
+        self._thread.join()

@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -658,6 +659,36 @@ def _syncfs(fd: int) -> bool:
     return True
 
 
+_sfr_fn: Callable[[int, int, int, int], int] | None = None
+_sfr_probed = False
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(path: Path) -> None:
+    """Ask the kernel to start writing `path` out now, without waiting (Linux
+    sync_file_range). The final syncfs then finds little left to flush, instead of flushing
+    the whole payload at the end (7-15% of a 256 MB extraction, measured in bench_cab)."""
+    global _sfr_fn, _sfr_probed
+    if not _sfr_probed:
+        _sfr_probed = True
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _sfr_fn = fn
+    if _sfr_fn is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        _sfr_fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # advisory: durability comes from syncfs
+    finally:
+        os.close(fd)
+
+
 def _make_durable(root: Path, files: list[Path], folders: list[Path]) -> None:
     """Get every extracted file and folder to disk before the tree is renamed into place.
 
@@ -702,6 +733,7 @@ def _extract_tree(
         if not stat.S_ISREG(st.st_mode) or st.st_size != m.size:
             raise CabError(f"{m.name!r}: extracted {st.st_size} bytes, header says {m.size}")
         _set_mtime(out, m.when)
+        _start_writeback(out)
         if on_file is not None:
             on_file(entries[m.index])
     _make_durable(root, written, list(made.values()))

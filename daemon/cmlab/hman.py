@@ -5,7 +5,6 @@ manifest: one applicability check per package, each package's state in CM_Update
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -18,15 +17,18 @@ from cmlab.errors import CmlabError, ManifestError
 from cmlab.failpoints import crashpoint
 from cmlab.hashing import sha256_file
 from cmlab.inbox import BadInput, Outcome, quarantine
-from cmlab.manifest import Manifest, ManifestPackage, applicability_path, parse_manifest
+from cmlab.manifest import (
+    GUID_RE,
+    Manifest,
+    ManifestPackage,
+    applicability_path,
+    parse_manifest,
+)
 from cmlab.sitedb import connect, procs, split_statements
 from cmlab.sitedb.functions import tsql_to_sqlite
 from cmlab.statecodes import PackageState
 
 MANIFEST_CAB_NAME = "ConfigMgr.Update.Manifest.CAB"
-GUID_RE = re.compile(
-    r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
-)
 APPLICABILITY_TIMEOUT = 10.0  # seconds an applicability script may run before it is stopped
 
 RESULT_STATES = {

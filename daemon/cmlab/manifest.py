@@ -12,12 +12,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-import defusedxml.ElementTree as DET
-from defusedxml import DefusedXmlException
-
 from cmlab.errors import ManifestError
+from cmlab.safexml import MAX_XML_BYTES, parse_xml
 
-MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_MANIFEST_BYTES = MAX_XML_BYTES
 GUID_RE = re.compile(
     r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
 )
@@ -86,16 +84,13 @@ def _relative_url(value: str, where: str) -> str:
 
 
 def parse_manifest(data: bytes) -> Manifest:
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"Manifest.xml is {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES}")
-    try:
-        root = DET.fromstring(data, forbid_dtd=True)
-    except DefusedXmlException as exc:
-        raise ManifestError(f"Manifest.xml refused: {type(exc).__name__} ({exc})") from exc
-    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
-        raise ManifestError(f"Manifest.xml is not well-formed XML: {exc}") from exc
-    if root.tag != "ConfigMgrUpdates":
-        raise ManifestError(f"Manifest.xml root is <{root.tag}>, expected <ConfigMgrUpdates>")
+    root = parse_xml(
+        data,
+        what="Manifest.xml",
+        root="ConfigMgrUpdates",
+        error=ManifestError,
+        max_bytes=MAX_MANIFEST_BYTES,
+    )
     packages: list[ManifestPackage] = []
     seen: set[str] = set()
     for i, m in enumerate(root.findall("Manifest"), start=1):

@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import defusedxml.ElementTree as DET
-from defusedxml import DefusedXmlException
-
 from cmlab.cabfiles import _put_in_place, _write_atomic, create_cab, normalize_member_name
 from cmlab.errors import CabPathError, CmlabError, ManifestError, UpdateMapError
 from cmlab.hashing import sha256_bytes, sha256_file
+from cmlab.safexml import parse_xml
 from cmlab.updatemap import MapComponent, MapDirectory, MapFile, UpdateMap, render_update_map
 
 if TYPE_CHECKING:
@@ -384,14 +382,9 @@ def render_redist_manifest(m: RedistManifest) -> bytes:
 
 def parse_redist_manifest(data: bytes) -> RedistManifest:
     """Parse a redist or language pack manifest; ManifestError on anything unexpected."""
-    if len(data) > 16 * 1024 * 1024:
-        raise ManifestError("redist manifest is larger than 16 MiB")
-    try:
-        root = DET.fromstring(data, forbid_dtd=True)
-    except (ET.ParseError, DefusedXmlException, ValueError) as exc:
-        raise ManifestError(f"redist manifest is not well-formed XML: {exc}") from None
-    if root.tag != "ConfigMgrRedistManifest":
-        raise ManifestError(f"redist manifest root is <{root.tag}>, not <ConfigMgrRedistManifest>")
+    root = parse_xml(
+        data, what="redist manifest", root="ConfigMgrRedistManifest", error=ManifestError
+    )
     kind = root.get("Kind", "")
     build = root.get("Build", "")
     if kind not in ("Redist", "LanguagePack") or not build.isdigit():

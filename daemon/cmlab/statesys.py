@@ -4,23 +4,20 @@ statesys.log, so they never pile up."""
 
 from __future__ import annotations
 
-import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-
-import defusedxml.ElementTree as DET
-from defusedxml import DefusedXmlException
 
 from cmlab.component import Component
 from cmlab.errors import CmlabError
 from cmlab.failpoints import crashpoint
 from cmlab.inbox import Outcome
+from cmlab.manifest import GUID_RE
+from cmlab.safexml import parse_xml
 from cmlab.sitedb import procs
 from cmlab.statecodes import DmpStateMessage
 
 MAX_SMX_BYTES = 64 * 1024
-_GUID = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
 
 
 class StateMessageError(CmlabError):
@@ -55,18 +52,15 @@ def render_state_message(msg: StateMessage) -> bytes:
 def parse_state_message(data: bytes) -> StateMessage:
     if not data.strip():
         raise StateMessageError("the state message file is empty")
-    if len(data) > MAX_SMX_BYTES:
-        raise StateMessageError(f"the state message is {len(data)} bytes; limit {MAX_SMX_BYTES}")
-    try:
-        el = DET.fromstring(data, forbid_dtd=True)
-    except DefusedXmlException as exc:
-        raise StateMessageError(f"refused hostile XML: {type(exc).__name__}") from exc
-    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
-        raise StateMessageError(f"not well-formed XML: {exc}") from exc
-    if el.tag != "StateMessage":
-        raise StateMessageError(f"root element is <{el.tag}>, expected <StateMessage>")
+    el = parse_xml(
+        data,
+        what="the state message",
+        root="StateMessage",
+        error=StateMessageError,
+        max_bytes=MAX_SMX_BYTES,
+    )
     topic = el.get("TopicID", "")
-    if not _GUID.match(topic):
+    if not GUID_RE.match(topic):
         raise StateMessageError(f"TopicID {topic!r} is not a GUID")
     try:
         state_id = int(el.get("StateID", ""))

@@ -5,3 +5,19 @@ from pathlib import Path
 
 # Test helpers (waiting.py, site fixtures) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import pytest
+
+from sites import copy_site, make_template
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One lab site made by `cmlab init` for the whole run; tests work on copies of it."""
+    return make_template(tmp_path_factory.mktemp("template") / "CAS")
+
+
+@pytest.fixture
+def site(template: Path, tmp_path: Path) -> Path:
+    return copy_site(template, tmp_path / "CAS")

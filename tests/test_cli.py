@@ -6,16 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from cmlab.trust import create_lab_ca
-from sites import Daemon, cmlab, copy_site, make_template
+from sites import Daemon, cmlab, copy_site
 from waiting import wait_until
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_template(tmp_path_factory.mktemp("cli-template") / "CAS")
 
 
 def test_payload_build_and_verify(template: Path, tmp_path: Path) -> None:

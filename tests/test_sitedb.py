@@ -10,6 +10,7 @@ import pytest
 
 from cmlab.sitedb import SiteDB, connect, create_site_db, procs, transaction
 from cmlab.sitedb.functions import tsql_to_sqlite, version_to_int
+from cmlab.statecodes import IsComplete, SubStage
 from cmlab.statecodes import PackageState as S
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
@@ -120,3 +121,19 @@ async def test_group_commit_isolates_a_failing_job(db_file: Path) -> None:
     conn = connect(db_file, "CAS")
     stored = {r[0] for r in conn.execute("SELECT PackageGuid FROM CM_UpdatePackagesToDownload")}
     assert stored == {f"g{i}" for i in range(40) if i != 7}
+
+
+def test_substage_reports_update_one_monitoring_row_per_stage(db_file: Path) -> None:
+    conn = connect(db_file, "CAS")
+    for progress, done in ((1, IsComplete.IN_PROGRESS), (100, IsComplete.SUCCESS)):
+        with transaction(conn):
+            procs.spCMUReportUpdateStatus(
+                conn, GUID, SubStage.EASY_SETUP_PACKAGE_UPDATED, done, progress
+            )
+    rows = conn.execute(
+        "select ServerData.SiteCode, cmums.SubStageID, cmums.IsComplete, cmums.Progress "
+        "from CM_UpdatePackage_MonitoringStatus cmums "
+        "Left join serverdata on cmums.SiteNumber=ServerData.ID where PackageGUID=?",
+        (GUID.lower(),),
+    ).fetchall()
+    assert rows == [("CAS", 0xB0001, 2, 100)]

@@ -13,7 +13,7 @@ from cmlab.atomic import write_atomic
 from cmlab.cabfiles import create_cab, extract_cab
 from cmlab.statecodes import PackageState as S
 from cmlab.trust import create_lab_ca, load_lab_ca, sign_cab
-from sites import GUID_2509, Daemon, cmlab, copy_site, log, make_template, states
+from sites import GUID_2509, Daemon, cmlab, log, states
 from test_cabfiles import raw_cab
 from waiting import wait_until
 
@@ -22,16 +22,6 @@ BOMB = b"""<?xml version="1.0"?>
 <!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
 <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
 <ConfigMgrUpdates>&lol3;</ConfigMgrUpdates>"""
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_template(tmp_path_factory.mktemp("bad-template") / "CAS")
-
-
-@pytest.fixture
-def site(template: Path, tmp_path: Path) -> Path:
-    return copy_site(template, tmp_path / "CAS")
 
 
 def good_files(site: Path, tmp: Path) -> dict[str, Path]:

@@ -17,9 +17,7 @@ from sites import (
     GUID_2509,
     Daemon,
     cmlab,
-    copy_site,
     inbox_files,
-    make_template,
     query,
     states,
 )
@@ -30,16 +28,6 @@ EXPECTED = {
     GUID_2503_HFRU: S.APPLICABILITY_HIDE,
     GUID_2409_HFRU: S.APPLICABILITY_NA,
 }
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_template(tmp_path_factory.mktemp("crash-template") / "CAS")
-
-
-@pytest.fixture
-def site(template: Path, tmp_path: Path) -> Path:
-    return copy_site(template, tmp_path / "CAS")
 
 
 def converged(site: Path) -> bool:

@@ -19,7 +19,6 @@ from sites import (
     copy_site,
     inbox_files,
     log,
-    make_template,
     query,
     set_toml,
     states,
@@ -33,11 +32,6 @@ EXPECTED = {
 }
 NULL = "00000000-0000-0000-0000-000000000000"
 HIGH = r"E:\\ConfigMgr\\inboxes\\auth\\statesys\.box\\incoming\\high\\___CMU[a-z0-9]{8}\.SMX~~"
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_template(tmp_path_factory.mktemp("template") / "CAS")
 
 
 @pytest.fixture

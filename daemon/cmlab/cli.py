@@ -16,6 +16,7 @@ from typing import Any
 from cmlab.config import load_config
 from cmlab.contract import folder_of, load_contract
 from cmlab.errors import CmlabError
+from cmlab.inbox import matches_any
 from cmlab.sitedb import connect, procs, transaction
 from cmlab.sitedb.functions import tsql_to_sqlite
 from cmlab.statecodes import PackageState
@@ -102,11 +103,7 @@ def collect_status(site_dir: Path) -> dict[str, Any]:
         folder = folder_of(entry, config.root)
         waiting = bad = 0
         if folder.is_dir():
-            import fnmatch
-
-            for name in os.listdir(folder):
-                if any(fnmatch.fnmatchcase(name.upper(), p.upper()) for p in entry.files):
-                    waiting += 1
+            waiting = sum(1 for name in os.listdir(folder) if matches_any(name, entry.files))
             bad_dir = folder / "BAD"
             if bad_dir.is_dir():
                 bad = sum(1 for n in os.listdir(bad_dir) if not n.endswith(".reason"))

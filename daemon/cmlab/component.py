@@ -7,7 +7,7 @@ import asyncio
 import secrets
 import string
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -32,7 +32,6 @@ class SiteContext:
     db: SiteDB
     logs: LogRegistry
     engine: InboxEngine
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def paths(self) -> SitePaths:

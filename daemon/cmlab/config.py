@@ -30,14 +30,6 @@ class Facts:
     minor_build: int = 6
     values: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def site_version(self) -> str:
-        return f"5.00.{self.build}.1000"
-
-    @property
-    def full_version(self) -> str:
-        return f"5.00.{self.build}.10{self.minor_build:02d}"
-
 
 @dataclass(frozen=True)
 class SiteConfig:

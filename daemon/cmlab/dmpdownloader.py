@@ -38,10 +38,6 @@ class DMPDownloader(Component):
     log_file = "dmpdownloader.log"
 
     @property
-    def box(self) -> Path:
-        return self.paths.inboxes / "dmpdownloader.box"
-
-    @property
     def outbox(self) -> Path:
         return self.paths.mcm_outbox if self.config.scp_remote else self.paths.hman_forwarding
 
@@ -135,9 +131,12 @@ class DMPDownloader(Component):
             self.say(
                 "ERROR: Failed to verify manifest.cab. Synchronization stopped.~~", level="error"
             )
-            bad = quarantine(dest, f"{verdict.status.name}: {verdict.reason}", self.show)
-            if bad is not None:
-                self.say(f"Moved {shown} to {self.show(bad)}~~")
+            quarantine(
+                dest,
+                f"{verdict.status.name}: {verdict.reason}",
+                self.show,
+                lambda line: self.say(line, level="error"),
+            )
             return f"failed: {verdict.status.name}"
         self.trust_lines(shown, verdict)
         self.say("Finished calling verify manifest~~")

@@ -190,12 +190,7 @@ class HierarchyManager(Component):
             cab.unlink(missing_ok=True)
 
     def _reject(self, cab: Path, reason: str) -> None:
-        dest = quarantine(cab, reason, self.show)
-        if dest is not None:
-            self.say(
-                f"ERROR: Moved bad file {self.show(cab)} to {self.show(dest)}: {reason}",
-                level="error",
-            )
+        quarantine(cab, reason, self.show, lambda line: self.say(line, level="error"))
 
     def check_applicability(self, manifest: Manifest) -> list[str]:
         """Run every package's applicability SQL; returns the reasons the CAB is bad, if any."""

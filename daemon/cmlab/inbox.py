@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -82,18 +82,7 @@ class InboxSpec:
     show: Callable[[Path], str] = str
 
     def matches(self, name: str) -> bool:
-        if name.startswith(TMP_PREFIX) or name.startswith("."):
-            return False
-        upper = name.upper()
-        return any(fnmatch.fnmatchcase(upper, p.upper()) for p in self.patterns)
-
-
-@dataclass
-class InboxStats:
-    handled: int = 0
-    quarantined: int = 0
-    retried: int = 0
-    handler_start_lag: list[float] = field(default_factory=list)
+        return matches_any(name, self.patterns)
 
 
 class Inbox:
@@ -110,7 +99,6 @@ class Inbox:
         self.attempts: dict[str, int] = {}
         self.settling: dict[str, asyncio.TimerHandle] = {}
         self.workers: list[asyncio.Task[None]] = []
-        self.stats = InboxStats()
         self.idle = asyncio.Event()
         self.idle.set()
         # time.monotonic() of the event that made each queued name ready, for latency stats
@@ -234,7 +222,6 @@ class Inbox:
                 self.quarantine(path, f"failed {tries} times: {type(exc).__name__}: {exc}")
                 return
             self._log(f"Failed to process {self.spec.show(path)} ({exc}); will retry.")
-            self.stats.retried += 1
             self._retry_later(name, self.spec.retry_after * tries)
             return
         except Exception as exc:
@@ -246,9 +233,6 @@ class Inbox:
         self.attempts.pop(name, None)
         if outcome is None or outcome is Outcome.DONE:
             self._retire(path, st)
-            self.stats.handled += 1
-        elif outcome is Outcome.CONSUMED:
-            self.stats.handled += 1
         elif outcome is Outcome.RETRY:
             self._retry_later(name, self.spec.retry_after)
 
@@ -282,21 +266,22 @@ class Inbox:
             self.idle.set()
 
     def quarantine(self, path: Path, reason: str) -> Path | None:
-        dest = quarantine(path, reason, self.spec.show)
-        if dest is not None:
-            self.stats.quarantined += 1
-            self._log(
-                f"ERROR: Moved bad file {self.spec.show(path)} to {self.spec.show(dest)}: {reason}"
-            )
-        return dest
+        log = self.spec.log.error if self.spec.log is not None else None
+        return quarantine(path, reason, self.spec.show, log)
 
     def _log(self, message: str) -> None:
         if self.spec.log is not None:
             self.spec.log.write(message, level="error" if message.startswith("ERROR") else "info")
 
 
-def quarantine(path: Path, reason: str, show: Callable[[Path], str] = str) -> Path | None:
-    """Move `path` (never following a link) to BAD/ beside it, with a `.reason` file."""
+def quarantine(
+    path: Path,
+    reason: str,
+    show: Callable[[Path], str] = str,
+    log: Callable[[str], object] | None = None,
+) -> Path | None:
+    """Move `path` (never following a link) to BAD/ beside it, with a `.reason` file, and say
+    so in the component's log."""
     bad = path.parent / BAD_FOLDER
     bad.mkdir(exist_ok=True)
     dest = bad / path.name
@@ -308,7 +293,17 @@ def quarantine(path: Path, reason: str, show: Callable[[Path], str] = str) -> Pa
     except FileNotFoundError:
         return None
     write_atomic(dest.with_name(dest.name + ".reason"), f"{show(path)}\n{reason}\n")
+    if log is not None:
+        log(f"ERROR: Moved bad file {show(path)} to {show(dest)}: {reason}")
     return dest
+
+
+def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    """Drop-file names match case-insensitively: the guide writes both 2.esc and 2.ESC."""
+    if name.startswith(TMP_PREFIX) or name.startswith("."):
+        return False
+    upper = name.upper()
+    return any(fnmatch.fnmatchcase(upper, p.upper()) for p in patterns)
 
 
 def _is_link(st: os.stat_result) -> bool:
@@ -424,10 +419,6 @@ class InboxEngine:
             await asyncio.sleep(self.rescan)
             for inbox in self.inboxes:
                 inbox.scan()
-
-    def scan_all(self) -> None:
-        for inbox in self.inboxes:
-            inbox.scan()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop noticing, let in-flight handlers finish (or abandon them after `timeout`)."""

@@ -73,10 +73,6 @@ class SitePaths:
     def trust_dir(self) -> Path:
         return self.root / "trust"
 
-    @property
-    def site_toml(self) -> Path:
-        return self.root / "site.toml"
-
     def all_folders(self) -> list[Path]:
         r = self.root
         return [
@@ -121,7 +117,3 @@ class SitePaths:
         if trailing_sep and not text.endswith(sep):
             text += sep
         return text
-
-    @property
-    def sep(self) -> str:
-        return "\\" if self.display_root else "/"

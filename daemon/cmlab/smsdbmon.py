@@ -70,7 +70,6 @@ class SMSDBMon(Component):
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.wake = asyncio.Event()
         self._observer: object | None = None
-        self.dropped = 0
 
     async def start(self) -> None:
         defs = await self.db.tx(triggers.install_triggers, self.config.site_code)
@@ -120,7 +119,6 @@ class SMSDBMon(Component):
         done = await self.in_thread(self._drop_all, rows)
         crashpoint("smsdbmon.after_drop")
         await self.db.tx(_delete, done)
-        self.dropped += len(done)
         return len(rows)
 
     def _target(self, n: Notification) -> Path | None:

@@ -74,7 +74,7 @@ def create_site_db(
     conn = connect(db_file, site_code)
     try:
         with transaction(conn):
-            for stmt in _statements(SCHEMA):
+            for stmt in split_statements(SCHEMA):
                 conn.execute(stmt)
             conn.execute(
                 "INSERT OR REPLACE INTO SchemaInfo (Name, Value) VALUES ('version', ?)",
@@ -104,7 +104,7 @@ def create_site_db(
         conn.close()
 
 
-def _statements(script: str) -> list[str]:
+def split_statements(script: str) -> list[str]:
     out: list[str] = []
     buf = ""
     for line in script.splitlines(keepends=True):
@@ -116,10 +116,6 @@ def _statements(script: str) -> list[str]:
     if buf.strip():
         out.append(buf.strip())
     return out
-
-
-def split_statements(script: str) -> list[str]:
-    return _statements(script)
 
 
 @dataclass
@@ -147,8 +143,6 @@ class SiteDB:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="sitedb", daemon=True)
         self._thread.start()
-        self.commits = 0
-        self.jobs = 0
 
     def _serve(self) -> None:
         conn: sqlite3.Connection | None = None
@@ -199,12 +193,10 @@ class SiteDB:
                     results.append((j, True, value))
             if writes:
                 conn.execute("COMMIT")
-                self.commits += 1
         except BaseException:
             if writes and conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self.jobs += len(batch)
         for j, ok, value in results:
             if ok:
                 j.future.set_result(value)

@@ -36,13 +36,6 @@ def local_site_number(conn: sqlite3.Connection) -> int:
     return int(row[0])
 
 
-def local_site_code(conn: sqlite3.Connection) -> str:
-    row = conn.execute("SELECT SiteCode FROM ServerData WHERE IsLocal = 1").fetchone()
-    if row is None:
-        raise LookupError("ServerData has no local site row")
-    return str(row[0])
-
-
 @dataclass(frozen=True)
 class ManifestPackageRow:
     guid: str

@@ -121,13 +121,3 @@ def install_triggers(conn: sqlite3.Connection, site_code: str) -> tuple[TriggerD
     for t in defs:
         conn.execute(_create_sql(t))
     return defs
-
-
-def drop_triggers(conn: sqlite3.Connection, site_code: str) -> None:
-    for t in trigger_defs(site_code):
-        conn.execute(f"DROP TRIGGER IF EXISTS {t.name}")
-
-
-def installed_triggers(conn: sqlite3.Connection) -> set[str]:
-    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
-    return {r[0] for r in rows}

@@ -7,17 +7,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 TMP_PREFIX = ".~cmlab-"
+# The writer's pid is part of the name so that a start-up sweep can tell a leftover of a
+# killed process from the work in progress of a live one (a CLI dropping files meanwhile).
+_TMP_OWNER = re.compile(r"\.~cmlab-(\d+)-[0-9a-f]{12}-")
 
 
-def tmp_name_for(path: Path) -> Path:
+def tmp_name_for(path: Path, kind: str = "tmp") -> Path:
     """A sibling name that inbox watchers ignore (dot-prefixed, no drop-file extension)."""
-    return path.with_name(f"{TMP_PREFIX}{secrets.token_hex(6)}-{path.name}.tmp")
+    return path.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}.{kind}")
+
+
+def make_tmp_dir(near: Path, kind: str = "tmp") -> Path:
+    """A temporary folder next to `near`, named like tmp_name_for so the sweep finds it."""
+    tmp = tmp_name_for(near, kind)
+    os.mkdir(tmp, 0o700)
+    return tmp
 
 
 def fsync_dir(path: Path) -> None:
@@ -85,16 +98,52 @@ def move_durable(src: Path, dst: Path) -> None:
         fsync_dir(src.parent)
 
 
-def remove_stale_tmp(folder: Path) -> int:
-    """Remove leftovers of writes interrupted by a crash; returns how many were removed."""
-    removed = 0
+def _is_stale(name: str) -> bool:
+    """A leftover of a dead writer. Our own pid counts as dead: the sweep runs before this
+    process writes anything, so a match is a previous incarnation that had the same pid (the
+    usual case in a container, where the daemon gets the same small pid every time)."""
+    if not name.startswith(TMP_PREFIX):
+        return False
+    owner = _TMP_OWNER.match(name)
+    if owner is None:
+        return True
+    pid = int(owner[1])
+    if pid == os.getpid():
+        return True
     try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        if entry.name.startswith(TMP_PREFIX) and not entry.is_dir(follow_symlinks=False):
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-                removed += 1
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
+
+
+def _remove_entry(path: str) -> bool:
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_tmp(folder: Path, *, recursive: bool = False) -> int:
+    """Remove leftovers (files or folders) of writes a crash interrupted; returns how many.
+
+    Call it before this process starts writing under `folder`. Links are not followed."""
+    removed = 0
+    pending = [os.fspath(folder)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            if _is_stale(entry.name):
+                removed += _remove_entry(entry.path)
+            elif recursive and entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
     return removed

@@ -24,16 +24,15 @@ import datetime as dt
 import errno
 import os
 import re
-import secrets
 import shutil
 import stat
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmlab.atomic import make_tmp_dir, tmp_name_for, write_atomic
 from cmlab.errors import CabError, CabLimitError, CabPathError
 
 __all__ = [
@@ -616,7 +615,7 @@ def _put_in_place(new: Path, dest: Path) -> None:
     if not stat.S_ISDIR(st.st_mode) and not os.path.isdir(new):
         os.replace(new, dest)  # file over file (or link): atomic
         return
-    aside = dest.with_name(f".{dest.name}.old-{secrets.token_hex(6)}")
+    aside = tmp_name_for(dest, "old")
     os.rename(dest, aside)
     try:
         os.rename(new, dest)
@@ -767,7 +766,7 @@ def extract_cab(
 ) -> list[CabEntry]:
     """Extract the whole cabinet as the folder `dest`, replacing any previous `dest`.
 
-    The tree is built in `dest.parent/.<dest.name>.tmp-<random>`, fsynced, and renamed to
+    The tree is built in a temporary sibling (cmlab.atomic.make_tmp_dir), fsynced, and renamed to
     `dest` only when complete (an existing `dest` is renamed aside first and removed
     after). On any failure the temporary folder is removed and `dest` is untouched.
     `on_file` is called for each entry right after it is written. Raises CabError,
@@ -778,7 +777,7 @@ def extract_cab(
         total = _check_limits(reader.members, limits, str(path))
         dest.parent.mkdir(parents=True, exist_ok=True)
         _check_space(dest.parent, total)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp = make_tmp_dir(dest, "extract")
         try:
             entries = _extract_tree(reader, tmp, on_file)
             os.chmod(tmp, 0o755)
@@ -808,7 +807,7 @@ def extract_cab_into(
         total = _check_limits(reader.members, limits, str(path))
         dest_dir.mkdir(parents=True, exist_ok=True)
         _check_space(dest_dir, total)
-        tmp = Path(tempfile.mkdtemp(prefix=".cmlab-extract-", dir=dest_dir))
+        tmp = make_tmp_dir(dest_dir / "cab", "extract")
         try:
             entries = _extract_tree(reader, tmp, on_file)
             tops: dict[str, None] = {}
@@ -880,21 +879,4 @@ def create_cab(
     except Exception as exc:  # cabarchive raises assorted errors on inputs it cannot store
         raise CabError(f"{dst}: cannot build cabinet: {exc}") from exc
     del archive
-    _write_atomic(dst, blob)
-
-
-def _write_atomic(dst: Path, data: bytes) -> None:
-    # Same naming as cmlab.atomic, so inbox watchers ignore it and stale-tmp cleanup finds it.
-    tmp = dst.with_name(f".~cmlab-{secrets.token_hex(6)}-{dst.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(dst.parent, directory=True)
+    write_atomic(dst, blob)

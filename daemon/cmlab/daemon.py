@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cmlab import sdnotify
+from cmlab.atomic import remove_stale_tmp
 from cmlab.component import Component, SiteContext
 from cmlab.config import SiteConfig, load_config
 from cmlab.dmpdownloader import DMPDownloader
@@ -86,6 +87,8 @@ class SiteDaemon:
 async def serve(site_dir: Path, *, json_stdout: bool | None = None) -> int:
     config = load_config(site_dir)
     with site_lock(config):
+        # Under the lock no other daemon writes here; a killed one may have left temporaries.
+        remove_stale_tmp(config.root, recursive=True)
         daemon = SiteDaemon(config, json_stdout=json_stdout)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

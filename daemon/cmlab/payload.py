@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import shutil
 import stat
 import tempfile
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmlab.cabfiles import _put_in_place, _write_atomic, create_cab, normalize_member_name
+from cmlab.atomic import tmp_name_for, write_atomic
+from cmlab.cabfiles import _put_in_place, create_cab, normalize_member_name
 from cmlab.errors import CabPathError, CmlabError, ManifestError, UpdateMapError
 from cmlab.hashing import sha256_bytes, sha256_file
 from cmlab.safexml import parse_xml
@@ -464,7 +464,7 @@ def _cab_to(files: dict[str, Path | bytes], dst: Path, signer: Signer | None) ->
         return
     from cmlab.trust import sign_cab
 
-    unsigned = dst.with_name(f".~cmlab-{secrets.token_hex(6)}-{dst.name}.unsigned")
+    unsigned = tmp_name_for(dst, "unsigned")
     try:
         create_cab(files, unsigned)
         sign_cab(unsigned, dst, signer)
@@ -580,7 +580,7 @@ def build_redists(src: Path, out_dir: Path, signer: Signer | None) -> Path:
     contents = _redist_contents(info)
     for rel, data in contents.items():
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / rel, data)
+        write_atomic(out_dir / rel, data)
 
     def entry(r: RedistSource, data: bytes) -> RedistFile:
         name = Path(r.path).name

@@ -25,7 +25,13 @@ GUID_2409_HFRU = "345A6BE1-3D07-43ED-B6E5-FAC0889DA04C"
 def make_template(folder: Path, **overrides: Any) -> Path:
     from cmlab.siteinit import InitOptions, init_site
 
-    opts = {"site_dir": folder, "site_code": "CAS", "sync_interval": 0.0, "rescan_interval": 0.5}
+    opts = {
+        "site_dir": folder,
+        "site_code": "CAS",
+        "sync_interval": 0.0,
+        "rescan_interval": 0.5,
+        "auto_download": False,  # tests start downloads themselves, or turn it on
+    }
     opts.update(overrides)
     return init_site(InitOptions(**opts))
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.sitedb import SiteDB, connect, create_site_db, procs, transaction
+from cmlab.sitedb import SiteDB, connect, create_site_db, migrate, procs, transaction
 from cmlab.sitedb.functions import tsql_to_sqlite, version_to_int
+from cmlab.sitedb.schema import SCHEMA_VERSION
 from cmlab.statecodes import IsComplete, SubStage
 from cmlab.statecodes import PackageState as S
 
@@ -79,7 +80,9 @@ def test_download_success_or_failure_leaves_the_download_queue(db_file: Path) ->
     conn = connect(db_file, "CAS")
     for final in (S.DOWNLOAD_SUCCESS, S.DOWNLOAD_FAILED):
         with transaction(conn):
-            procs.spAddPackageToDownload(conn, GUID)
+            procs.spCMUSetUpdatePackageState(conn, GUID, S.APPLICABILITY_SUCCESS)
+            assert procs.spAddPackageToDownload(conn, GUID)
+            assert not procs.spAddPackageToDownload(conn, GUID)  # already queued
         assert procs.spCMUCheckAvailableUpdates(conn) == [GUID]
         with transaction(conn):
             procs.spCMUSetUpdatePackageState(conn, GUID, S.DOWNLOAD_IN_PROGRESS)
@@ -91,6 +94,22 @@ def test_download_success_or_failure_leaves_the_download_queue(db_file: Path) ->
         assert site_state == final
     with pytest.raises(LookupError):
         procs.spAddPackageToDownload(conn, "00000000-0000-0000-0000-000000000001")
+    with transaction(conn):  # a failed download can be retried
+        assert procs.spAddPackageToDownload(conn, GUID)
+        procs.spCMUSetUpdatePackageState(conn, GUID, S.DOWNLOAD_SUCCESS)
+    with pytest.raises(procs.NotDownloadable, match=r"DOWNLOAD_SUCCESS \(262146\)"):
+        procs.spAddPackageToDownload(conn, GUID)
+
+
+def test_a_site_database_of_schema_1_is_migrated(db_file: Path) -> None:
+    conn = connect(db_file, "CAS")
+    with transaction(conn):
+        conn.execute("ALTER TABLE CM_UpdatePackages DROP COLUMN PayloadHash")
+        conn.execute("UPDATE SchemaInfo SET Value = '1' WHERE Name = 'version'")
+    assert migrate(conn) == 1
+    assert migrate(conn) == SCHEMA_VERSION
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(CM_UpdatePackages)")]
+    assert "PayloadHash" in cols
 
 
 def test_applicability_does_not_rewind_a_package_that_went_further(db_file: Path) -> None:

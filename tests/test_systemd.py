@@ -241,9 +241,10 @@ def _make_site(tmp_path: Path) -> Path:
         raise
 
 
-# Where a synchronization ends on a lab site: every package's applicability is decided.
+# Where a synchronization ends on a lab site with auto-download on: the applicable update is
+# downloaded (payload CAB verified and extracted, redists fetched), the others are filtered.
 DECIDED = {
-    PackageState.APPLICABILITY_SUCCESS,
+    PackageState.DOWNLOAD_SUCCESS,
     PackageState.APPLICABILITY_HIDE,
     PackageState.APPLICABILITY_NA,
 }

@@ -43,6 +43,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             ca_dir=Path(args.ca) if args.ca else None,
             key_type=args.key_type,
             scp_remote=args.scp_remote,
+            auto_download=not args.no_auto_download,
         )
     )
     print(f"Created site {args.site_code.upper()} in {root}")
@@ -183,6 +184,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    """The console's Download: spAddPackageToDownload; SMSDBMon's trigger wakes DMPDownloader."""
+    _, conn = _with_db(Path(args.site_dir))
+    try:
+        with transaction(conn):
+            queued = procs.spAddPackageToDownload(conn, args.guid)
+    finally:
+        conn.close()
+    if queued:
+        print(f"Package {args.guid} added to CM_UpdatePackagesToDownload.")
+    else:
+        print(f"Package {args.guid} is already in CM_UpdatePackagesToDownload.")
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     """Run one of the guide's queries (T-SQL spellings like dbo. and TOP n are accepted)."""
     _, conn = _with_db(Path(args.site_dir))
@@ -276,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scp-remote", action="store_true", help="SCP remote: MCMs go via MP/OUTBOXES/MCM.box"
     )
+    p.add_argument(
+        "--no-auto-download",
+        action="store_true",
+        help="do not download the newest applicable update by itself (use `cmlab download`)",
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("run", help="run the site's components in the foreground")
@@ -290,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync", help="check for updates now")
     p.add_argument("site_dir")
     p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("download", help="download an update package (spAddPackageToDownload)")
+    p.add_argument("site_dir")
+    p.add_argument("guid")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("sql", help="run a query against the site database (the guide's queries)")
     p.add_argument("site_dir")

@@ -70,7 +70,11 @@ class Component:
             handler = getattr(self, entry.handler)
             folder = folder_of(entry, self.paths.root)
             name = entry.folder.removeprefix("inboxes/")
-            specs.append(self.inbox(name, folder, entry.files, handler))
+            spec = self.inbox(name, folder, entry.files, handler)
+            # A component that logs the deletion of its drop files names the hook after the
+            # handler: on_cmu -> on_cmu_deleted.
+            spec.on_deleted = getattr(self, f"{entry.handler}_deleted", None)
+            specs.append(spec)
         return specs
 
     async def start(self) -> None:

@@ -19,7 +19,7 @@ from cmlab.errors import ConfigError
 from cmlab.hman import HierarchyManager
 from cmlab.inbox import InboxEngine
 from cmlab.mpfdm import MPFileDispatchManager
-from cmlab.sitedb import SiteDB
+from cmlab.sitedb import SiteDB, connect, migrate
 from cmlab.smsdbmon import SMSDBMon
 from cmlab.smslog import LogRegistry, LogSink
 from cmlab.statesys import StateSystem
@@ -63,6 +63,11 @@ class SiteDaemon:
             site_code=config.site_code,
         )
         self.logs = LogRegistry(sink)
+        conn = connect(config.paths.db_file, config.site_code)
+        try:
+            migrate(conn)  # a site made by an older cmlab keeps working
+        finally:
+            conn.close()
         self.db = SiteDB(config.paths.db_file, config.site_code, durability=config.durability)
         self.engine = InboxEngine(rescan=config.intervals.rescan, settle=config.intervals.settle)
         self.ctx = SiteContext(config=config, db=self.db, logs=self.logs, engine=self.engine)

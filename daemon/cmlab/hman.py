@@ -1,6 +1,7 @@
 """HMAN (SMS_HIERARCHY_MANAGER): forwards DMPDownloader's messages into its CFD inbox, and on
 the site control update file (`<SiteCode>.SCU`) verifies, extracts and processes the update
-manifest: one applicability check per package, each package's state in CM_UpdatePackages."""
+manifest: one applicability check per package, each package's state in CM_UpdatePackages.
+Its CMUHandler records the download states DMPDownloader reports in `CFD/<guid>.CMU`."""
 
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ from cmlab.manifest import (
     applicability_path,
     parse_manifest,
 )
+from cmlab.safexml import parse_xml
 from cmlab.sitedb import connect, procs, split_statements
 from cmlab.sitedb.functions import tsql_to_sqlite
 from cmlab.statecodes import PackageState
 
 MANIFEST_CAB_NAME = "ConfigMgr.Update.Manifest.CAB"
+MAX_CMU_BYTES = 64 * 1024
+UTF8_BOM = b"\xef\xbb\xbf"
 APPLICABILITY_TIMEOUT = 10.0  # seconds an applicability script may run before it is stopped
 
 RESULT_STATES = {
@@ -58,6 +62,45 @@ def find_case_insensitive(folder: Path, name: str) -> Path | None:
     except FileNotFoundError:
         return None
     return None
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BadInput(f"{path.name} is over {limit} bytes: not a CMU notification")
+    return data
+
+
+CMU_STATES = frozenset(
+    {PackageState.DOWNLOAD_IN_PROGRESS, PackageState.DOWNLOAD_SUCCESS, PackageState.DOWNLOAD_FAILED}
+)
+
+
+def parse_cmu(name: str, data: bytes) -> tuple[str, int]:
+    """`<ConfigurationManagerUpdateContent Guid=".." State=".." ReportTime=".." />` in
+    `<guid>.CMU`: the GUID (as written) and the state. Raises BadInput
+    naming what is wrong."""
+    stem = name[: -len(".CMU")] if name.upper().endswith(".CMU") else name
+    if not GUID_RE.match(stem):
+        raise BadInput(f"{name}: the file name is not <PackageGuid>.CMU")
+    root = parse_xml(
+        data,
+        what=f"CMU file {name}",
+        root="ConfigurationManagerUpdateContent",
+        error=BadInput,
+        max_bytes=MAX_CMU_BYTES,
+    )
+    guid = root.get("Guid", "")
+    if not GUID_RE.match(guid):
+        raise BadInput(f"{name}: Guid {guid!r} is not a GUID")
+    if guid.upper() != stem.upper():
+        raise BadInput(f"{name}: the file names package {stem} but its Guid is {guid}")
+    raw = root.get("State", "")
+    if not raw.isdigit() or int(raw) not in CMU_STATES:
+        allowed = ", ".join(f"{int(s)} ({s.name})" for s in sorted(CMU_STATES))
+        raise BadInput(f"{name}: State {raw!r} is not a download state ({allowed})")
+    return guid, int(raw)
 
 
 def gmtdate(now: datetime) -> str:
@@ -184,10 +227,46 @@ class HierarchyManager(Component):
             return
         failures = self.check_applicability(manifest)
         crashpoint("hman.after_applicability")
+        self.queue_auto_download(manifest)
         if failures:
             self._reject(cab, "; ".join(failures))
         else:
             cab.unlink(missing_ok=True)
+
+    def queue_auto_download(self, manifest: Manifest) -> None:
+        """ConfigMgr downloads the newest applicable update by itself unless told not to."""
+        if not self.config.auto_download:
+            return
+
+        def queue(conn: sqlite3.Connection) -> str | None:
+            guid = procs.newest_applicable(conn, [p.guid for p in manifest.packages])
+            if guid is None or not procs.spAddPackageToDownload(conn, guid):
+                return None
+            return guid
+
+        guid = self.db.call_sync(queue)
+        if guid is not None:
+            self.say(f"Automatic download is enabled. Added package {guid} to download queue.")
+
+    # -- CMUHandler: download states from DMPDownloader ----------------------------------------
+
+    async def on_cmu(self, path: Path) -> Outcome:
+        shown = self.show(path)
+        self.say(f"Validate CMU file {shown} with no intune subscription.")
+        data = await self.in_thread(_read_capped, path, MAX_CMU_BYTES)
+        guid, state = parse_cmu(path.name, data)
+        if self.config.log_verbose:
+            bom = "File with BOM" if data.startswith(UTF8_BOM) else "File without BOM"
+            self.say(f"INFO: {bom} : ({shown})")
+            self.say(f"There is no additional error details {shown} from file")
+        if not await self.db.tx(procs.spCMUSetUpdatePackageState, guid.upper(), state):
+            raise BadInput(f"{path.name}: there is no update package {guid} in CM_UpdatePackages")
+        self.say(f"Updated CMUpdatePackage state to {state} (PackageGuid={guid})")
+        crashpoint("hman.before_cmu_delete")
+        return Outcome.DONE
+
+    def on_cmu_deleted(self, path: Path) -> None:
+        self.say(f"deleted file {self.show(path)}")
 
     def _reject(self, cab: Path, reason: str) -> None:
         quarantine(cab, reason, self.show, lambda line: self.say(line, level="error"))
@@ -260,6 +339,7 @@ class HierarchyManager(Component):
             more_info_link=p.more_info_link,
             content_url=p.content_url,
             content_hash=p.content_hash,
+            payload_hash=p.payload_hash,
             redist_manifest_url=p.redist_manifest_url,
             language_pack_manifest_url=p.language_pack_manifest_url,
             applicability_check=p.applicability_file,

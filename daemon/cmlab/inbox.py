@@ -80,6 +80,8 @@ class InboxSpec:
     workers: int = 1
     retry_after: float = 1.0
     show: Callable[[Path], str] = str
+    # Called after the engine deleted a handled file (HMAN logs "deleted file ..." then).
+    on_deleted: Callable[[Path], None] | None = None
 
     def matches(self, name: str) -> bool:
         return matches_any(name, self.patterns)
@@ -249,8 +251,12 @@ class Inbox:
             claimed.st_mtime_ns,
         )
         if same:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(path)
+            except FileNotFoundError:
+                return
+            if self.spec.on_deleted is not None:
+                self.spec.on_deleted(path)
         else:
             self.again.setdefault(path.name, False)
 
@@ -279,11 +285,13 @@ def quarantine(
     reason: str,
     show: Callable[[Path], str] = str,
     log: Callable[[str], object] | None = None,
+    *,
+    bad: Path | None = None,
 ) -> Path | None:
-    """Move `path` (never following a link) to BAD/ beside it, with a `.reason` file, and say
-    so in the component's log."""
-    bad = path.parent / BAD_FOLDER
-    bad.mkdir(exist_ok=True)
+    """Move `path` (never following a link) to BAD/ beside it (or to `bad`, on the same
+    filesystem), with a `.reason` file, and say so in the component's log."""
+    bad = bad or path.parent / BAD_FOLDER
+    bad.mkdir(parents=True, exist_ok=True)
     dest = bad / path.name
     if os.path.lexists(dest):
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")

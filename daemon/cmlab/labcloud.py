@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cmlab.hashing import sha256_file
+from cmlab.hashing import folder_hash, sha256_file
 from cmlab.manifest import Manifest, ManifestPackage, render_manifest
 from cmlab.resources import data_dir
 
@@ -36,6 +36,21 @@ class BuiltCloud:
 def _payload_source(payloads: Path, entry: dict[str, object]) -> Path | None:
     rel = entry.get("payload")
     return None if not rel else payloads / str(rel)
+
+
+def _downloaded_folder_hash(payload_cab: Path, redist: Path | None, scratch: Path) -> str:
+    """The folder DMPDownloader will end up with (the payload extracted, the redist folder in
+    `redist/`), hashed the way IsPayloadLocal and CMUpdate hash it. Built, not predicted, so
+    the manifest's PayloadHash is right by construction."""
+    from cmlab.cabfiles import extract_cab
+
+    extract_cab(payload_cab, scratch)
+    if redist is not None:
+        shutil.copytree(redist, scratch / "redist", symlinks=True)
+    try:
+        return folder_hash(scratch)
+    finally:
+        shutil.rmtree(scratch)
 
 
 def build_content_source(
@@ -102,6 +117,9 @@ def build_content_source(
                     applicability_hash=sha256_file(checks / sql_name),
                     content_url=f"{guid}.cab",
                     content_hash=sha256_file(payload_cab),
+                    payload_hash=_downloaded_folder_hash(
+                        payload_cab, out / guid / "redist" if source else None, tmp / f"dl-{guid}"
+                    ),
                     redist_manifest_url=redist_url,
                     language_pack_manifest_url=lang_url,
                 )

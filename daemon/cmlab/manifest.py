@@ -43,6 +43,9 @@ class ManifestPackage:
     content_hash: str
     redist_manifest_url: str
     language_pack_manifest_url: str
+    # Folder hash (cmlab.hashing.folder_hash) of the whole downloaded package, payload and
+    # redist: DMPDownloader's `expected hash` in IsPayloadLocal. Empty: not given.
+    payload_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,10 @@ def _text(el: ET.Element, tag: str, *, required: bool = True, where: str) -> str
     return child.text.strip()
 
 
-def _hash(el: ET.Element | None, where: str) -> str:
-    h = None if el is None else el.find("Hash")
+def _hash(el: ET.Element | None, where: str, tag: str = "Hash", *, required: bool = True) -> str:
+    h = None if el is None else el.find(tag)
+    if h is None and not required:
+        return ""
     if h is None or (h.text or "").strip() == "":
         raise ManifestError(f'{where}: <Hash Algorithm="SHA256"> is missing')
     if h.get("Algorithm", "").upper() != "SHA256":
@@ -145,6 +150,9 @@ def parse_manifest(data: bytes) -> Manifest:
                 applicability_hash=_hash(check, f"{where} ApplicabilityCheck"),
                 content_url=content_url,
                 content_hash=_hash(content, f"{where} Content"),
+                payload_hash=_hash(
+                    content, f"{where} Content PayloadHash", "PayloadHash", required=False
+                ),
                 redist_manifest_url=(
                     _relative_url(redist.get("ManifestUrl", ""), f"{where} Redist")
                     if redist is not None
@@ -179,6 +187,8 @@ def render_manifest(manifest: Manifest) -> bytes:
         ET.SubElement(check, "Hash", {"Algorithm": "SHA256"}).text = p.applicability_hash
         content = ET.SubElement(m, "Content", {"ContentUrl": p.content_url})
         ET.SubElement(content, "Hash", {"Algorithm": "SHA256"}).text = p.content_hash
+        if p.payload_hash:
+            ET.SubElement(content, "PayloadHash", {"Algorithm": "SHA256"}).text = p.payload_hash
         if p.redist_manifest_url:
             ET.SubElement(content, "Redist", {"ManifestUrl": p.redist_manifest_url})
         if p.language_pack_manifest_url:

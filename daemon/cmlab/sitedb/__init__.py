@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cmlab.sitedb import functions, triggers
-from cmlab.sitedb.schema import SCHEMA, SCHEMA_VERSION
+from cmlab.sitedb.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 T = TypeVar("T")
 
@@ -40,6 +40,20 @@ def connect(
         conn, functions.SiteFunctions(db_file, site_code.upper()), print_sink=print_sink
     )
     return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring a site database made by an older cmlab up to SCHEMA_VERSION; returns the version
+    it was at. Each step commits with its new version number, so an interrupted upgrade
+    resumes where it stopped."""
+    row = conn.execute("SELECT Value FROM SchemaInfo WHERE Name = 'version'").fetchone()
+    found = int(row[0]) if row else SCHEMA_VERSION
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        with transaction(conn):
+            for stmt in MIGRATIONS.get(version, ()):
+                conn.execute(stmt)
+            conn.execute("UPDATE SchemaInfo SET Value = ? WHERE Name = 'version'", (str(version),))
+    return found
 
 
 class transaction:

@@ -49,6 +49,7 @@ class ManifestPackageRow:
     more_info_link: str
     content_url: str
     content_hash: str
+    payload_hash: str
     redist_manifest_url: str
     language_pack_manifest_url: str
     applicability_check: str
@@ -73,6 +74,7 @@ def spCMUUpsertManifestPackage(conn: sqlite3.Connection, p: ManifestPackageRow) 
         p.more_info_link,
         p.content_url,
         p.content_hash,
+        p.payload_hash,
         p.redist_manifest_url,
         p.language_pack_manifest_url,
         p.applicability_check,
@@ -83,9 +85,9 @@ def spCMUUpsertManifestPackage(conn: sqlite3.Connection, p: ManifestPackageRow) 
         conn.execute(
             "INSERT INTO CM_UpdatePackages (PackageGuid, Name, Description, UpdateNumber, "
             "PackageType, FullVersion, MinCMVersion, MaxCMVersion, MoreInfoLink, ContentUrl, "
-            "ContentHash, RedistManifestUrl, LanguagePackManifestUrl, ApplicabilityCheck, "
-            "ApplicabilityHash, DateReleased, State) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "ContentHash, PayloadHash, RedistManifestUrl, LanguagePackManifestUrl, "
+            "ApplicabilityCheck, ApplicabilityHash, DateReleased, State) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (p.guid, *values, int(S.APPLICABILITY_CHECKING)),
         )
         return True
@@ -94,7 +96,8 @@ def spCMUUpsertManifestPackage(conn: sqlite3.Connection, p: ManifestPackageRow) 
     conn.execute(
         "UPDATE CM_UpdatePackages SET Name = ?, Description = ?, UpdateNumber = ?, "
         "PackageType = ?, FullVersion = ?, MinCMVersion = ?, MaxCMVersion = ?, MoreInfoLink = ?, "
-        "ContentUrl = ?, ContentHash = ?, RedistManifestUrl = ?, LanguagePackManifestUrl = ?, "
+        "ContentUrl = ?, ContentHash = ?, PayloadHash = ?, RedistManifestUrl = ?, "
+        "LanguagePackManifestUrl = ?, "
         "ApplicabilityCheck = ?, ApplicabilityHash = ?, DateReleased = ?, State = ?, "
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
         (*values, int(S.APPLICABILITY_CHECKING), p.guid),
@@ -134,16 +137,87 @@ def spCMUSetUpdatePackageState(conn: sqlite3.Connection, guid: str, state: int) 
     return True
 
 
-def spAddPackageToDownload(conn: sqlite3.Connection, guid: str) -> None:
+# States from which an administrator (or auto-download) may start a download: "Available to
+# download", a failed download to retry, or one in progress to re-request (a no-op).
+DOWNLOADABLE_STATES = (S.APPLICABILITY_SUCCESS, S.DOWNLOAD_FAILED, S.DOWNLOAD_IN_PROGRESS)
+
+
+class NotDownloadable(LookupError):
+    """spAddPackageToDownload refused: no such package, or not in a downloadable state."""
+
+
+def spAddPackageToDownload(conn: sqlite3.Connection, guid: str) -> bool:
+    """Queue a package for DMPDownloader; returns False if it was already queued."""
     row = conn.execute(
-        "SELECT State FROM CM_UpdatePackages WHERE PackageGuid = ?", (guid,)
+        "SELECT State, Name FROM CM_UpdatePackages WHERE PackageGuid = ?", (guid,)
     ).fetchone()
     if row is None:
-        raise LookupError(f"no update package {guid} in CM_UpdatePackages")
-    conn.execute(
+        raise NotDownloadable(f"no update package {guid} in CM_UpdatePackages")
+    state = int(row[0])
+    if state not in DOWNLOADABLE_STATES:
+        raise NotDownloadable(
+            f"{row[1]} ({guid}) is {PackageState.name_of(state)} ({state}): only a package "
+            "that is APPLICABILITY_SUCCESS or DOWNLOAD_FAILED can be downloaded"
+        )
+    cur = conn.execute(
         "INSERT INTO CM_UpdatePackagesToDownload (PackageGuid) VALUES (?) "
         "ON CONFLICT (PackageGuid) DO NOTHING",
         (guid,),
+    )
+    return cur.rowcount > 0
+
+
+def newest_applicable(conn: sqlite3.Connection, guids: Iterable[str]) -> str | None:
+    """Auto-download's choice among `guids`: the applicable package with the highest version."""
+    best: tuple[tuple[int, ...], str] | None = None
+    for guid in guids:
+        row = conn.execute(
+            "SELECT FullVersion FROM CM_UpdatePackages WHERE PackageGuid = ? AND State = ?",
+            (guid, int(S.APPLICABILITY_SUCCESS)),
+        ).fetchone()
+        if row is None:
+            continue
+        key = tuple(int(x) for x in str(row[0]).split(".") if x.isdigit())
+        if best is None or key > best[0]:
+            best = (key, guid)
+    return None if best is None else best[1]
+
+
+@dataclass(frozen=True)
+class DownloadRow:
+    """What DMPDownloader needs of a package, read from CM_UpdatePackages."""
+
+    guid: str
+    name: str
+    state: int
+    content_url: str
+    content_hash: str
+    payload_hash: str
+    redist_manifest_url: str
+    language_pack_manifest_url: str
+    request_time: str  # of its CM_UpdatePackagesToDownload row ("" when not queued)
+
+
+def download_row(conn: sqlite3.Connection, guid: str) -> DownloadRow | None:
+    row = conn.execute(
+        "SELECT p.PackageGuid, p.Name, p.State, p.ContentUrl, p.ContentHash, p.PayloadHash, "
+        "p.RedistManifestUrl, p.LanguagePackManifestUrl, d.RequestTime FROM CM_UpdatePackages p "
+        "LEFT JOIN CM_UpdatePackagesToDownload d ON d.PackageGuid = p.PackageGuid "
+        "WHERE p.PackageGuid = ?",
+        (guid,),
+    ).fetchone()
+    if row is None:
+        return None
+    return DownloadRow(
+        guid=str(row[0]),
+        name=str(row[1]),
+        state=int(row[2]),
+        content_url=str(row[3] or ""),
+        content_hash=str(row[4] or "").upper(),
+        payload_hash=str(row[5] or "").upper(),
+        redist_manifest_url=str(row[6] or ""),
+        language_pack_manifest_url=str(row[7] or ""),
+        request_time=str(row[8] or ""),
     )
 
 

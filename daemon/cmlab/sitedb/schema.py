@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # GUID columns compare case-insensitively, as uniqueidentifier does in SQL Server: the guide
 # itself writes the same GUID in upper and lower case.
@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS CM_UpdatePackages (
     MoreInfoLink TEXT,
     ContentUrl TEXT,
     ContentHash TEXT,
+    PayloadHash TEXT,                   -- folder hash of the downloaded package (IsPayloadLocal)
     RedistManifestUrl TEXT,
     LanguagePackManifestUrl TEXT,
     ApplicabilityCheck TEXT,
@@ -162,3 +163,8 @@ CREATE TABLE IF NOT EXISTS SyncHistory (
     Result TEXT
 );
 """
+
+# Upgrades of an existing site database, by the version they bring it to.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE CM_UpdatePackages ADD COLUMN PayloadHash TEXT",),
+}

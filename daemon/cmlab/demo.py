@@ -17,12 +17,14 @@ from cmlab.sitedb import connect, procs, transaction
 from cmlab.siteinit import InitOptions, init_site
 from cmlab.statecodes import PackageState
 
-# The states at which this build of cmlab stops moving a package on its own.
+# The states at which this build of cmlab stops moving a package on its own (auto-download
+# takes the applicable update on to DOWNLOAD_SUCCESS, "Ready to install").
 RESTING = {
-    PackageState.APPLICABILITY_SUCCESS,
     PackageState.APPLICABILITY_HIDE,
     PackageState.APPLICABILITY_NA,
     PackageState.APPLICABILITY_FAILED,
+    PackageState.DOWNLOAD_SUCCESS,
+    PackageState.DOWNLOAD_FAILED,
 }
 STAGE_OF: dict[int, str] = {
     PackageState.APPLICABILITY_CHECKING: "Applicability",
@@ -30,6 +32,9 @@ STAGE_OF: dict[int, str] = {
     PackageState.APPLICABILITY_HIDE: "Applicability",
     PackageState.APPLICABILITY_NA: "Applicability",
     PackageState.APPLICABILITY_FAILED: "Applicability",
+    PackageState.DOWNLOAD_IN_PROGRESS: "Download",
+    PackageState.DOWNLOAD_SUCCESS: "Download",
+    PackageState.DOWNLOAD_FAILED: "Download",
 }
 
 
@@ -54,8 +59,9 @@ class Watcher:
             (self.seen_messages,),
         ).fetchall():
             self.seen_messages += 1
+            stage = "Synchronization" if topic.startswith("00000000") else "Download"
             print(
-                f"{self.stamp()} Synchronization  DMPDownloader state message {state_id:>2} {name}"
+                f"{self.stamp()} {stage:16} DMPDownloader state message {state_id:>2} {name}"
                 + ("" if topic.startswith("00000000") else f" ({topic})")
             )
         for guid, pkg_name, state in self.conn.execute(
@@ -112,5 +118,8 @@ def run_demo(folder: Path | None = None, *, deadline_s: float = 120.0) -> int:
     rc = asyncio.run(_demo(site, deadline_s))
     print()
     print_status(collect_status(site))
-    print(f"\nLogs: {site / 'Logs'}  (hman.log, dmpdownloader.log, SMSDBMon.log, statesys.log)")
+    print(
+        f"\nLogs: {site / 'Logs'}  (hman.log, dmpdownloader.log, ConfigMgrSetup.log, "
+        "SMSDBMon.log, statesys.log)"
+    )
     return rc

@@ -218,6 +218,21 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reset(args: argparse.Namespace) -> int:
+    """The Update Reset Tool (CMUpdateReset.exe): see docs/reset.md."""
+    from cmlab.updatereset import BadGuid, print_report, reset_package
+
+    try:
+        report = reset_package(Path(args.site_dir), args.guid, force=args.force)
+    except BadGuid as exc:
+        return _fail(str(exc), 2)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print_report(report)
+    return 0 if report.ok else 1
+
+
 def cmd_payload_build(args: argparse.Namespace) -> int:
     from cmlab.payload import build_cab_from_dir
     from cmlab.trust import Signer
@@ -322,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser(
+        "reset",
+        help="the Update Reset Tool (CMUpdateReset.exe): remove a package that has not started "
+        "installing, so the next sync starts it over",
+    )
+    p.add_argument("site_dir")
+    p.add_argument("guid", help="the update package's Package Guid")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also delete a successfully downloaded package (the tool's -FDELETE); "
+        "never one that started installing",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reset)
 
     p = sub.add_parser("payload", help="build or verify signed CABs")
     psub = p.add_subparsers(dest="payload_command", required=True)

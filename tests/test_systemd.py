@@ -362,3 +362,12 @@ def test_daemon_sends_ready_watchdog_and_stopping(
             proc.wait()
         out.close()
         err.close()
+
+
+def test_a_vanished_notify_socket_does_not_stop_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cmlab import sdnotify
+
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    assert sdnotify.notify("STOPPING=1") is False

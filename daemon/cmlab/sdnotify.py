@@ -13,9 +13,14 @@ def notify(message: str) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode("utf-8"))
+    # A notification is advice to the service manager: if its socket is gone (a manager that
+    # went away, a test harness that cleaned up) the daemon keeps serving and stops cleanly.
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode("utf-8"))
+    except OSError:
+        return False
     return True
 
 

@@ -418,10 +418,19 @@ class DMPDownloader(Component):
         reason = str(exc)
         self.say(f"ERROR: {reason}~~", level="error")
         if exc.bad is not None and os.path.lexists(exc.bad):
+            stage, folder = exc.stage, self.payload_paths(guid)[1]
+
+            def shown(path: Path) -> str:
+                # A file from the staging folder is named where it was going, as SetupDL's
+                # lines name it, not by the temporary folder that is about to be removed.
+                if stage is not None and path.is_relative_to(stage):
+                    path = folder / path.relative_to(stage)
+                return self.show(path)
+
             quarantine(
                 exc.bad,
                 reason,
-                self.show,
+                shown,
                 lambda line: self.say(line, level="error"),
                 bad=self.paths.easysetup_payload / "BAD",
             )

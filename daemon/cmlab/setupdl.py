@@ -73,6 +73,8 @@ def copy_checked(src: Path, dst: Path, *, max_size: int) -> str:
         while chunk := fin.read(CHUNK):
             total += len(chunk)
             if total > max_size:
+                # Keep what was read up to the cap: the quarantined file shows what came down.
+                fout.write(chunk[: len(chunk) - (total - max_size)])
                 raise RedistError(f"{src.name} is larger than the {max_size} bytes expected", dst)
             digest.update(chunk)
             fout.write(chunk)

@@ -462,8 +462,14 @@ def test_malformed_cmu_files_are_quarantined_and_change_nothing(site: Path) -> N
         for name, (data, _) in BAD_CMUS.items():
             write_atomic(cfd / name, data)
         reasons = [cfd / "BAD" / f"{name}.reason" for name in BAD_CMUS]
+        # The .reason file is written before the log line that says so: wait for both.
         wait_until(
-            lambda: all(r.exists() for r in reasons), timeout=60, what="every CMU quarantined"
+            lambda: (
+                all(r.exists() for r in reasons)
+                and len(error_lines(site, "hman.log")) >= len(BAD_CMUS)
+            ),
+            timeout=60,
+            what="every CMU quarantined",
         )
         hman_errors = error_lines(site, "hman.log")
         for name, (data, why) in BAD_CMUS.items():

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.config import load_config
-from cmlab.contract import folder_of, load_contract
+from cmlab.contract import folder_of, load_contract, matches_any
 from cmlab.errors import CmlabError
-from cmlab.inbox import matches_any
 from cmlab.sitedb import connect, procs, transaction
 from cmlab.sitedb.functions import tsql_to_sqlite
 from cmlab.statecodes import PackageState

@@ -3,11 +3,13 @@ files wake it and which handler takes them. Data, so tools and docs read the sam
 
 from __future__ import annotations
 
+import fnmatch
 import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from cmlab.atomic import TMP_PREFIX
 from cmlab.resources import data_dir
 
 
@@ -41,3 +43,11 @@ def entries_for(component: str) -> list[InboxEntry]:
 
 def folder_of(entry: InboxEntry, site_root: Path) -> Path:
     return site_root.joinpath(*entry.folder.split("/"))
+
+
+def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    """Drop-file names match case-insensitively: the guide writes both 2.esc and 2.ESC."""
+    if name.startswith(TMP_PREFIX) or name.startswith("."):
+        return False
+    upper = name.upper()
+    return any(fnmatch.fnmatchcase(upper, p.upper()) for p in patterns)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import enum
 import errno
-import fnmatch
 import logging
 import os
 import sqlite3
@@ -38,7 +37,8 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from cmlab.atomic import TMP_PREFIX, remove_stale_tmp, write_atomic
+from cmlab.atomic import remove_stale_tmp, write_atomic
+from cmlab.contract import matches_any
 from cmlab.errors import CmlabError
 from cmlab.smslog import SmsLog
 
@@ -304,14 +304,6 @@ def quarantine(
     if log is not None:
         log(f"ERROR: Moved bad file {show(path)} to {show(dest)}: {reason}")
     return dest
-
-
-def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
-    """Drop-file names match case-insensitively: the guide writes both 2.esc and 2.ESC."""
-    if name.startswith(TMP_PREFIX) or name.startswith("."):
-        return False
-    upper = name.upper()
-    return any(fnmatch.fnmatchcase(upper, p.upper()) for p in patterns)
 
 
 def _is_link(st: os.stat_result) -> bool:

@@ -13,8 +13,10 @@ when a package is added to CM_UpdatePackagesToDownload (`cmlab download`, auto-d
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cmlab.atomic import atomic_output, fsync_dir, move_durable, tmp_name_for, write_atomic
@@ -67,6 +69,9 @@ class DMPDownloader(Component):
         # same GUID. A request already served is not served again while HMAN catches up.
         self._download_lock = asyncio.Lock()
         self._served: set[tuple[str, str]] = set()
+        # The verifier's imports (cryptography, asn1crypto) take ~0.1 s: pay it now, not in the
+        # first synchronization or download.
+        await self.in_thread(importlib.import_module, "cmlab.trust")
         if self.config.scp_mode == "online" and self.config.intervals.sync > 0:
             self.spawn(self._sync_timer(), "sync-timer")
 
@@ -243,6 +248,11 @@ class DMPDownloader(Component):
         except DownloadError as exc:
             self.download_failed(guid, exc)
             return False
+        except (CmlabError, OSError) as exc:
+            # Anything else that stops a download (a full disk, an unreadable content library)
+            # fails the package too: left IN_PROGRESS it would wait for a download never to come.
+            self.download_failed(guid, DownloadError(f"{type(exc).__name__}: {exc}"))
+            return False
         self.write_cmu(guid, PackageState.DOWNLOAD_SUCCESS)
         self.state_message(DmpStateMessage.PACKAGE_CONTENT_VERIFIED, guid)
         self.state_message(DmpStateMessage.PACKAGE_DOWNLOADED, guid)
@@ -345,14 +355,18 @@ class DMPDownloader(Component):
         from cmlab.trust import verify_cab
 
         shown = self.show(cab)
-        verdict = verify_cab(cab, self.ctx.trust)
+        # Both read the whole CAB: hashing on a second thread while the signature is checked
+        # overlaps the two passes (hashlib and the verifier's digest release the GIL).
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(sha256_file, cab)
+            verdict = verify_cab(cab, self.ctx.trust)
+            actual = pending.result()
         if not verdict.trusted:
             raise DownloadError(
                 f"File '{shown}' failed the trust check ({verdict.status.name}): {verdict.reason}",
                 cab,
             )
         self.trust_lines(shown, verdict)
-        actual = sha256_file(cab)
         if actual != row.content_hash:
             raise DownloadError(
                 f"Payload {shown} has hash value SHA256:{actual}, the manifest expects "

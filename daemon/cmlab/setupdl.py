@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from cmlab.atomic import make_tmp_dir
 from cmlab.errors import CabError, CmlabError, ManifestError
 from cmlab.failpoints import crashpoint
 from cmlab.payload import (
@@ -132,9 +132,13 @@ class SetupDownloader:
             except OSError as exc:
                 raise RedistError(f"Failed to download {self.show(src)}: {exc}") from exc
             fetched.append((cab, xml_name, url))
-        with tempfile.TemporaryDirectory(prefix="cmlab-setupdl-") as tmp_name:
+        # Inside the site (and named so the daemon's start-up sweep finds it after a crash).
+        tmp = make_tmp_dir(dest.parent / "setupdl", "setupdl")
+        try:
             for cab, xml_name, _url in fetched:
-                manifests.append(self._open_manifest(cab, xml_name, Path(tmp_name)))
+                manifests.append(self._open_manifest(cab, xml_name, tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         count = 0
         folders: dict[Path, None] = {}
         for manifest, (_, _, url) in zip(manifests, fetched, strict=True):

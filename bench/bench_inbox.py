@@ -33,6 +33,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from _common import Target, percentile, result, slope_per_unit
 from cmlab.config import Facts, Intervals
+from cmlab.contract import load_contract
 from cmlab.inbox import InboxEngine, InboxSpec, Outcome
 from cmlab.sitedb import SiteDB, connect, create_site_db, transaction
 from cmlab.statecodes import PackageState
@@ -113,10 +114,23 @@ def site_tree() -> Iterator[Tree]:
         shutil.rmtree(top, ignore_errors=True)
 
 
+def cfd_workers() -> int:
+    """As many workers as the site's own hman.box/CFD inbox has (inboxes/contract.toml)."""
+    return max(
+        (e.workers for e in load_contract() if e.folder == "inboxes/hman.box/CFD"), default=1
+    )
+
+
 def make_engine(tree: Tree, handler: Callable[[Path], Any]) -> tuple[InboxEngine, Any]:
     engine = InboxEngine(rescan=Intervals.rescan, settle=Intervals.settle)
     inbox = engine.add(
-        InboxSpec(name="hman.box/CFD", folder=tree.inbox, patterns=CFD_PATTERNS, handler=handler)
+        InboxSpec(
+            name="hman.box/CFD",
+            folder=tree.inbox,
+            patterns=CFD_PATTERNS,
+            handler=handler,
+            workers=cfd_workers(),
+        )
     )
     return engine, inbox
 

@@ -208,12 +208,10 @@ async def test_periodic_rescan_finds_files_the_watcher_missed(tmp_path: Path) ->
     await engine.start()
     try:
         # Stop the watcher so only the rescan can notice the new file.
-        engine._observer.stop()  # type: ignore[union-attr]
-        await asyncio.to_thread(engine._observer.join, 2)  # type: ignore[union-attr]
+        engine.stop_watching()
         (box / "7.ESC").write_bytes(b"")
         await await_until(lambda: rec.calls == ["7.ESC"], timeout=10)
     finally:
-        engine._observer = None
         await engine.stop()
 
 

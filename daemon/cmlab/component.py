@@ -71,6 +71,7 @@ class Component:
             folder = folder_of(entry, self.paths.root)
             name = entry.folder.removeprefix("inboxes/")
             spec = self.inbox(name, folder, entry.files, handler)
+            spec.workers = entry.workers
             # A component that logs the deletion of its drop files names the hook after the
             # handler: on_cmu -> on_cmu_deleted.
             spec.on_deleted = getattr(self, f"{entry.handler}_deleted", None)

@@ -20,6 +20,7 @@ class InboxEntry:
     files: tuple[str, ...]
     handler: str
     purpose: str
+    workers: int = 1  # files of this inbox handled at once (one claim per file name)
 
 
 @cache
@@ -32,6 +33,7 @@ def load_contract() -> tuple[InboxEntry, ...]:
             files=tuple(e["files"]),
             handler=e["handler"],
             purpose=e.get("purpose", ""),
+            workers=int(e.get("workers", 1)),
         )
         for e in doc["inbox"]
     )

@@ -22,20 +22,14 @@ import os
 import sqlite3
 import stat
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-
-from watchdog.events import (
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
+from typing import Any
 
 from cmlab.atomic import remove_stale_tmp, write_atomic
 from cmlab.contract import matches_any
@@ -314,30 +308,59 @@ def _is_regular(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode)
 
 
-class _Forwarder(FileSystemEventHandler):
-    """Runs on watchdog's thread: hands each event to the loop, nothing else."""
+class _Forwarder:
+    """Runs on watchdog's inotify thread: hands each inbox's events to the loop, nothing else.
+
+    It is registered straight on watchdog's shared inotify reader (`InotifyFD`) rather than
+    through an Observer, whose emitter and dispatcher threads would add two thread hand-offs
+    per file; at a thousand drops a second those wake-ups cost more than the handling. Events
+    that arrive before the loop took the previous ones ride along: one loop wake-up per burst.
+    """
 
     def __init__(self, inbox: Inbox, loop: asyncio.AbstractEventLoop) -> None:
         self.inbox = inbox
         self.loop = loop
-        self.folder = os.fspath(inbox.spec.folder)
+        self._lock = threading.Lock()
+        self._batch: list[tuple[bool, str, float]] = []  # (complete?, name, seen at)
+        self._scheduled = False
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        now = time.monotonic()
-        if isinstance(event, FileMovedEvent):
-            dest = os.fsdecode(event.dest_path)
-            if os.path.dirname(dest) != self.folder:
+    # -- watchdog's WatchCallback protocol, on its thread -------------------------------------
+
+    def on_event(self, event: Any) -> None:
+        if event.is_directory or not event.name:
+            return
+        if event.is_moved_to or event.is_close_write:
+            self._push(True, os.fsdecode(event.name))
+        elif event.is_create:
+            self._push(False, os.fsdecode(event.name))
+
+    def on_queue_overflow(self) -> None:
+        # The kernel dropped events: look at the folder instead.
+        self.loop.call_soon_threadsafe(self.inbox.scan)
+
+    def on_watch_deleted(self, wd: int) -> None:
+        self.loop.call_soon_threadsafe(self.inbox.scan)
+
+    def _push(self, complete: bool, name: str) -> None:
+        with self._lock:
+            self._batch.append((complete, name, time.monotonic()))
+            if self._scheduled:
                 return
-            self.loop.call_soon_threadsafe(self._ready, os.path.basename(dest), now)
-        elif isinstance(event, FileClosedEvent):
-            src = os.fsdecode(event.src_path)
-            self.loop.call_soon_threadsafe(self._ready, os.path.basename(src), now)
-        elif isinstance(event, FileCreatedEvent):
-            src = os.fsdecode(event.src_path)
-            self.loop.call_soon_threadsafe(self._maybe, os.path.basename(src))
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+            self.loop.call_soon_threadsafe(self._drain)
 
-    def _ready(self, name: str, seen: float) -> None:
-        self.inbox.offer(name, ready=True, seen_at=seen)
+    # -- on the loop ---------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, []
+            self._scheduled = False
+        for complete, name, seen in batch:
+            if complete:
+                self.inbox.offer(name, ready=True, seen_at=seen)
+            else:
+                self._maybe(name)
 
     def _maybe(self, name: str) -> None:
         # A symlink or hard link appears with IN_CREATE and no close; check it now. A file
@@ -352,29 +375,32 @@ class _Forwarder(FileSystemEventHandler):
             self.inbox.offer(name, ready=False)
 
 
-# The only events the engine acts on; narrowing the inotify mask spares a thread wake-up for
-# every open, read and delete (the handlers' own), which cost more than the handling itself.
-EVENT_FILTER = [FileMovedEvent, FileClosedEvent, FileCreatedEvent]
+class _Watches:
+    """The inboxes' inotify watches on watchdog's shared reader thread."""
 
+    def __init__(self) -> None:
+        from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
 
-def _make_observer() -> object:
-    if sys.platform.startswith("linux"):
-        from watchdog.observers import inotify_move_event_grouper as grouper
-        from watchdog.observers.inotify import InotifyObserver
+        self._fd = InotifyFD.get_instance()
+        # Only what the engine acts on: each other event (the handlers' own opens, reads and
+        # deletes) would wake the reader thread for nothing.
+        self._mask = (
+            InotifyConstants.IN_MOVED_TO
+            | InotifyConstants.IN_CLOSE_WRITE
+            | InotifyConstants.IN_CREATE
+            | InotifyConstants.IN_ONLYDIR
+        )
+        self._added: list[tuple[Any, Any]] = []
 
-        # watchdog holds a file's IN_MOVED_FROM for 0.5 s hoping to pair it, in a FIFO shared by
-        # every watch: each file moved out of an inbox (forwarded, quarantined) would stall all
-        # inboxes that long. With full events an unpaired move-in is still a move, so the
-        # engine needs no pairing at all.
-        if hasattr(grouper.InotifyMoveEventGrouper, "delay"):
-            grouper.InotifyMoveEventGrouper.delay = 0.005
+    def add(self, folder: Path, forwarder: _Forwarder) -> None:
+        key = id(forwarder)
+        wd = self._fd.add_callback(os.fsencode(folder), self._mask, forwarder, key)
+        self._added.append((wd, key))
 
-        # Full events: a file renamed in from another folder arrives as a move, not a create,
-        # so it is taken at once instead of after the settle delay.
-        return InotifyObserver(generate_full_events=True)
-    from watchdog.observers import Observer
-
-    return Observer()
+    def stop(self) -> None:
+        added, self._added = self._added, []
+        if added:
+            self._fd.remove_callbacks(added)
 
 
 class InboxEngine:
@@ -384,7 +410,7 @@ class InboxEngine:
         self.rescan = rescan
         self.settle = settle
         self.inboxes: list[Inbox] = []
-        self._observer: object | None = None
+        self._watches: _Watches | None = None
         self._rescan_task: asyncio.Task[None] | None = None
 
     def add(self, spec: InboxSpec) -> Inbox:
@@ -394,18 +420,12 @@ class InboxEngine:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        observer = _make_observer()
+        watches = _Watches()
+        self._watches = watches
         for inbox in self.inboxes:
             inbox.spec.folder.mkdir(parents=True, exist_ok=True)
             remove_stale_tmp(inbox.spec.folder)
-            observer.schedule(  # type: ignore[attr-defined]
-                _Forwarder(inbox, loop),
-                os.fspath(inbox.spec.folder),
-                recursive=False,
-                event_filter=EVENT_FILTER,
-            )
-        observer.start()  # type: ignore[attr-defined]
-        self._observer = observer
+            watches.add(inbox.spec.folder, _Forwarder(inbox, loop))
         # Watches exist before the backlog scan, so nothing dropped in between is missed.
         for inbox in self.inboxes:
             inbox.scan()
@@ -413,6 +433,12 @@ class InboxEngine:
                 inbox.workers.append(asyncio.create_task(inbox.worker(), name=inbox.spec.name))
         if self.rescan > 0:
             self._rescan_task = asyncio.create_task(self._rescan_loop(), name="inbox-rescan")
+
+    def stop_watching(self) -> None:
+        """Stop noticing events (the periodic rescan goes on until `stop`)."""
+        if self._watches is not None:
+            self._watches.stop()
+            self._watches = None
 
     async def _rescan_loop(self) -> None:
         while True:
@@ -424,10 +450,7 @@ class InboxEngine:
         """Stop noticing, let in-flight handlers finish (or abandon them after `timeout`)."""
         if self._rescan_task is not None:
             self._rescan_task.cancel()
-        if self._observer is not None:
-            self._observer.stop()  # type: ignore[attr-defined]
-            await asyncio.to_thread(self._observer.join, 2.0)  # type: ignore[attr-defined]
-            self._observer = None
+        self.stop_watching()
         for inbox in self.inboxes:
             for timer in inbox.settling.values():
                 timer.cancel()

@@ -336,10 +336,15 @@ class _Forwarder:
 
     def on_queue_overflow(self) -> None:
         # The kernel dropped events: look at the folder instead.
-        self.loop.call_soon_threadsafe(self.inbox.scan)
+        self._call(self.inbox.scan)
 
     def on_watch_deleted(self, wd: int) -> None:
-        self.loop.call_soon_threadsafe(self.inbox.scan)
+        self._call(self.inbox.scan)
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        # Never raise on watchdog's shared reader thread: it would stop every watch's events.
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+            self.loop.call_soon_threadsafe(fn)
 
     def _push(self, complete: bool, name: str) -> None:
         with self._lock:
@@ -347,8 +352,7 @@ class _Forwarder:
             if self._scheduled:
                 return
             self._scheduled = True
-        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-            self.loop.call_soon_threadsafe(self._drain)
+        self._call(self._drain)
 
     # -- on the loop ---------------------------------------------------------------------------
 

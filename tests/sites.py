@@ -99,7 +99,14 @@ class Daemon:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            self.kill()
+            # The daemon dumps every thread's stack to stderr when a stop is slow.
+            raise AssertionError(
+                f"the daemon did not stop in {timeout} s:\n{self.stderr()}"
+            ) from exc
         self.proc = None
         return rc
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.sitedb import SiteDB, connect, create_site_db, migrate, procs, transaction
+from cmlab.sitedb import SiteDB, SiteDBClosed, connect, create_site_db, migrate, procs, transaction
 from cmlab.sitedb.functions import tsql_to_sqlite, version_to_int
 from cmlab.sitedb.schema import SCHEMA_VERSION
 from cmlab.statecodes import IsComplete, SubStage
@@ -156,3 +156,11 @@ def test_substage_reports_update_one_monitoring_row_per_stage(db_file: Path) -> 
         (GUID.lower(),),
     ).fetchall()
     assert rows == [("CAS", 0xB0001, 2, 100)]
+
+
+def test_a_job_after_close_fails_instead_of_waiting_forever(db_file: Path) -> None:
+    db = SiteDB(db_file, "CAS")
+    assert db.call_sync(procs.package_state, GUID) == S.APPLICABILITY_SUCCESS
+    db.close()
+    with pytest.raises(SiteDBClosed):
+        db.call_sync(procs.package_state, GUID)

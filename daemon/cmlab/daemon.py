@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
 import os
 import signal
@@ -33,6 +34,9 @@ COMPONENTS: tuple[type[Component], ...] = (
     MPFileDispatchManager,
     DMPDownloader,
 )
+
+
+SLOW_STOP_SECONDS = 15.0
 
 
 @contextlib.contextmanager
@@ -107,9 +111,13 @@ async def serve(site_dir: Path, *, json_stdout: bool | None = None) -> int:
             pinger = asyncio.create_task(_watchdog_pings(interval))
         await stop.wait()
         sdnotify.notify("STOPPING=1")
+        # A stop that takes this long is a bug: leave every thread's stack on stderr (the
+        # journal) so it can be found.
+        faulthandler.dump_traceback_later(SLOW_STOP_SECONDS)
         if pinger is not None:
             pinger.cancel()
         await daemon.stop()
+        faulthandler.cancel_dump_traceback_later()
     return 0
 
 

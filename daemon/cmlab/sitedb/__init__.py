@@ -140,6 +140,11 @@ class _Job:
     future: Future[Any]
 
 
+class SiteDBClosed(RuntimeError):
+    """A job reached the site database after the daemon closed it (a handler abandoned at
+    shutdown); the drop file stays and is handled at the next start."""
+
+
 class SiteDB:
     """The process's connection, owned by one thread, so database work never blocks the event
     loop and never interleaves two transactions on one connection.
@@ -155,6 +160,7 @@ class SiteDB:
         self.site_code = site_code
         self._durability = durability
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name="sitedb", daemon=True)
         self._thread.start()
 
@@ -184,6 +190,15 @@ class SiteDB:
                         j.future.set_exception(exc)
         if conn is not None:
             conn.close()
+        # Jobs that raced close(): fail them, or their callers would wait forever (and a worker
+        # thread waiting forever keeps the process from exiting).
+        while True:
+            try:
+                late = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if late is not None and not late.future.done():
+                late.future.set_exception(SiteDBClosed("the site database is closed"))
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         results: list[tuple[_Job, bool, Any]] = []
@@ -219,6 +234,9 @@ class SiteDB:
 
     def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> Future[T]:
         future: Future[T] = Future()
+        if self._closed:
+            future.set_exception(SiteDBClosed("the site database is closed"))
+            return future
         self._queue.put(_Job(fn, args, write, future))
         return future
 
@@ -234,5 +252,6 @@ class SiteDB:
         return self._submit(fn, args, True).result()
 
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
         self._thread.join()

@@ -5,6 +5,8 @@ database and logs, the way a trainee would watch it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from cmlab.cli import collect_status, print_status
 from cmlab.config import load_config
+from cmlab.contract import folder_of, load_contract, matches_any
 from cmlab.daemon import SiteDaemon
 from cmlab.sitedb import connect, procs, transaction
 from cmlab.siteinit import InitOptions, init_site
@@ -45,6 +48,7 @@ def _color(text: str, code: str) -> str:
 class Watcher:
     def __init__(self, site: Path) -> None:
         config = load_config(site)
+        self.root = config.root
         self.conn = connect(config.paths.db_file, config.site_code)
         self.seen_messages = 0
         self.states: dict[str, int] = {}
@@ -80,7 +84,22 @@ class Watcher:
         sync = self.conn.execute(
             "SELECT COUNT(*) FROM SyncHistory WHERE Finished IS NULL"
         ).fetchone()[0]
-        return sync == 0 and bool(self.states) and all(s in RESTING for s in self.states.values())
+        return (
+            sync == 0
+            and bool(self.states)
+            and all(s in RESTING for s in self.states.values())
+            and not self.backlog()
+        )
+
+    def backlog(self) -> int:
+        """Drop files still waiting in the inboxes (e.g. the last state messages after HMAN
+        has already recorded DOWNLOAD_SUCCESS)."""
+        waiting = 0
+        for entry in load_contract():
+            folder = folder_of(entry, self.root)
+            with contextlib.suppress(FileNotFoundError):
+                waiting += sum(1 for name in os.listdir(folder) if matches_any(name, entry.files))
+        return waiting
 
     def close(self) -> None:
         self.conn.close()
@@ -98,6 +117,7 @@ async def _demo(site: Path, deadline_s: float) -> int:
         while time.monotonic() < deadline:
             watcher.poll()
             if watcher.settled():
+                watcher.poll()  # what was recorded between the poll and the check
                 break
             await asyncio.sleep(0.05)
         else:

@@ -98,8 +98,11 @@ class SMSDBMon(Component):
     async def _run(self) -> None:
         poll = self.config.intervals.smsdbmon_poll or 1.0
         while True:
+            # Not asyncio.wait_for: in Python 3.11 it can swallow a cancellation that arrives as
+            # the wake-up completes, and this loop would then outlive the daemon's stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=poll)
+                async with asyncio.timeout(poll):
+                    await self.wake.wait()
             self.wake.clear()
             while True:
                 try:

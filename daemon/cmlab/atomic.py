@@ -119,13 +119,19 @@ def _is_stale(name: str) -> bool:
     return False
 
 
-def _remove_entry(path: str) -> bool:
+def remove_path(path: Path | str) -> bool:
+    """Remove a file, a link (never what it points to) or a folder tree (links inside are
+    removed, not followed: rmtree is fd-based on Linux). False when it was already gone."""
     try:
-        if stat.S_ISDIR(os.lstat(path).st_mode):
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    try:
+        if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(path)
         else:
             os.unlink(path)
-    except OSError:
+    except FileNotFoundError:
         return False
     return True
 
@@ -143,7 +149,8 @@ def remove_stale_tmp(folder: Path, *, recursive: bool = False) -> int:
             continue
         for entry in entries:
             if _is_stale(entry.name):
-                removed += _remove_entry(entry.path)
+                with contextlib.suppress(OSError):
+                    removed += remove_path(entry.path)
             elif recursive and entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
     return removed

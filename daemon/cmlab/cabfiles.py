@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.atomic import make_tmp_dir, tmp_name_for, write_atomic
+from cmlab.atomic import make_tmp_dir, remove_path, tmp_name_for, write_atomic
 from cmlab.errors import CabError, CabLimitError, CabPathError
 
 __all__ = [
@@ -595,16 +595,6 @@ def _fsync_path(path: Path, *, directory: bool) -> None:
         os.close(fd)
 
 
-def _remove(path: Path) -> None:
-    """Remove a file, link or tree without following links."""
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-
-
 def _put_in_place(new: Path, dest: Path) -> None:
     """Move `new` to `dest`, replacing whatever is there only once `new` is complete."""
     try:
@@ -624,7 +614,7 @@ def _put_in_place(new: Path, dest: Path) -> None:
             os.rename(aside, dest)
         raise
     _fsync_path(dest.parent, directory=True)
-    _remove(aside)
+    remove_path(aside)
 
 
 def _set_mtime(path: Path, when: tuple[int, ...]) -> None:
@@ -784,7 +774,7 @@ def extract_cab(
             _put_in_place(tmp, dest)
             _fsync_path(dest.parent, directory=True)
         except BaseException:
-            _remove(tmp)
+            remove_path(tmp)
             raise
     return entries
 
@@ -817,7 +807,7 @@ def extract_cab_into(
                 _put_in_place(tmp / top, dest_dir / top)
             _fsync_path(dest_dir, directory=True)
         finally:
-            _remove(tmp)
+            remove_path(tmp)
     return entries
 
 

@@ -19,7 +19,14 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cmlab.atomic import atomic_output, fsync_dir, move_durable, tmp_name_for, write_atomic
+from cmlab.atomic import (
+    atomic_output,
+    fsync_dir,
+    move_durable,
+    remove_path,
+    tmp_name_for,
+    write_atomic,
+)
 from cmlab.component import Component, random_smx_name, utc_now_iso
 from cmlab.errors import CabError, CmlabError
 from cmlab.failpoints import crashpoint
@@ -286,16 +293,18 @@ class DMPDownloader(Component):
         self.say(f"The payload to be processed is at {self.show(cab)}~~")
         self.state_message(DmpStateMessage.START_DOWNLOAD_PAYLOAD, guid)
         self.say(f"Download content for payload {guid}~~")
-        if cab.is_file() and sha256_file(cab) == row.content_hash:
+        known = sha256_file(cab) if cab.is_file() else None
+        if known == row.content_hash:
             self.say(f"Payload {self.show(cab)} is already downloaded with the expected hash~~")
         else:
+            known = None
             self.say("Download large file with BITs~~")
             self.say(f"Redirected to URL {self.show(src)}~~")
             self.copy_payload(src, cab)
         self.state_message(DmpStateMessage.PAYLOAD_DOWNLOADED, guid)
         self.write_cmu(guid, PackageState.DOWNLOAD_IN_PROGRESS)
         self.say("Verify the payload signature, hash value and extract the payload~~")
-        self.verify_payload(row, cab)
+        self.verify_payload(row, cab, known)
         # Extract and fetch redists into a staging folder that becomes EasySetupPayload\<guid>
         # only when complete and verified: a crash never leaves half a package under that name.
         stage = tmp_name_for(folder, "download")
@@ -304,14 +313,14 @@ class DMPDownloader(Component):
             self.state_message(DmpStateMessage.PAYLOAD_EXTRACTED, guid)
             self.download_redists(row, guid, stage / "redist", folder / "redist")
             self.verify_folder(row, guid, stage)
-            _remove(folder)
+            remove_path(folder)
             os.rename(stage, folder)
             fsync_dir(folder.parent)
         except DownloadError as exc:
             exc.stage = stage  # removed after its bad file is quarantined
             raise
         except BaseException:
-            _remove(stage)
+            remove_path(stage)
             raise
         crashpoint("dmp.after_payload_in_place")
         self.state_message(DmpStateMessage.REDIST_DOWNLOADED, guid)
@@ -351,16 +360,21 @@ class DMPDownloader(Component):
         os.replace(partial, cab)
         fsync_dir(cab.parent)
 
-    def verify_payload(self, row: procs.DownloadRow, cab: Path) -> None:
+    def verify_payload(self, row: procs.DownloadRow, cab: Path, sha256: str | None) -> None:
+        """Signature, then the manifest's hash; `sha256` when the CAB's is already known."""
         from cmlab.trust import verify_cab
 
         shown = self.show(cab)
         # Both read the whole CAB: hashing on a second thread while the signature is checked
         # overlaps the two passes (hashlib and the verifier's digest release the GIL).
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(sha256_file, cab)
+        if sha256 is None:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(sha256_file, cab)
+                verdict = verify_cab(cab, self.ctx.trust)
+                sha256 = pending.result()
+        else:
             verdict = verify_cab(cab, self.ctx.trust)
-            actual = pending.result()
+        actual = sha256
         if not verdict.trusted:
             raise DownloadError(
                 f"File '{shown}' failed the trust check ({verdict.status.name}): {verdict.reason}",
@@ -449,14 +463,6 @@ class DMPDownloader(Component):
                 bad=self.paths.easysetup_payload / "BAD",
             )
         if exc.stage is not None:
-            _remove(exc.stage)
+            remove_path(exc.stage)
         self.say(f"ERROR: Failed to download package {guid}~~", level="error")
         self.write_cmu(guid, PackageState.DOWNLOAD_FAILED)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link or folder (never following a link)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    elif path.is_dir():
-        shutil.rmtree(path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import os
-import shutil
 import sqlite3
 import stat
 import sys
@@ -22,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from cmlab.atomic import remove_path
 from cmlab.config import SiteConfig, load_config
 from cmlab.errors import CmlabError
 from cmlab.manifest import GUID_RE
-from cmlab.sitedb import connect, transaction
+from cmlab.sitedb import connect, procs, transaction
 from cmlab.smslog import LogSink, SmsLog
 from cmlab.statecodes import PackageState
 
@@ -36,16 +36,7 @@ COMPONENT = "CMUpdateReset"
 
 # The states before download success: reset without being forced.
 NOT_DOWNLOADED_STATES = frozenset(
-    {
-        S.UNKNOWN,
-        S.APPLICABILITY_CHECKING,
-        S.APPLICABILITY_SUCCESS,
-        S.APPLICABILITY_HIDE,
-        S.APPLICABILITY_NA,
-        S.APPLICABILITY_FAILED,
-        S.DOWNLOAD_IN_PROGRESS,
-        S.DOWNLOAD_FAILED,
-    }
+    {*procs.APPLICABILITY_STATES, S.DOWNLOAD_IN_PROGRESS, S.DOWNLOAD_FAILED}
 )
 
 # Deleted by PackageGuid, in this order (SMSPackages and EasySetupSettings come first, as
@@ -274,10 +265,7 @@ def _remove(path: Path) -> str | None:
         else:
             kind = "file"
         try:
-            if kind == "folder":
-                shutil.rmtree(path)  # fd-based on Linux: links inside are removed, not followed
-            else:
-                os.unlink(path)
+            remove_path(path)
         except OSError as exc:
             error = exc
             continue

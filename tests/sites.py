@@ -15,11 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.smslog import read_messages
+from cmlab.statecodes import PackageState
 from waiting import wait_until
 
 GUID_2509 = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
 GUID_2503_HFRU = "6B0783D9-B8A2-4848-82F6-8EFE956F4988"
 GUID_2409_HFRU = "345A6BE1-3D07-43ED-B6E5-FAC0889DA04C"
+
+# Where a synchronization leaves the sample manifest (auto-download off, as in test sites).
+SYNCED = {
+    GUID_2509: PackageState.APPLICABILITY_SUCCESS,
+    GUID_2503_HFRU: PackageState.APPLICABILITY_HIDE,
+    GUID_2409_HFRU: PackageState.APPLICABILITY_NA,
+}
 
 
 def make_template(folder: Path, **overrides: Any) -> Path:
@@ -180,3 +188,29 @@ def inbox_files(site: Path) -> list[str]:
             if path.is_file() and "BAD" not in path.parts:
                 out.append(str(path.relative_to(site)))
     return sorted(out)
+
+
+def synced(site: Path) -> bool:
+    """Sync and applicability are over: every package decided, every drop file consumed."""
+    return states(site) == SYNCED and not inbox_files(site)
+
+
+def sync_once(site: Path) -> Path:
+    """Synchronize `site` with the real daemon, then stop it: a template for tests to copy."""
+    with Daemon(site) as daemon:
+        daemon.start()
+        cmlab("sync", str(site))
+        wait_until(lambda: synced(site), timeout=60, what="the template's sync")
+        assert daemon.stop() == 0
+    return site
+
+
+def payload_hash(site: Path, guid: str = GUID_2509) -> str:
+    """The manifest's PayloadHash, as HMAN stored it in CM_UpdatePackages."""
+    rows = query(site, "SELECT PayloadHash FROM CM_UpdatePackages WHERE PackageGuid = ?", [guid])
+    return str(rows[0][0])
+
+
+def temporaries(site: Path) -> list[str]:
+    """cmlab's temporary files and folders left anywhere in the site."""
+    return [str(p.relative_to(site)) for p in site.rglob(".~cmlab-*")]

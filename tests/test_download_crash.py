@@ -25,8 +25,11 @@ from sites import (
     inbox_files,
     log,
     make_template,
+    payload_hash,
     query,
     states,
+    sync_once,
+    temporaries,
 )
 from waiting import wait_until
 
@@ -55,26 +58,12 @@ def synced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_content_source(site / "cloud", ca.signer(), payloads=payloads)
     make_template(site, ca_dir=site / "trust")
     assert (site / "cloud" / f"{G}.cab").stat().st_size > 2 * COPY_CHUNK
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("sync", str(site))
-        wait_until(
-            lambda: states(site).get(G) == S.APPLICABILITY_SUCCESS and not inbox_files(site),
-            timeout=60,
-            what="the template's sync",
-        )
-        assert daemon.stop() == 0
-    return site
+    return sync_once(site)
 
 
 @pytest.fixture
 def site(synced: Path, tmp_path: Path) -> Path:
     return copy_site(synced, tmp_path / "CAS").resolve()
-
-
-def payload_hash(site: Path) -> str:
-    rows = query(site, "SELECT PayloadHash FROM CM_UpdatePackages WHERE PackageGuid = ?", [G])
-    return str(rows[0][0])
 
 
 def folder(site: Path) -> Path:
@@ -92,10 +81,6 @@ def converged(site: Path) -> bool:
     assert_never_reported_early(site)
     queued = query(site, "SELECT 1 FROM CM_UpdatePackagesToDownload WHERE PackageGuid = ?", [G])
     return states(site).get(G) == S.DOWNLOAD_SUCCESS and not queued and not inbox_files(site)
-
-
-def temporaries(site: Path) -> list[Path]:
-    return list(site.rglob(".~cmlab-*"))
 
 
 def assert_success_only_after_complete(runs: list[list[str]], cab: Path) -> None:

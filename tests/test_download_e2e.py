@@ -20,9 +20,12 @@ from sites import (
     copy_site,
     inbox_files,
     log,
+    payload_hash,
     query,
     set_toml,
     states,
+    synced,
+    temporaries,
 )
 from waiting import wait_until
 
@@ -52,11 +55,7 @@ def settled(site: Path, state: int) -> bool:
 
 def sync(site: Path) -> None:
     cmlab("sync", str(site))
-    wait_until(
-        lambda: state_of(site) not in (None, S.APPLICABILITY_CHECKING),
-        timeout=60,
-        what="synchronization",
-    )
+    wait_until(lambda: synced(site), timeout=60, what="synchronization")
 
 
 def smx(n: int) -> list[str | re.Pattern[str]]:
@@ -79,14 +78,6 @@ def cmu_block(state: int) -> list[str | re.Pattern[str]]:
         ),
         f"Successfully write the update meta into outbox for package {GUID}~~",
     ]
-
-
-def payload_hash_in_db(site: Path) -> str:
-    return str(
-        query(site, "SELECT PayloadHash FROM CM_UpdatePackages WHERE PackageGuid = ?", (GUID,))[0][
-            0
-        ]
-    )
 
 
 def test_download_end_to_end(site: Path) -> None:
@@ -124,7 +115,7 @@ def test_download_end_to_end(site: Path) -> None:
             f"EasySetupDownloadSinglePackage downloading {GUID}. ~~",
             *smx(8),
             "Checking IsPayloadLocal with HashAlgorithm = SHA256 ...~~",
-            f"expected hash = {payload_hash_in_db(site)}~~",
+            f"expected hash = {payload_hash(site)}~~",
             "actual hash = ~~",
             "PayloadExist = -1~~",
             f"Content for {GUID} does not exist locally. Download it from internet~~",
@@ -193,12 +184,12 @@ def test_download_end_to_end(site: Path) -> None:
 
     # The content: payload extracted, redists beside it, all as the manifest says.
     folder = site / "EasySetupPayload" / GUID
-    assert folder_hash(folder) == payload_hash_in_db(site)
+    assert folder_hash(folder) == payload_hash(site)
     assert folder_hash(folder / "redist") == folder_hash(site / "cloud" / GUID_2509 / "redist")
     assert (folder / "SMSSetup" / "bin" / "x64" / "cmupdate.exe").is_file()
     assert (site / "EasySetupPayload" / f"{GUID}.cab").is_file()
     assert not (site / "EasySetupPayload" / f"{GUID}.cab.partial").exists()
-    assert not any(p.name.startswith(".~cmlab-") for p in site.rglob("*"))
+    assert not temporaries(site)
     assert not list(site.rglob("BAD"))
     site_status = query(site, "SELECT State FROM CM_UpdatePackageSiteStatus")
     assert site_status == [(S.DOWNLOAD_SUCCESS,)]
@@ -241,7 +232,7 @@ def test_a_payload_already_local_is_not_downloaded_again_and_a_damaged_one_is(
         sync(site)
         cmlab("download", str(site), GUID_2509)
         wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="download")
-        expected = payload_hash_in_db(site)
+        expected = payload_hash(site)
         cab_stat = os.stat(site / "EasySetupPayload" / f"{GUID}.cab")
         before = len(log(site, "dmpdownloader.log"))
 

@@ -31,8 +31,11 @@ from sites import (
     inbox_files,
     log,
     make_template,
+    payload_hash,
     query,
     states,
+    sync_once,
+    temporaries,
 )
 from test_sync_bad_input import BOMB
 from waiting import wait_until
@@ -49,17 +52,7 @@ SETUP_FAILED = "ERROR: Setup downloader setupdl.exe: FAILED"
 def synced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A site that went through sync and applicability (2509 is APPLICABILITY_SUCCESS), with
     the daemon stopped: each test works on a copy."""
-    site = make_template(tmp_path_factory.mktemp("dl-failures") / "CAS")
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("sync", str(site))
-        wait_until(
-            lambda: states(site).get(G) == S.APPLICABILITY_SUCCESS and not inbox_files(site),
-            timeout=60,
-            what="the template's sync",
-        )
-        assert daemon.stop() == 0
-    return site
+    return sync_once(make_template(tmp_path_factory.mktemp("dl-failures") / "CAS"))
 
 
 @pytest.fixture
@@ -78,24 +71,18 @@ def settled(site: Path, state: S) -> bool:
     return states(site).get(G) == state and G not in queued(site) and not inbox_files(site)
 
 
-def temporaries(site: Path) -> list[str]:
-    return [str(p.relative_to(site)) for p in site.rglob(".~cmlab-*")]
-
-
 def error_lines(site: Path, name: str) -> list[str]:
     return [line for line in log(site, name) if line.startswith("ERROR:")]
 
 
 def assert_downloaded(site: Path) -> None:
     """DOWNLOAD_SUCCESS with the whole package in place: the folder hash is the manifest's."""
-    (payload_hash,) = query(
-        site, "SELECT PayloadHash FROM CM_UpdatePackages WHERE PackageGuid=?", [G]
-    )[0]
+    stored = payload_hash(site)
     manifest = parse_manifest((site / "CMUStaging" / "Manifest.xml").read_bytes())
     (package,) = [p for p in manifest.packages if p.guid == G]
-    assert payload_hash and payload_hash == package.payload_hash
+    assert stored and stored == package.payload_hash
     folder = site / "EasySetupPayload" / g
-    assert folder_hash(folder) == payload_hash
+    assert folder_hash(folder) == stored
     assert (folder / "redist" / "ConfigMgr.Manifest.cab").is_file()
     assert states(site)[G] == S.DOWNLOAD_SUCCESS
     assert G not in queued(site)

@@ -26,16 +26,12 @@ from sites import (
     query,
     set_toml,
     states,
+    sync_once,
 )
 from waiting import wait_until
 
 GUID = GUID_2509  # the package reset in these tests
 OTHER = GUID_2503_HFRU  # a package that must be left alone
-SYNCED = {
-    GUID_2509: S.APPLICABILITY_SUCCESS,
-    GUID_2503_HFRU: S.APPLICABILITY_HIDE,
-    GUID_2409_HFRU: S.APPLICABILITY_NA,
-}
 GUID_TABLES = (
     "CM_UpdatePackages",
     "CM_UpdatePackagesToDownload",
@@ -52,14 +48,7 @@ def synced(tmp_path_factory: pytest.TempPathFactory, template: Path) -> Path:
     """A site synchronized once by the real daemon (auto-download off, so it stays there)."""
     site = copy_site(template, tmp_path_factory.mktemp("synced") / "CAS")
     set_toml(site, "scp", "auto_download", "false")
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("sync", str(site))
-        wait_until(
-            lambda: states(site) == SYNCED and not inbox_files(site), timeout=60, what="sync"
-        )
-        assert daemon.stop() == 0
-    return site
+    return sync_once(site)
 
 
 @pytest.fixture

@@ -10,24 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.statecodes import PackageState as S
 from sites import (
-    GUID_2409_HFRU,
-    GUID_2503_HFRU,
-    GUID_2509,
+    SYNCED,
     Daemon,
     cmlab,
     inbox_files,
     query,
     states,
+    temporaries,
 )
 from waiting import wait_until
 
-EXPECTED = {
-    GUID_2509: S.APPLICABILITY_SUCCESS,
-    GUID_2503_HFRU: S.APPLICABILITY_HIDE,
-    GUID_2409_HFRU: S.APPLICABILITY_NA,
-}
+EXPECTED = SYNCED
 
 
 def converged(site: Path) -> bool:
@@ -46,7 +40,7 @@ def assert_clean_end_state(site: Path) -> None:
     assert 4 in {r[1] for r in rows}
     assert query(site, "SELECT Result FROM SyncHistory ORDER BY ID DESC LIMIT 1")[0][0] == "success"
     assert (site / "CMUStaging" / "Manifest.xml").is_file()
-    assert not any(p.name.startswith(".~cmlab-") for p in site.rglob("*"))
+    assert not temporaries(site)
 
 
 CRASHPOINTS = [

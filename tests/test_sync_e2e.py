@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from cmlab.hashing import sha256_file
-from cmlab.statecodes import PackageState as S
 from sites import (
     GUID_2409_HFRU,
     GUID_2503_HFRU,
     GUID_2509,
+    SYNCED,
     Daemon,
     assert_in_order,
     cmlab,
@@ -21,15 +21,11 @@ from sites import (
     log,
     query,
     set_toml,
-    states,
+    synced,
 )
 from waiting import wait_until
 
-EXPECTED = {
-    GUID_2509: S.APPLICABILITY_SUCCESS,
-    GUID_2503_HFRU: S.APPLICABILITY_HIDE,
-    GUID_2409_HFRU: S.APPLICABILITY_NA,
-}
+EXPECTED = SYNCED
 NULL = "00000000-0000-0000-0000-000000000000"
 HIGH = r"E:\\ConfigMgr\\inboxes\\auth\\statesys\.box\\incoming\\high\\___CMU[a-z0-9]{8}\.SMX~~"
 
@@ -39,10 +35,6 @@ def site(template: Path, tmp_path: Path) -> Path:
     s = copy_site(template, tmp_path / "CAS")
     set_toml(s, "site", "display_root", "'E:\\ConfigMgr'")
     return s
-
-
-def synced(site: Path) -> bool:
-    return states(site) == EXPECTED and not inbox_files(site)
 
 
 def state_message_lines(n: int, guid: str = NULL) -> list[str | re.Pattern[str]]:

@@ -31,3 +31,11 @@ class UpdateMapError(CmlabError):
 
 class ConfigError(CmlabError):
     """A site.toml that is missing or invalid."""
+
+
+class ContentLibError(CmlabError):
+    """A content library (SCCMContentLib) entry that is missing, corrupt or inconsistent."""
+
+
+class PrereqError(CmlabError):
+    """Prerequisite facts (site.toml [facts]) that cannot be checked: wrong type or format."""

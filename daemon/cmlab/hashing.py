@@ -10,11 +10,19 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from cmlab.errors import CabPathError, CmlabError
 
-__all__ = ["EMPTY_SHA256", "folder_hash", "sha256_bytes", "sha256_file"]
+__all__ = [
+    "EMPTY_SHA256",
+    "folder_hash",
+    "folder_hash_of_records",
+    "folder_records",
+    "sha256_bytes",
+    "sha256_file",
+]
 
 EMPTY_SHA256 = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"
 
@@ -70,13 +78,10 @@ def _walk(root: Path, rel: bytes, records: list[tuple[bytes, bool]]) -> None:
             raise CmlabError(f"{child.path}: not a regular file or folder")
 
 
-def folder_hash(path: Path) -> str:
-    """The folder hash defined in docs/formats.md ("Folder hash").
-
-    For every regular file, sorted by relative posix path compared as UTF-8 bytes:
-    `relpath + "\\n" + SHA256(content) + "\\n"`; for every empty folder: `relpath + "/\\n"`;
-    all fed into one SHA-256, printed upper-case. Links and special files are errors.
-    """
+def folder_records(path: Path) -> list[tuple[bytes, bool]]:
+    """(relative path, is_file) for every regular file and empty folder below `path`, sorted
+    as the folder hash sorts them, with the folder hash's refusals (links, special files,
+    names with a line break)."""
     root = Path(path)
     st = os.lstat(root)
     if stat.S_ISLNK(st.st_mode):
@@ -86,6 +91,32 @@ def folder_hash(path: Path) -> str:
     records: list[tuple[bytes, bool]] = []
     _walk(root, b"", records)
     records.sort(key=lambda r: r[0])
+    return records
+
+
+def _record(rel: bytes, sha: str | None) -> bytes:
+    return rel + b"\n" + sha.encode("ascii") + b"\n" if sha is not None else rel + b"/\n"
+
+
+def folder_hash_of_records(records: Iterable[tuple[bytes, str | None]]) -> str:
+    """The folder hash of a tree known by its records: (relative path, SHA-256 in upper-case
+    hex) for a file, (relative path, None) for an empty folder; any order. For a copy of a
+    tree (the content library) whose file hashes were taken while the bytes were copied."""
+    digest = hashlib.sha256()
+    for rel, sha in sorted(records, key=lambda r: r[0]):
+        digest.update(_record(rel, sha))
+    return digest.hexdigest().upper()
+
+
+def folder_hash(path: Path) -> str:
+    """The folder hash defined in docs/formats.md ("Folder hash").
+
+    For every regular file, sorted by relative posix path compared as UTF-8 bytes:
+    `relpath + "\\n" + SHA256(content) + "\\n"`; for every empty folder: `relpath + "/\\n"`;
+    all fed into one SHA-256, printed upper-case. Links and special files are errors.
+    """
+    root = Path(path)
+    records = folder_records(root)
     digest = hashlib.sha256()
     for rel, is_file in records:
         if is_file:
@@ -96,9 +127,9 @@ def folder_hash(path: Path) -> str:
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise CmlabError(f"{root / os.fsdecode(rel)}: changed while hashing")
-                digest.update(rel + b"\n" + _sha256_fd(fd).encode("ascii") + b"\n")
+                digest.update(_record(rel, _sha256_fd(fd)))
             finally:
                 os.close(fd)
         else:
-            digest.update(rel + b"/\n")
+            digest.update(_record(rel, None))
     return digest.hexdigest().upper()

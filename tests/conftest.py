@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest
 
-from sites import copy_site, make_template
+from sites import copy_site, download_once, make_template
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +21,10 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def site(template: Path, tmp_path: Path) -> Path:
     return copy_site(template, tmp_path / "CAS")
+
+
+@pytest.fixture(scope="session")
+def downloaded_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A lab site whose sample update 2509 is downloaded ("Ready to install"), made once."""
+    site = make_template(tmp_path_factory.mktemp("downloaded") / "CAS")
+    return download_once(site)

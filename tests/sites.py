@@ -205,6 +205,25 @@ def sync_once(site: Path) -> Path:
     return site
 
 
+def download_once(site: Path, guid: str = GUID_2509) -> Path:
+    """Synchronize `site` and download `guid` with the real daemon, then stop it: a template
+    "Ready to install" for the replication, prerequisite and installation tests."""
+    with Daemon(site) as daemon:
+        daemon.start()
+        cmlab("sync", str(site))
+        wait_until(lambda: synced(site), timeout=60, what="the template's sync")
+        cmlab("download", str(site), guid)
+        wait_until(
+            lambda: (
+                states(site).get(guid) == PackageState.DOWNLOAD_SUCCESS and not inbox_files(site)
+            ),
+            timeout=120,
+            what="the template's download",
+        )
+        assert daemon.stop() == 0
+    return site
+
+
 def payload_hash(site: Path, guid: str = GUID_2509) -> str:
     """The manifest's PayloadHash, as HMAN stored it in CM_UpdatePackages."""
     rows = query(site, "SELECT PayloadHash FROM CM_UpdatePackages WHERE PackageGuid = ?", [guid])

@@ -226,3 +226,36 @@ async def test_stale_temporary_files_are_cleaned_at_start(tmp_path: Path, leftov
     await engine.stop()
     assert not (box / leftover).exists()
     assert rec.calls == []
+
+
+async def test_kept_marker_is_offered_again_only_when_redropped(tmp_path: Path) -> None:
+    """Outcome.KEEP (HMAN's <GUID>.CME marker): the file stays, rescans leave it alone, and a
+    re-drop (a new inode, as SMSDBMon's rename makes) or a touch wakes the handler again."""
+    box = tmp_path / "box"
+    box.mkdir()
+    calls: list[str] = []
+
+    async def keep(path: Path) -> Outcome:
+        calls.append(path.name)
+        return Outcome.KEEP
+
+    engine = make_engine(box, keep, patterns=("*.CME",))
+    await engine.start()
+    try:
+        write_atomic(box / "A.CME", b"")
+        await await_until(lambda: calls == ["A.CME"], timeout=10)
+        inbox = engine.inboxes[0]
+        # Rescans (the safety net's) leave an unchanged marker alone.
+        for _ in range(10):
+            inbox.scan()
+        await inbox.idle.wait()
+        assert calls == ["A.CME"]
+        assert (box / "A.CME").exists()
+        write_atomic(box / "A.CME", b"")
+        await await_until(lambda: calls == ["A.CME", "A.CME"], timeout=10)
+        st = (box / "A.CME").stat()
+        os.utime(box / "A.CME", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        inbox.scan()
+        await await_until(lambda: len(calls) == 3, timeout=10)
+    finally:
+        await engine.stop()

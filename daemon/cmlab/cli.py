@@ -16,9 +16,9 @@ from typing import Any
 from cmlab.config import load_config
 from cmlab.contract import folder_of, load_contract, matches_any
 from cmlab.errors import CmlabError
-from cmlab.sitedb import connect, procs, transaction
+from cmlab.sitedb import connect, procs, servicing, transaction
 from cmlab.sitedb.functions import tsql_to_sqlite
-from cmlab.statecodes import PackageState
+from cmlab.statecodes import PackageFlag, PackageState
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -198,6 +198,47 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _initiate_upgrade(site_dir: str, guid: str, flag: PackageFlag) -> None:
+    _, conn = _with_db(Path(site_dir))
+    try:
+        with transaction(conn):
+            was = servicing.InitiateUpgrade(conn, guid, flag)
+    finally:
+        conn.close()
+    print(
+        f"InitiateUpgrade({guid}, Flag={int(flag)} {flag.name}): State "
+        f"{PackageState.name_of(was)} ({was}) -> ENABLED (2). SMSDBMon drops 2.ESC for HMAN."
+    )
+
+
+def cmd_prereq(args: argparse.Namespace) -> int:
+    """The console's Run prerequisite check: InitiateUpgrade with Flag=1 (PREREQ_ONLY)."""
+    _initiate_upgrade(args.site_dir, args.guid, PackageFlag.PREREQ_ONLY)
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """The console's Install: InitiateUpgrade with Flag=0, or 2 to ignore prerequisite warnings."""
+    flag = PackageFlag.IGNORE_WARNINGS if args.ignore_warnings else PackageFlag.NORMAL
+    _initiate_upgrade(args.site_dir, args.guid, flag)
+    return 0
+
+
+def cmd_retry_replication(args: argparse.Namespace) -> int:
+    """SMS_CM_UpdatePackages.RetryContentReplication: update the Easy Setup Package again."""
+    _, conn = _with_db(Path(args.site_dir))
+    try:
+        with transaction(conn):
+            package_id = servicing.RetryContentReplication(conn, args.guid)
+    finally:
+        conn.close()
+    print(
+        f"RetryContentReplication({args.guid}): ReturnValue 0. Easy Setup Package {package_id} "
+        "will be updated from its source (SMSDBMon drops 2.ESC); follow distmgr.log."
+    )
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     """Run one of the guide's queries (T-SQL spellings like dbo. and TOP n are accepted)."""
     _, conn = _with_db(Path(args.site_dir))
@@ -330,6 +371,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_dir")
     p.add_argument("guid")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("prereq", help="run the prerequisite check (InitiateUpgrade, Flag=1)")
+    p.add_argument("site_dir")
+    p.add_argument("guid")
+    p.set_defaults(func=cmd_prereq)
+
+    p = sub.add_parser("install", help="install an update (InitiateUpgrade, Flag=0)")
+    p.add_argument("site_dir")
+    p.add_argument("guid")
+    p.add_argument(
+        "--ignore-warnings",
+        action="store_true",
+        help="go on to installation after prerequisite warnings (Flag=2)",
+    )
+    p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser(
+        "retry-replication",
+        help="update the Easy Setup Package from its source again (RetryContentReplication)",
+    )
+    p.add_argument("site_dir")
+    p.add_argument("guid")
+    p.set_defaults(func=cmd_retry_replication)
 
     p = sub.add_parser("sql", help="run a query against the site database (the guide's queries)")
     p.add_argument("site_dir")

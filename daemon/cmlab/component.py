@@ -17,8 +17,9 @@ from cmlab.config import SiteConfig
 from cmlab.contract import entries_for, folder_of
 from cmlab.inbox import InboxEngine, InboxSpec
 from cmlab.paths import SitePaths
-from cmlab.sitedb import SiteDB
+from cmlab.sitedb import SiteDB, procs
 from cmlab.smslog import LogRegistry, SmsLog
+from cmlab.statecodes import IsComplete, SubStage
 
 if TYPE_CHECKING:
     from cmlab.trust import TrustStore, Verdict
@@ -117,6 +118,29 @@ class Component:
         from cmlab.trust import verify_cab
 
         return await self.in_thread(verify_cab, path, self.ctx.trust)
+
+    async def report_status(
+        self,
+        guid: str,
+        substage: SubStage,
+        is_complete: IsComplete,
+        progress: int,
+        applicable: int = 1,
+    ) -> None:
+        """Record a substage in CM_UpdatePackage_MonitoringStatus, then say the guide's line."""
+        await self.db.tx(
+            procs.spCMUReportUpdateStatus, guid, substage, is_complete, progress, applicable
+        )
+        self.say(self.status_line(substage, is_complete, progress, applicable))
+
+    def status_line(
+        self, substage: SubStage, is_complete: IsComplete, progress: int, applicable: int = 1
+    ) -> str:
+        return (
+            f"Successfully reported ConfigMgr update status (SiteCode={self.config.site_code}, "
+            f"SubStageID=0x{int(substage):x}, IsComplete={int(is_complete)}, "
+            f"Progress={progress}, Applicable={applicable})"
+        )
 
     def trust_lines(self, shown: str, verdict: Verdict) -> None:
         """The guide's two lines for a trusted CAB."""

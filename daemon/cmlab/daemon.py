@@ -13,8 +13,10 @@ from pathlib import Path
 
 from cmlab import sdnotify
 from cmlab.atomic import remove_stale_tmp
+from cmlab.cmupdate import CMUpdate
 from cmlab.component import Component, SiteContext
 from cmlab.config import SiteConfig, load_config
+from cmlab.distmgr import DistributionManager
 from cmlab.dmpdownloader import DMPDownloader
 from cmlab.errors import ConfigError
 from cmlab.hman import HierarchyManager
@@ -33,6 +35,8 @@ COMPONENTS: tuple[type[Component], ...] = (
     HierarchyManager,
     MPFileDispatchManager,
     DMPDownloader,
+    DistributionManager,
+    CMUpdate,
 )
 
 

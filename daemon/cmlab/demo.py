@@ -16,18 +16,22 @@ from cmlab.cli import collect_status, print_status
 from cmlab.config import load_config
 from cmlab.contract import folder_of, load_contract, matches_any
 from cmlab.daemon import SiteDaemon
-from cmlab.sitedb import connect, procs, transaction
+from cmlab.sitedb import connect, procs, servicing, transaction
 from cmlab.siteinit import InitOptions, init_site
-from cmlab.statecodes import PackageState
+from cmlab.statecodes import PackageFlag, PackageState
 
-# The states at which this build of cmlab stops moving a package on its own (auto-download
-# takes the applicable update on to DOWNLOAD_SUCCESS, "Ready to install").
+# The states at which a package stops moving on its own (auto-download takes the applicable
+# update on to DOWNLOAD_SUCCESS, "Ready to install"; the administrator takes it further).
 RESTING = {
     PackageState.APPLICABILITY_HIDE,
     PackageState.APPLICABILITY_NA,
     PackageState.APPLICABILITY_FAILED,
     PackageState.DOWNLOAD_SUCCESS,
     PackageState.DOWNLOAD_FAILED,
+    PackageState.CONTENT_REPLICATION_FAILED,
+    PackageState.PREREQ_SUCCESS,
+    PackageState.PREREQ_WARNING,
+    PackageState.PREREQ_ERROR,
 }
 STAGE_OF: dict[int, str] = {
     PackageState.APPLICABILITY_CHECKING: "Applicability",
@@ -38,6 +42,14 @@ STAGE_OF: dict[int, str] = {
     PackageState.DOWNLOAD_IN_PROGRESS: "Download",
     PackageState.DOWNLOAD_SUCCESS: "Download",
     PackageState.DOWNLOAD_FAILED: "Download",
+    PackageState.ENABLED: "Replication",
+    PackageState.CONTENT_REPLICATING: "Replication",
+    PackageState.CONTENT_REPLICATION_SUCCESS: "Replication",
+    PackageState.CONTENT_REPLICATION_FAILED: "Replication",
+    PackageState.PREREQ_IN_PROGRESS: "Prerequisites",
+    PackageState.PREREQ_SUCCESS: "Prerequisites",
+    PackageState.PREREQ_WARNING: "Prerequisites",
+    PackageState.PREREQ_ERROR: "Prerequisites",
 }
 
 
@@ -105,6 +117,16 @@ class Watcher:
         self.conn.close()
 
 
+async def _settle(watcher: Watcher, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        watcher.poll()
+        if watcher.settled():
+            watcher.poll()  # what was recorded between the poll and the check
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def _demo(site: Path, deadline_s: float) -> int:
     daemon = SiteDaemon(load_config(site), json_stdout=False)
     await daemon.start()
@@ -114,15 +136,20 @@ async def _demo(site: Path, deadline_s: float) -> int:
             procs.spRequestSync(watcher.conn, "admin")
         print(f"{watcher.stamp()} Administrator    Check for updates (SyncHistory request)")
         deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            watcher.poll()
-            if watcher.settled():
-                watcher.poll()  # what was recorded between the poll and the check
-                break
-            await asyncio.sleep(0.05)
-        else:
+        if not await _settle(watcher, deadline):
             print("The demo did not settle in time; see the logs in", site / "Logs")
             return 1
+        ready = [g for g, s in watcher.states.items() if s == PackageState.DOWNLOAD_SUCCESS]
+        for guid in ready:
+            with transaction(watcher.conn):
+                servicing.InitiateUpgrade(watcher.conn, guid, PackageFlag.PREREQ_ONLY)
+            print(
+                f"{watcher.stamp()} Administrator    Run prerequisite check "
+                "(InitiateUpgrade, Flag=1)"
+            )
+            if not await _settle(watcher, deadline):
+                print("The demo did not settle in time; see the logs in", site / "Logs")
+                return 1
     finally:
         watcher.close()
         await daemon.stop()
@@ -134,12 +161,15 @@ def run_demo(folder: Path | None = None, *, deadline_s: float = 120.0) -> int:
     site = base / "CAS"
     print(f"Creating lab site CAS in {site} ...")
     init_site(InitOptions(site_dir=site, site_code="CAS", sync_interval=0, rescan_interval=1.0))
-    print("Starting the site's components: SMSDBMon, statesys, HMAN, MPFDM, DMPDownloader\n")
+    print(
+        "Starting the site's components: SMSDBMon, statesys, HMAN, MPFDM, DMPDownloader, "
+        "DistMgr, CMUpdate\n"
+    )
     rc = asyncio.run(_demo(site, deadline_s))
     print()
     print_status(collect_status(site))
     print(
         f"\nLogs: {site / 'Logs'}  (hman.log, dmpdownloader.log, ConfigMgrSetup.log, "
-        "SMSDBMon.log, statesys.log)"
+        "SMSDBMon.log, statesys.log, distmgr.log, CMUpdate.log, ConfigMgrPrereq.log)"
     )
     return rc

@@ -22,6 +22,7 @@ __all__ = [
     "folder_records",
     "sha256_bytes",
     "sha256_file",
+    "staging_hash",
 ]
 
 EMPTY_SHA256 = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"
@@ -108,17 +109,20 @@ def folder_hash_of_records(records: Iterable[tuple[bytes, str | None]]) -> str:
     return digest.hexdigest().upper()
 
 
-def folder_hash(path: Path) -> str:
+def folder_hash(path: Path, *, exclude: frozenset[bytes] = frozenset()) -> str:
     """The folder hash defined in docs/formats.md ("Folder hash").
 
     For every regular file, sorted by relative posix path compared as UTF-8 bytes:
     `relpath + "\\n" + SHA256(content) + "\\n"`; for every empty folder: `relpath + "/\\n"`;
     all fed into one SHA-256, printed upper-case. Links and special files are errors.
+    Files named in `exclude` (relative paths) are left out.
     """
     root = Path(path)
     records = folder_records(root)
     digest = hashlib.sha256()
     for rel, is_file in records:
+        if rel in exclude:
+            continue
         if is_file:
             fd = os.open(
                 os.path.join(root, os.fsdecode(rel)),
@@ -133,3 +137,16 @@ def folder_hash(path: Path) -> str:
         else:
             digest.update(_record(rel, None))
     return digest.hexdigest().upper()
+
+
+UPDATE_MAP = b"SMSSetup/update.map"
+
+
+def staging_hash(path: Path) -> str:
+    """CMUpdate's `Staging folder has hash = ...`: the folder hash of `CMUStaging/<GUID>`
+    without `SMSSetup/update.map`, the file CMUpdate extracts there itself from the signed
+    `SMSSetup/update.map.cab` (which is hashed). So a staging folder CMUpdate has used still
+    matches the content library's hash (docs/formats.md, "Staging folder hash")."""
+    root = Path(path)
+    derived = os.path.lexists(root / "SMSSetup" / "update.map.cab")
+    return folder_hash(root, exclude=frozenset({UPDATE_MAP}) if derived else frozenset())

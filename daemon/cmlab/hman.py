@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cmlab.atomic import move_durable
-from cmlab.component import Component
 from cmlab.errors import CmlabError, ManifestError
 from cmlab.failpoints import crashpoint
 from cmlab.hashing import sha256_file
+from cmlab.hman_easysetup import EasySetupHandlers
 from cmlab.inbox import BadInput, Outcome, quarantine
 from cmlab.manifest import (
     GUID_RE,
@@ -109,7 +109,7 @@ def gmtdate(now: datetime) -> str:
     )
 
 
-class HierarchyManager(Component):
+class HierarchyManager(EasySetupHandlers):
     component = "SMS_HIERARCHY_MANAGER"
     log_file = "hman.log"
 

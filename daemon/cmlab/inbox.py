@@ -55,6 +55,9 @@ class Outcome(enum.Enum):
     DONE = "done"  # effects are durable: the engine deletes the drop file
     CONSUMED = "consumed"  # the handler moved or deleted the file itself
     RETRY = "retry"  # leave the file; offer it again after `retry_after`
+    # Leave the file as a marker (HMAN's <GUID>.CME stays while an update is in progress); it
+    # is offered again only once it changes: re-dropped (a new inode) or touched.
+    KEEP = "keep"
 
 
 class BadInput(CmlabError):
@@ -93,6 +96,8 @@ class Inbox:
         # names re-dropped while in flight -> whether that drop is known complete
         self.again: dict[str, bool] = {}
         self.attempts: dict[str, int] = {}
+        # names left in place by Outcome.KEEP -> (inode, device, mtime) when they were kept
+        self.kept: dict[str, tuple[int, int, int]] = {}
         self.settling: dict[str, asyncio.TimerHandle] = {}
         self.workers: list[asyncio.Task[None]] = []
         self.idle = asyncio.Event()
@@ -111,6 +116,8 @@ class Inbox:
             return
         if name in self.pending:
             return
+        if name in self.kept and self._unchanged_since_kept(name):
+            return
         if not ready:
             self._settle_later(name)
             return
@@ -121,6 +128,17 @@ class Inbox:
         self.ready_at[name] = seen_at if seen_at is not None else time.monotonic()
         self.idle.clear()
         self.queue.put_nowait(name)
+
+    def _unchanged_since_kept(self, name: str) -> bool:
+        try:
+            st = os.lstat(self.spec.folder / name)
+        except FileNotFoundError:
+            self.kept.pop(name, None)
+            return True
+        if (st.st_ino, st.st_dev, st.st_mtime_ns) == self.kept[name]:
+            return True
+        del self.kept[name]
+        return False
 
     def _settle_later(self, name: str) -> None:
         if name in self.settling:
@@ -231,6 +249,8 @@ class Inbox:
             self._retire(path, st)
         elif outcome is Outcome.RETRY:
             self._retry_later(name, self.spec.retry_after)
+        elif outcome is Outcome.KEEP:
+            self.kept[name] = (st.st_ino, st.st_dev, st.st_mtime_ns)
 
     def _retire(self, path: Path, claimed: os.stat_result) -> None:
         """Delete the drop file we processed, but not a new one dropped over it meanwhile

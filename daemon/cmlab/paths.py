@@ -37,6 +37,10 @@ class SitePaths:
         return self.inboxes / "despoolr.box" / "receive"
 
     @property
+    def distmgr_box(self) -> Path:
+        return self.inboxes / "distmgr.box"
+
+    @property
     def statesys_high(self) -> Path:
         return self.inboxes / "auth" / "statesys.box" / "incoming" / "high"
 
@@ -48,6 +52,11 @@ class SitePaths:
     @property
     def easysetup_payload(self) -> Path:
         return self.root / "EasySetupPayload"
+
+    def payload_folder(self, guid: str) -> Path:
+        """`EasySetupPayload/<guid>`, the downloaded package, named in lower case as
+        DMPDownloader writes it (Windows would not care; the share path shows it upper-case)."""
+        return self.easysetup_payload / guid.lower()
 
     @property
     def cmu_staging(self) -> Path:
@@ -81,6 +90,7 @@ class SitePaths:
             self.hman_forwarding,
             self.cmupdate_box,
             self.despoolr_receive,
+            self.distmgr_box,
             self.statesys_high,
             self.mcm_outbox,
             self.easysetup_payload,

@@ -9,6 +9,7 @@ from pathlib import Path
 from cmlab.config import ROLES, Facts, load_config, render_toml
 from cmlab.errors import ConfigError
 from cmlab.paths import SitePaths
+from cmlab.prereq.facts import DEFAULT_FACTS
 from cmlab.sitedb import create_site_db
 
 
@@ -101,7 +102,7 @@ def init_site(opts: InitOptions) -> Path:
         },
         "logs": {"max_size": 2_621_440, "verbose": True, "json_stdout": True},
         "database": {"durability": "process"},
-        "facts": {"build": opts.build, "minor_build": opts.minor_build},
+        "facts": {"build": opts.build, "minor_build": opts.minor_build, **DEFAULT_FACTS},
     }
     comments = {
         "site": "cmlab site: the site server this folder emulates",
@@ -110,7 +111,8 @@ def init_site(opts: InitOptions) -> Path:
         "trust": "PEM files; microsoft_roots end in 'is signed with MS root cert.'",
         "logs": "max_size in bytes before <log>.lo_",
         "database": "durability: process (survives a killed process) or power (fsync commits)",
-        "facts": "the emulated environment: site build 9135 is 2503",
+        "facts": "the emulated environment the prerequisite checker reads (docs/prereq.md); "
+        "site build 9135 is 2503",
     }
     (root / "site.toml").write_text(render_toml(doc, comments), encoding="utf-8")
     config = load_config(root)

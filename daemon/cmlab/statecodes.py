@@ -92,6 +92,9 @@ class SubStage(enum.IntEnum):
     """Substage IDs of `Successfully reported ConfigMgr update status (... SubStageID=0x...)`."""
 
     EASY_SETUP_PACKAGE_UPDATED = 0xB0001
+    # cmlab's: the Easy Setup Package stored in a site's content library (fed by the
+    # ObjectDistributionState triggers; the guide names the table, not the substage).
+    CONTENT_STORED_AT_SITE = 0xB0002
     EXTRACT_UPDATE_PACKAGE = 0xD0005
     PROCESS_REDIST = 0xD0006
     CHECK_SERVICE_READINESS = 0xD0007

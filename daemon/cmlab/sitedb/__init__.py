@@ -53,6 +53,14 @@ def migrate(conn: sqlite3.Connection) -> int:
             for stmt in MIGRATIONS.get(version, ()):
                 conn.execute(stmt)
             conn.execute("UPDATE SchemaInfo SET Value = ? WHERE Name = 'version'", (str(version),))
+    if found < SCHEMA_VERSION:
+        # New tables, views and triggers are all CREATE ... IF NOT EXISTS: add what is missing.
+        local = conn.execute("SELECT SiteCode FROM ServerData WHERE IsLocal = 1").fetchone()
+        with transaction(conn):
+            for stmt in split_statements(SCHEMA):
+                conn.execute(stmt)
+            if local is not None:
+                triggers.install_triggers(conn, str(local[0]))
     return found
 
 

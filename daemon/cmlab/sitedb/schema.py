@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # GUID columns compare case-insensitively, as uniqueidentifier does in SQL Server: the guide
 # itself writes the same GUID in upper and lower case.
@@ -116,6 +116,54 @@ CREATE TABLE IF NOT EXISTS EasySetupSettings (
     LastUpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
 );
 
+-- What each content distribution component did with a package at a site (DistMgr, and the
+-- despooler of a child site): 1 INSTALL_PENDING, 2 INSTALL_RETRYING, 0 INSTALLED,
+-- 3 INSTALL_FAILED, as in ConfigMgr. Its triggers feed CM_UpdatePackage_MonitoringStatus.
+CREATE TABLE IF NOT EXISTS ObjectDistributionState (
+    ObjectID TEXT NOT NULL COLLATE NOCASE,      -- the Easy Setup Package's PackageID
+    SiteCode TEXT NOT NULL COLLATE NOCASE,
+    State INTEGER NOT NULL,
+    SourceVersion INTEGER NOT NULL DEFAULT 0,
+    Description TEXT,
+    LastUpdateDate TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    PRIMARY KEY (ObjectID, SiteCode)
+);
+
+-- The guide: "This table's ObjectDistributionState_ins_updMon trigger saves the replication
+-- stages to the CM_UpdatePackage_MonitoringStatus table" (SubStageID 0xb0002 = 720898,
+-- cmlab's "content stored at the site"; IsComplete 1 in progress, 2 success, 4 failure).
+CREATE TRIGGER IF NOT EXISTS ObjectDistributionState_ins_updMon
+AFTER INSERT ON ObjectDistributionState
+WHEN EXISTS (SELECT 1 FROM EasySetupSettings WHERE PackageID = NEW.ObjectID)
+BEGIN
+    INSERT INTO CM_UpdatePackage_MonitoringStatus
+        (PackageGuid, SiteNumber, SubStageID, IsComplete, Progress, Applicable)
+    SELECT e.PackageGuid, s.ID, 720898,
+           CASE NEW.State WHEN 0 THEN 2 WHEN 3 THEN 4 ELSE 1 END,
+           CASE NEW.State WHEN 0 THEN 100 ELSE 0 END, 1
+    FROM EasySetupSettings e JOIN ServerData s ON s.SiteCode = NEW.SiteCode
+    WHERE e.PackageID = NEW.ObjectID
+    ON CONFLICT (PackageGuid, SiteNumber, SubStageID) DO UPDATE SET
+        IsComplete = excluded.IsComplete, Progress = excluded.Progress,
+        MessageTime = strftime('%Y-%m-%d %H:%M:%f', 'now');
+END;
+
+CREATE TRIGGER IF NOT EXISTS ObjectDistributionState_upd_updMon
+AFTER UPDATE ON ObjectDistributionState
+WHEN EXISTS (SELECT 1 FROM EasySetupSettings WHERE PackageID = NEW.ObjectID)
+BEGIN
+    INSERT INTO CM_UpdatePackage_MonitoringStatus
+        (PackageGuid, SiteNumber, SubStageID, IsComplete, Progress, Applicable)
+    SELECT e.PackageGuid, s.ID, 720898,
+           CASE NEW.State WHEN 0 THEN 2 WHEN 3 THEN 4 ELSE 1 END,
+           CASE NEW.State WHEN 0 THEN 100 ELSE 0 END, 1
+    FROM EasySetupSettings e JOIN ServerData s ON s.SiteCode = NEW.SiteCode
+    WHERE e.PackageID = NEW.ObjectID
+    ON CONFLICT (PackageGuid, SiteNumber, SubStageID) DO UPDATE SET
+        IsComplete = excluded.IsComplete, Progress = excluded.Progress,
+        MessageTime = strftime('%Y-%m-%d %H:%M:%f', 'now');
+END;
+
 CREATE VIEW IF NOT EXISTS vEasySetupPackage AS
 SELECT e.PackageID AS PackageID, e.PackageVersion AS PackageVersion, e.PackageHash AS PackageHash,
        e.PackageGuid AS PackageGUID, p.StoredPkgHash AS StoredPkgHash, p.Source AS Source,
@@ -167,4 +215,7 @@ CREATE TABLE IF NOT EXISTS SyncHistory (
 # Upgrades of an existing site database, by the version they bring it to.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE CM_UpdatePackages ADD COLUMN PayloadHash TEXT",),
+    # ObjectDistributionState comes from SCHEMA (CREATE ... IF NOT EXISTS); the triggers from
+    # sitedb.triggers, which migrate() reinstalls.
+    3: (),
 }

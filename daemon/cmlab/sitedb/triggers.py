@@ -22,6 +22,14 @@ class TriggerDef:
     component: str  # friendly owner, e.g. "Hierarchy Manager"
 
 
+# Replication (65537..131071), prerequisite check (131073..196607) and installation
+# (196609..196629, 262142, 262143) states; not the download or applicability states.
+_CME_WHEN = (
+    "NEW.State BETWEEN 65537 AND 262143 AND "
+    "EXISTS (SELECT 1 FROM EasySetupSettings e WHERE e.PackageGuid = NEW.PackageGuid)"
+)
+
+
 def trigger_defs(site_code: str) -> tuple[TriggerDef, ...]:
     code = site_code.upper()
     return (
@@ -60,6 +68,59 @@ def trigger_defs(site_code: str) -> tuple[TriggerDef, ...]:
             extension="CME",
             directory="hman.box/CFD",
             component="Hierarchy Manager",
+        ),
+        TriggerDef(
+            # A site's status for an update in replication, prerequisite check or installation
+            # changed (DistMgr, CMUpdate): HMAN's <GUID>.CME is dropped again, and HMAN checks
+            # CMU status (spProcessCMUPackages).
+            name="CM_UpdatePackageSiteStatus_INS_HMAN",
+            table="CM_UpdatePackageSiteStatus",
+            action="INSERT",
+            columns=(),
+            when=_CME_WHEN,
+            key_expr="NEW.State",
+            file_expr="upper(NEW.PackageGuid) || '.CME'",
+            extension="CME",
+            directory="hman.box/CFD",
+            component="Hierarchy Manager",
+        ),
+        TriggerDef(
+            name="CM_UpdatePackageSiteStatus_UPD_HMAN",
+            table="CM_UpdatePackageSiteStatus",
+            action="UPDATE",
+            columns=("State",),
+            when=_CME_WHEN,
+            key_expr="NEW.State",
+            file_expr="upper(NEW.PackageGuid) || '.CME'",
+            extension="CME",
+            directory="hman.box/CFD",
+            component="Hierarchy Manager",
+        ),
+        TriggerDef(
+            # HMAN requested the Easy Setup Package be updated from its source: DistMgr's
+            # "package properties updated notification".
+            name="SMSPackages_INS_DISTMGR",
+            table="SMSPackages",
+            action="INSERT",
+            columns=(),
+            when="1",
+            key_expr="NEW.PkgID",
+            file_expr="upper(NEW.PkgID) || '.PKN'",
+            extension="PKN",
+            directory="distmgr.box",
+            component="Distribution Manager",
+        ),
+        TriggerDef(
+            name="SMSPackages_UPD_DISTMGR",
+            table="SMSPackages",
+            action="UPDATE",
+            columns=("SourceVersion",),
+            when="NEW.SourceVersion <> OLD.SourceVersion",
+            key_expr="NEW.PkgID",
+            file_expr="upper(NEW.PkgID) || '.PKN'",
+            extension="PKN",
+            directory="distmgr.box",
+            component="Distribution Manager",
         ),
         TriggerDef(
             # The manifest has reached the site (state message 4): the site control update

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.config import load_config
-from cmlab.contract import folder_of, load_contract, matches_any
+from cmlab.contract import load_contract, matches_any
 from cmlab.errors import CmlabError
 from cmlab.sitedb import connect, procs, servicing, transaction
 from cmlab.sitedb.functions import tsql_to_sqlite
@@ -98,17 +98,28 @@ def collect_status(site_dir: Path) -> dict[str, Any]:
         ).fetchone()
     finally:
         conn.close()
-    inboxes = []
+    # One row per folder: HMAN's CFD has two contract entries (CMU files; ESC and CME).
+    patterns: dict[str, tuple[str, tuple[str, ...]]] = {}
     for entry in load_contract():
-        folder = folder_of(entry, config.root)
+        component, files = patterns.get(entry.folder, (entry.component, ()))
+        patterns[entry.folder] = (component, files + entry.files)
+    inboxes = []
+    for name, (component, files) in patterns.items():
+        folder = config.root.joinpath(*name.split("/"))
         waiting = bad = 0
         if folder.is_dir():
-            waiting = sum(1 for name in os.listdir(folder) if matches_any(name, entry.files))
+            waiting = sum(1 for n in os.listdir(folder) if matches_any(n, files))
             bad_dir = folder / "BAD"
             if bad_dir.is_dir():
                 bad = sum(1 for n in os.listdir(bad_dir) if not n.endswith(".reason"))
         inboxes.append(
-            {"inbox": entry.folder, "component": entry.component, "backlog": waiting, "bad": bad}
+            {
+                "inbox": name,
+                "component": component,
+                "files": list(files),
+                "backlog": waiting,
+                "bad": bad,
+            }
         )
     return {
         "site": config.site_code,

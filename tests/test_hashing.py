@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cmlab.errors import CabPathError, CmlabError
-from cmlab.hashing import EMPTY_SHA256, folder_hash, sha256_bytes, sha256_file
+from cmlab.hashing import EMPTY_SHA256, folder_hash, sha256_bytes, sha256_file, staging_hash
 
 
 def test_empty_sha256() -> None:
@@ -106,3 +106,41 @@ def test_folder_hash_refuses_special_files_and_odd_names(tmp_path: Path) -> None
         folder_hash(tmp_path)
     with pytest.raises(CmlabError, match="not a folder"):
         folder_hash(tmp_path / "line\nbreak")
+
+
+def test_content_library_and_staging_folder_hash_are_one_algorithm(tmp_path: Path) -> None:
+    """DistMgr's recorded hash (content library), CMUpdate's staging folder hash and the folder
+    hash agree on the hand-computed example, before and after CMUpdate extracts update.map."""
+    from cmlab.contentlib import ContentLibrary
+
+    source = tmp_path / "source"
+    source.mkdir()
+    make_example(source)
+    (source / "SMSSetup").mkdir()
+    (source / "SMSSetup" / "update.map.cab").write_bytes(b"MSCF")
+
+    def h(data: bytes) -> bytes:
+        return hashlib.sha256(data).hexdigest().upper().encode()
+
+    # "SMSSetup/..." sorts between "B.txt" and "a.txt" ("S" is 0x53, "a" 0x61).
+    fed = (
+        b"B.txt\n" + h(b"B") + b"\n"
+        b"SMSSetup/update.map.cab\n" + h(b"MSCF") + b"\n"
+        b"a.txt\n" + h(b"hello\n") + b"\n"
+        b"empty/\n"
+        b"sub/b.bin\n" + h(b"") + b"\n"
+    )
+    expected = hashlib.sha256(fed).hexdigest().upper()
+    library = ContentLibrary(tmp_path / "SCCMContentLib")
+    snapshot = library.store_snapshot("CAS10001", 1, source)
+    assert snapshot.hash == library.content_hash("CAS10001", 1) == expected
+    staging = tmp_path / "CMUStaging" / "GUID"
+    staging.parent.mkdir()
+    assert library.extract("CAS10001", 1, staging) == expected
+    assert staging_hash(staging) == folder_hash(staging) == expected
+    # CMUpdate extracts update.map beside its CAB: the staging hash leaves it out...
+    (staging / "SMSSetup" / "update.map").write_text("BEGIN_COMPONENT_FILELIST\n")
+    assert staging_hash(staging) == expected != folder_hash(staging)
+    # ...but nothing else.
+    (staging / "stray.txt").write_text("x")
+    assert staging_hash(staging) != expected

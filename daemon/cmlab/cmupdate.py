@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +107,12 @@ class CMUpdate(Component):
         while True:
             try:
                 await self.process_pending()
-            except (OSError, CmlabError, sqlite3.Error) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The poll is CMUpdate's safety net: it must outlive any one bad pass.
                 self.say(f"ERROR: Failed to process pending update packages: {exc}", level="error")
+                traceback.print_exc(file=sys.stderr)
             if interval <= 0:
                 return
             await asyncio.sleep(interval)

@@ -98,7 +98,7 @@ def move_durable(src: Path, dst: Path) -> None:
         fsync_dir(src.parent)
 
 
-def _is_stale(name: str) -> bool:
+def is_stale_tmp(name: str) -> bool:
     """A leftover of a dead writer. Our own pid counts as dead: the sweep runs before this
     process writes anything, so a match is a previous incarnation that had the same pid (the
     usual case in a container, where the daemon gets the same small pid every time)."""
@@ -148,7 +148,7 @@ def remove_stale_tmp(folder: Path, *, recursive: bool = False) -> int:
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue
         for entry in entries:
-            if _is_stale(entry.name):
+            if is_stale_tmp(entry.name):
                 with contextlib.suppress(OSError):
                     removed += remove_path(entry.path)
             elif recursive and entry.is_dir(follow_symlinks=False):

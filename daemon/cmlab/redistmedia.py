@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.atomic import _is_stale, tmp_name_for
+from cmlab.atomic import is_stale_tmp, tmp_name_for
 from cmlab.cabfiles import ExtractLimits, extract_cab_into, list_cab, normalize_member_name
 from cmlab.errors import CabPathError, CmlabError
 from cmlab.failpoints import crashpoint
@@ -227,7 +227,7 @@ def _copy_hashing(src: int, dir_fd: int, tmp_name: str, limit: int) -> str:
 def _sweep_stale(dir_fd: int) -> None:
     """Remove temporaries a killed check_media left in this folder (cmlab.atomic's naming)."""
     with os.scandir(dir_fd) as it:
-        stale = [e.name for e in it if _is_stale(e.name) and e.is_file(follow_symlinks=False)]
+        stale = [e.name for e in it if is_stale_tmp(e.name) and e.is_file(follow_symlinks=False)]
     for name in stale:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=dir_fd)

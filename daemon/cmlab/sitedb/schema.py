@@ -4,6 +4,31 @@ from __future__ import annotations
 
 SCHEMA_VERSION = 3
 
+# The guide: "This table's ObjectDistributionState_ins_updMon trigger saves the replication
+# stages to the CM_UpdatePackage_MonitoringStatus table" (SubStageID 0xb0002 = 720898,
+# cmlab's "content stored at the site"; IsComplete 1 in progress, 2 success, 4 failure).
+# One body, on INSERT and on UPDATE.
+_ODS_TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS ObjectDistributionState_{name}
+AFTER {event} ON ObjectDistributionState
+WHEN EXISTS (SELECT 1 FROM EasySetupSettings WHERE PackageID = NEW.ObjectID)
+BEGIN
+    INSERT INTO CM_UpdatePackage_MonitoringStatus
+        (PackageGuid, SiteNumber, SubStageID, IsComplete, Progress, Applicable)
+    SELECT e.PackageGuid, s.ID, 720898,
+           CASE NEW.State WHEN 0 THEN 2 WHEN 3 THEN 4 ELSE 1 END,
+           CASE NEW.State WHEN 0 THEN 100 ELSE 0 END, 1
+    FROM EasySetupSettings e JOIN ServerData s ON s.SiteCode = NEW.SiteCode
+    WHERE e.PackageID = NEW.ObjectID
+    ON CONFLICT (PackageGuid, SiteNumber, SubStageID) DO UPDATE SET
+        IsComplete = excluded.IsComplete, Progress = excluded.Progress,
+        MessageTime = strftime('%Y-%m-%d %H:%M:%f', 'now');
+END;
+"""
+_ODS_TRIGGERS = _ODS_TRIGGER.format(name="ins_updMon", event="INSERT") + _ODS_TRIGGER.format(
+    name="upd_updMon", event="UPDATE"
+)
+
 # GUID columns compare case-insensitively, as uniqueidentifier does in SQL Server: the guide
 # itself writes the same GUID in upper and lower case.
 SCHEMA = """
@@ -129,41 +154,8 @@ CREATE TABLE IF NOT EXISTS ObjectDistributionState (
     PRIMARY KEY (ObjectID, SiteCode)
 );
 
--- The guide: "This table's ObjectDistributionState_ins_updMon trigger saves the replication
--- stages to the CM_UpdatePackage_MonitoringStatus table" (SubStageID 0xb0002 = 720898,
--- cmlab's "content stored at the site"; IsComplete 1 in progress, 2 success, 4 failure).
-CREATE TRIGGER IF NOT EXISTS ObjectDistributionState_ins_updMon
-AFTER INSERT ON ObjectDistributionState
-WHEN EXISTS (SELECT 1 FROM EasySetupSettings WHERE PackageID = NEW.ObjectID)
-BEGIN
-    INSERT INTO CM_UpdatePackage_MonitoringStatus
-        (PackageGuid, SiteNumber, SubStageID, IsComplete, Progress, Applicable)
-    SELECT e.PackageGuid, s.ID, 720898,
-           CASE NEW.State WHEN 0 THEN 2 WHEN 3 THEN 4 ELSE 1 END,
-           CASE NEW.State WHEN 0 THEN 100 ELSE 0 END, 1
-    FROM EasySetupSettings e JOIN ServerData s ON s.SiteCode = NEW.SiteCode
-    WHERE e.PackageID = NEW.ObjectID
-    ON CONFLICT (PackageGuid, SiteNumber, SubStageID) DO UPDATE SET
-        IsComplete = excluded.IsComplete, Progress = excluded.Progress,
-        MessageTime = strftime('%Y-%m-%d %H:%M:%f', 'now');
-END;
-
-CREATE TRIGGER IF NOT EXISTS ObjectDistributionState_upd_updMon
-AFTER UPDATE ON ObjectDistributionState
-WHEN EXISTS (SELECT 1 FROM EasySetupSettings WHERE PackageID = NEW.ObjectID)
-BEGIN
-    INSERT INTO CM_UpdatePackage_MonitoringStatus
-        (PackageGuid, SiteNumber, SubStageID, IsComplete, Progress, Applicable)
-    SELECT e.PackageGuid, s.ID, 720898,
-           CASE NEW.State WHEN 0 THEN 2 WHEN 3 THEN 4 ELSE 1 END,
-           CASE NEW.State WHEN 0 THEN 100 ELSE 0 END, 1
-    FROM EasySetupSettings e JOIN ServerData s ON s.SiteCode = NEW.SiteCode
-    WHERE e.PackageID = NEW.ObjectID
-    ON CONFLICT (PackageGuid, SiteNumber, SubStageID) DO UPDATE SET
-        IsComplete = excluded.IsComplete, Progress = excluded.Progress,
-        MessageTime = strftime('%Y-%m-%d %H:%M:%f', 'now');
-END;
-
+-- ObjectDistributionState_ins_updMon and _upd_updMon (_ODS_TRIGGER above).
+{ODS_TRIGGERS}
 CREATE VIEW IF NOT EXISTS vEasySetupPackage AS
 SELECT e.PackageID AS PackageID, e.PackageVersion AS PackageVersion, e.PackageHash AS PackageHash,
        e.PackageGuid AS PackageGUID, p.StoredPkgHash AS StoredPkgHash, p.Source AS Source,
@@ -210,7 +202,7 @@ CREATE TABLE IF NOT EXISTS SyncHistory (
     Finished TEXT,
     Result TEXT
 );
-"""
+""".replace("{ODS_TRIGGERS}", _ODS_TRIGGERS)
 
 # Upgrades of an existing site database, by the version they bring it to.
 MIGRATIONS: dict[int, tuple[str, ...]] = {

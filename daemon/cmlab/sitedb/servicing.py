@@ -91,6 +91,17 @@ def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> i
             f"{name} ({guid}) is {PackageState.name_of(state)} ({state}); an update can be "
             f"installed or checked only from {allowed}"
         )
+    _refuse_if_another_in_progress(conn, guid)
+    conn.execute(
+        "UPDATE CM_UpdatePackages SET State = ?, Flag = ?, "
+        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
+        (int(S.ENABLED), int(flag), guid),
+    )
+    _restart_sites(conn, guid)
+    return state
+
+
+def _refuse_if_another_in_progress(conn: sqlite3.Connection, guid: str) -> None:
     busy = conn.execute(
         f"SELECT PackageGuid, Name, State FROM CM_UpdatePackages WHERE State IN "
         f"{_in(IN_PROGRESS_STATES)} AND PackageGuid <> ? LIMIT 1",
@@ -101,13 +112,6 @@ def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> i
             f"another update is in progress: {busy[1]} ({busy[0]}) is "
             f"{PackageState.name_of(int(busy[2]))} ({busy[2]}); wait for it to finish"
         )
-    conn.execute(
-        "UPDATE CM_UpdatePackages SET State = ?, Flag = ?, "
-        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
-        (int(S.ENABLED), int(flag), guid),
-    )
-    _restart_sites(conn, guid)
-    return state
 
 
 def _restart_sites(conn: sqlite3.Connection, guid: str) -> None:
@@ -387,16 +391,16 @@ def spCMUAddPrereqMessage(
     )
 
 
-def _rank(state: int) -> tuple[int, int]:
-    """How bad a site's state is, for the overall result: a failure anywhere wins, then a site
-    still working (the least advanced), then a warning, then success."""
-    if state in FAILED_STATES:
-        return (3, -state)
-    if state == S.PREREQ_WARNING:
-        return (1, 0)
-    if state in (S.CONTENT_REPLICATION_SUCCESS, S.PREREQ_SUCCESS, S.INSTALL_SUCCESS):
-        return (0, -state)
-    return (2, -state)
+def _overall(states: list[int]) -> int:
+    """The update's state over all its sites: a failure anywhere wins; when every site has its
+    prerequisite result, the worst of them (the guide: "the worst for all the sites that were
+    checked"); otherwise the least advanced site, which is still working."""
+    failures = [s for s in states if s in FAILED_STATES]
+    if failures:
+        return min(failures)
+    if all(s in PREREQ_RESULTS for s in states):
+        return max(states)  # 131074 SUCCESS < 131075 WARNING
+    return min(states)
 
 
 def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:
@@ -421,7 +425,7 @@ def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:
     current = int(row[0])
     if not states or current not in IN_PROGRESS_STATES + PREREQ_RESULTS + FAILED_STATES:
         return current
-    worst = max(states, key=_rank)
+    worst = _overall(states)
     if worst != current:
         conn.execute(
             "UPDATE CM_UpdatePackages SET State = ?, "
@@ -475,6 +479,7 @@ def RetryContentReplication(conn: sqlite3.Connection, guid: str) -> str:
             f"{name} ({guid}) is {PackageState.name_of(state)} ({state}); content replication "
             "cannot be retried while the update is being checked or installed"
         )
+    _refuse_if_another_in_progress(conn, guid)
     conn.execute(
         "UPDATE EasySetupSettings SET PackageHash = NULL, "
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageID = ?",

@@ -868,3 +868,31 @@ def test_cli_refusals_exit_1_with_the_reason(site: Path, conn: sqlite3.Connectio
         ("EasySetupSettings_INS_HMAN", f"{OTHER}.CME", CFD),
         ("SMSPackages_INS_DISTMGR", "CAS10001.PKN", "distmgr.box"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        ((S.INSTALL_SUCCESS, S.INSTALL_UPGRADEDATABASE), S.INSTALL_UPGRADEDATABASE),
+        ((S.INSTALL_SUCCESS, S.INSTALL_CMU_VALIDATING), S.INSTALL_CMU_VALIDATING),
+        ((S.INSTALL_INSTALLFILES, S.INSTALL_UPGRADEDATABASE), S.INSTALL_UPGRADEDATABASE),
+        ((S.INSTALL_SUCCESS, S.INSTALL_SUCCESS), S.INSTALL_SUCCESS),
+    ],
+)
+def test_installing_sites_roll_up_to_the_least_advanced_not_the_lowest_code(
+    conn: sqlite3.Connection, states: tuple[S, S], expected: S
+) -> None:
+    """The INSTALL_* codes are not numbered in install.map's order: an update is installed
+    only when every site is."""
+    add_site(conn, 2, "PR1")
+    add_package(conn, GUID, S.INSTALL_IN_PROGRESS)
+    record_esp(conn)
+    for number, state in enumerate(states, 1):
+        set_site_row(conn, GUID, number, state)
+    with transaction(conn):
+        assert spProcessCMUPackages(conn) == {GUID: expected}
+
+
+def test_set_site_state_of_an_unknown_update_changes_nothing(conn: sqlite3.Connection) -> None:
+    with transaction(conn):
+        assert not spCMUSetSiteState(conn, "11111111-2222-3333-4444-555555555555", S.PREREQ_SUCCESS)

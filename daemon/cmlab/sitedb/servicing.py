@@ -263,14 +263,14 @@ def spCMUSetSiteState(
         return False
     if only_from and (row is None or int(row[0]) not in only_from):
         return False
-    conn.execute(
+    cur = conn.execute(
         "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, Flag) "
         "SELECT ?, ?, ?, Flag FROM CM_UpdatePackages WHERE PackageGuid = ? "
         "ON CONFLICT (PackageGuid, SiteNumber) DO UPDATE SET State = excluded.State, "
         "Flag = excluded.Flag, UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now')",
         (guid, site, int(state), guid),
     )
-    return True
+    return cur.rowcount > 0
 
 
 def set_package_state(conn: sqlite3.Connection, guid: str, state: PackageState) -> None:
@@ -400,7 +400,45 @@ def _overall(states: list[int]) -> int:
         return min(failures)
     if all(s in PREREQ_RESULTS for s in states):
         return max(states)  # 131074 SUCCESS < 131075 WARNING
-    return min(states)
+    return min(states, key=_progress)
+
+
+# How far a site has got, in the order a run goes through the states (the INSTALL_* codes are
+# not numbered in that order: the steps follow install.map).
+PROGRESS_ORDER = (
+    S.ENABLED,
+    S.CONTENT_REPLICATING,
+    S.CONTENT_REPLICATION_SUCCESS,
+    S.PREREQ_IN_PROGRESS,
+    S.PREREQ_SUCCESS,
+    S.PREREQ_WARNING,
+    S.INSTALL_WAITING_PARENT,
+    S.INSTALL_WAITING_SERVICE_WINDOW,
+    S.INSTALL_IN_PROGRESS,
+    S.INSTALL_WAITING_CMU,
+    S.INSTALL_CMU_VALIDATING,
+    S.INSTALL_CMU_STOPPED,
+    S.INSTALL_CMU_INSTALLFILES,
+    S.INSTALL_CMU_STARTED,
+    S.INSTALL_CMU_SUCCESS,
+    S.INSTALL_UPGRADEDATABASE,
+    S.INSTALL_INSTALLSYSTEM,
+    S.INSTALL_INSTALLFILES,
+    S.INSTALL_UPGRADESITECTRLIMAGE,
+    S.INSTALL_CONFIGURESERVICEBROKER,
+    S.INSTALL_INSTALLBASESERVICES,
+    S.INSTALL_UPDATE_SITES,
+    S.INSTALL_UPDATEADMINCONSOLE,
+    S.INSTALL_CONSOLE,
+    S.INSTALL_SSB_ACTIVATION_ON,
+    S.INSTALL_PENDING_REBOOT,
+    S.INSTALL_SUCCESS,
+)
+_PROGRESS = {int(state): i for i, state in enumerate(PROGRESS_ORDER)}
+
+
+def _progress(state: int) -> int:
+    return _PROGRESS.get(state, -1)
 
 
 def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:

@@ -43,7 +43,14 @@ def site(downloaded_template: Path, tmp_path: Path) -> Path:
 
 
 def settled_at(site: Path, state: int) -> bool:
-    return states(site).get(GUID) == state and not inbox_files(site)
+    """At `state` with nothing left to do: no drop file, and no change SMSDBMon has still to
+    turn into one (HMAN can reach the result before the last CME is dropped)."""
+    return (
+        states(site).get(GUID) == state
+        and not inbox_files(site)
+        and not query(site, "SELECT 1 FROM TableChangeNotifications LIMIT 1")
+        and not inbox_files(site)
+    )
 
 
 def set_fact(site: Path, key: str, value: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The guide: "This table's ObjectDistributionState_ins_updMon trigger saves the replication
 # stages to the CM_UpdatePackage_MonitoringStatus table" (SubStageID 0xb0002 = 720898,
@@ -194,6 +194,52 @@ CREATE TABLE IF NOT EXISTS StateMessages (
     ReceivedTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
 );
 
+-- The emulated site server that the install steps change (cmlab.siteinstall,
+-- docs/installation.md). Name/Value settings: ServiceBroker ON|OFF, WMIProviders
+-- Loaded|Unloaded, DatabaseVersion, ServiceBrokerConfiguredBuild, ServiceBrokerPort.
+CREATE TABLE IF NOT EXISTS SiteServerSettings (
+    Name TEXT PRIMARY KEY COLLATE NOCASE,
+    Value TEXT NOT NULL,
+    LastUpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
+-- The site server's Windows services: State Running|Stopped; Build: of the binaries in
+-- bin/x64 the service was (re)installed from.
+CREATE TABLE IF NOT EXISTS SiteServices (
+    ServiceName TEXT PRIMARY KEY COLLATE NOCASE,
+    State TEXT NOT NULL,
+    Build INTEGER,
+    LastUpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
+-- The site server's registry: KeyPath as written in Windows (HKLM\\SOFTWARE\\...), value
+-- Name, Value; e.g. the SMS Setup key's 'Full Version'.
+CREATE TABLE IF NOT EXISTS SiteRegistry (
+    KeyPath TEXT NOT NULL COLLATE NOCASE,
+    Name TEXT NOT NULL COLLATE NOCASE,
+    Value TEXT NOT NULL,
+    PRIMARY KEY (KeyPath, Name)
+);
+
+-- Pre-upgrade scripts (ConfigMgr.AutoUpgradeScripts.cab) applied for an update, committed
+-- in the scripts' own transaction: the same scripts are not run twice.
+CREATE TABLE IF NOT EXISTS SiteInstallScripts (
+    PackageGuid TEXT NOT NULL COLLATE NOCASE,
+    ScriptName TEXT NOT NULL,
+    ScriptHash TEXT NOT NULL,
+    AppliedTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    PRIMARY KEY (PackageGuid, ScriptName)
+);
+
+-- install.map steps an update's installation has completed (cleared by a rollback).
+CREATE TABLE IF NOT EXISTS SiteInstallSteps (
+    PackageGuid TEXT NOT NULL COLLATE NOCASE,
+    StepID INTEGER NOT NULL,
+    Action TEXT NOT NULL,
+    CompletedTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    PRIMARY KEY (PackageGuid, StepID)
+);
+
 CREATE TABLE IF NOT EXISTS SyncHistory (
     ID INTEGER PRIMARY KEY AUTOINCREMENT,
     Requested TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
@@ -210,4 +256,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # ObjectDistributionState comes from SCHEMA (CREATE ... IF NOT EXISTS); the triggers from
     # sitedb.triggers, which migrate() reinstalls.
     3: (),
+    # The installation tables (SiteServerSettings, SiteServices, SiteRegistry,
+    # SiteInstallScripts, SiteInstallSteps) come from SCHEMA.
+    4: (),
 }

@@ -11,6 +11,7 @@ from cmlab.errors import ConfigError
 from cmlab.paths import SitePaths
 from cmlab.prereq.facts import DEFAULT_FACTS
 from cmlab.sitedb import create_site_db
+from cmlab.siteinstall import create_installation
 
 
 @dataclass(frozen=True)
@@ -126,4 +127,7 @@ def init_site(opts: InitOptions) -> Path:
         parent_code=parent_code,
         site_folder=str(root),
     )
+    # The site server's own installation (bin/x64, the console, the site control file and
+    # the rows of a running site) that an update's installation replaces.
+    create_installation(root, opts.build, f"5.00.{opts.build}.1000")
     return root

@@ -348,13 +348,10 @@ def _reset(lab: Lab) -> None:
 
 
 def inbox_files(site: Path) -> list[str]:
-    """Drop files left anywhere in the inboxes (BAD folders excluded), as tests/sites.py."""
-    out = []
-    for base in (site / "inboxes", site / "MP" / "OUTBOXES"):
-        for path in base.rglob("*"):
-            if path.is_file() and "BAD" not in path.parts:
-                out.append(str(path.relative_to(site)))
-    return out
+    """Drop files waiting in the inboxes, as tests/sites.py counts them."""
+    from cmlab.contract import waiting_drop_files
+
+    return waiting_drop_files(site)
 
 
 def _vm(pid: int) -> dict[str, int]:

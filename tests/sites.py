@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cmlab.contract import waiting_drop_files
 from cmlab.smslog import read_messages
 from cmlab.statecodes import PackageState
 from waiting import wait_until
@@ -181,13 +182,8 @@ def wait_for_line(site: Path, name: str, line: str, timeout: float = 60.0) -> No
 
 
 def inbox_files(site: Path) -> list[str]:
-    """Drop files left anywhere in the inboxes (BAD folders excluded)."""
-    out = []
-    for base in (site / "inboxes", site / "MP" / "OUTBOXES"):
-        for path in base.rglob("*"):
-            if path.is_file() and "BAD" not in path.parts:
-                out.append(str(path.relative_to(site)))
-    return sorted(out)
+    """Drop files waiting in the inboxes (the contract's folders and patterns; BAD excluded)."""
+    return waiting_drop_files(site)
 
 
 def synced(site: Path) -> bool:

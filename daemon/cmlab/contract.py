@@ -4,6 +4,7 @@ files wake it and which handler takes them. Data, so tools and docs read the sam
 from __future__ import annotations
 
 import fnmatch
+import os
 import tomllib
 from dataclasses import dataclass
 from functools import cache
@@ -53,3 +54,22 @@ def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
         return False
     upper = name.upper()
     return any(fnmatch.fnmatchcase(upper, p.upper()) for p in patterns)
+
+
+def waiting_drop_files(site_root: Path) -> list[str]:
+    """The drop files waiting in a site's inboxes (site-relative, sorted): every file of a
+    contract folder that matches that folder's patterns. BAD/ and other subfolders are not
+    inboxes; other files (the site control file in sitectrl.box, a stray note) are not drop
+    files and never wake anyone."""
+    patterns: dict[str, tuple[str, ...]] = {}
+    for entry in load_contract():
+        patterns[entry.folder] = patterns.get(entry.folder, ()) + entry.files
+    out = []
+    for folder, files in patterns.items():
+        base = site_root.joinpath(*folder.split("/"))
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            continue
+        out.extend(f"{folder}/{name}" for name in names if matches_any(name, files))
+    return sorted(out)

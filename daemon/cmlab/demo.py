@@ -5,8 +5,6 @@ database and logs, the way a trainee would watch it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -14,7 +12,7 @@ from pathlib import Path
 
 from cmlab.cli import collect_status, print_status
 from cmlab.config import load_config
-from cmlab.contract import folder_of, load_contract, matches_any
+from cmlab.contract import waiting_drop_files
 from cmlab.daemon import SiteDaemon
 from cmlab.sitedb import connect, procs, servicing, transaction
 from cmlab.siteinit import InitOptions, init_site
@@ -106,12 +104,7 @@ class Watcher:
     def backlog(self) -> int:
         """Drop files still waiting in the inboxes (e.g. the last state messages after HMAN
         has already recorded DOWNLOAD_SUCCESS)."""
-        waiting = 0
-        for entry in load_contract():
-            folder = folder_of(entry, self.root)
-            with contextlib.suppress(FileNotFoundError):
-                waiting += sum(1 for name in os.listdir(folder) if matches_any(name, entry.files))
-        return waiting
+        return len(waiting_drop_files(self.root))
 
     def close(self) -> None:
         self.conn.close()

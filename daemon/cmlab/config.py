@@ -53,6 +53,7 @@ class SiteConfig:
     log_verbose: bool = True
     log_json_stdout: bool = True
     durability: str = "process"  # "process": survives a killed process; "power": fsync commits
+    client_piloting: bool = False  # [client] piloting: HMAN fills PilotingUpgrade on 196612.ESC
     facts: Facts = field(default_factory=Facts)
 
     @property
@@ -135,6 +136,10 @@ def load_config(root: Path) -> SiteConfig:
     if not isinstance(build, int) or not isinstance(minor, int):
         raise ConfigError("site.toml: facts.build and facts.minor_build must be integers")
 
+    piloting = _table(doc, "client").get("piloting", False)
+    if not isinstance(piloting, bool):
+        raise ConfigError("site.toml: client.piloting must be true or false")
+
     durability = doc.get("database", {}).get("durability", "process")
     if durability not in ("process", "power"):
         raise ConfigError("site.toml: database.durability must be process or power")
@@ -162,6 +167,7 @@ def load_config(root: Path) -> SiteConfig:
         log_verbose=bool(logs.get("verbose", True)),
         log_json_stdout=bool(logs.get("json_stdout", True)),
         durability=durability,
+        client_piloting=piloting,
         facts=Facts(build=build, minor_build=minor, values=facts_doc),
     )
 

@@ -17,6 +17,7 @@ from cmlab.errors import CmlabError, ManifestError
 from cmlab.failpoints import crashpoint
 from cmlab.hashing import sha256_file
 from cmlab.hman_easysetup import EasySetupHandlers
+from cmlab.hman_postinstall import PostInstallHandlers
 from cmlab.inbox import BadInput, Outcome, quarantine
 from cmlab.manifest import (
     GUID_RE,
@@ -109,7 +110,7 @@ def gmtdate(now: datetime) -> str:
     )
 
 
-class HierarchyManager(EasySetupHandlers):
+class HierarchyManager(EasySetupHandlers, PostInstallHandlers):
     component = "SMS_HIERARCHY_MANAGER"
     log_file = "hman.log"
 

@@ -64,14 +64,18 @@ class EasySetupHandlers(Component):
         upper = path.name.upper()
         if upper == "2.ESC":
             return await self.on_enabled(path)
+        if upper == "196612.ESC":
+            # Post-installation (cmlab.hman_postinstall, mixed into HierarchyManager).
+            return await self.on_installed(path)  # type: ignore[attr-defined, no-any-return]
         if upper.endswith(".CME"):
             return await self.on_cme(path)
         raise BadInput(
-            f"{path.name} is not a notification HMAN handles here (2.ESC, <PackageGuid>.CME)"
+            f"{path.name} is not a notification HMAN handles here (2.ESC, <PackageGuid>.CME) "
+            "or after an installation (196612.ESC)"
         )
 
     def on_cfd_notification_deleted(self, path: Path) -> None:
-        if path.name.upper().endswith(".CME"):
+        if path.name.upper().endswith(".CME") or path.name.upper() == "196612.ESC":
             self.say(f"deleted notification file {self.show(path)}")
 
     # -- 2.ESC: update the Easy Setup Package ---------------------------------------------------

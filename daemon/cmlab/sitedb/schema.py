@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The guide: "This table's ObjectDistributionState_ins_updMon trigger saves the replication
 # stages to the CM_UpdatePackage_MonitoringStatus table" (SubStageID 0xb0002 = 720898,
@@ -240,6 +240,20 @@ CREATE TABLE IF NOT EXISTS SiteInstallSteps (
     PRIMARY KEY (PackageGuid, StepID)
 );
 
+-- HMAN's client upgrade settings (read on 196612.ESC, docs/installation.md "Post-installation"):
+-- the client packages and deployments of a site. One row per site, seeded by HMAN the first
+-- time it needs it; ClientPilotingAdvertisementID is NULL unless site.toml [client] piloting.
+CREATE TABLE IF NOT EXISTS ClientUpgradeSettings (
+    SiteCode TEXT PRIMARY KEY COLLATE NOCASE,
+    FullClientPackageID TEXT NOT NULL,
+    StagingClientPackageID TEXT NOT NULL,
+    ClientUpgradePackageID TEXT NOT NULL,
+    PilotingUpgradePackageID TEXT NOT NULL,
+    ClientUpgradeAdvertisementID TEXT,
+    ClientPilotingAdvertisementID TEXT,
+    LastUpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
 CREATE TABLE IF NOT EXISTS SyncHistory (
     ID INTEGER PRIMARY KEY AUTOINCREMENT,
     Requested TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
@@ -259,4 +273,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # The installation tables (SiteServerSettings, SiteServices, SiteRegistry,
     # SiteInstallScripts, SiteInstallSteps) come from SCHEMA.
     4: (),
+    # ClientUpgradeSettings comes from SCHEMA.
+    5: (),
 }

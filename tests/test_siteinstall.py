@@ -32,7 +32,7 @@ from cmlab.payload import (
 )
 from cmlab.redistmedia import check_media, process_redists
 from cmlab.resources import data_dir
-from cmlab.sitedb import connect, transaction
+from cmlab.sitedb import SCHEMA_VERSION, connect, transaction
 from cmlab.sitedb.triggers import trigger_defs
 from cmlab.siteinit import InitOptions, init_site
 from cmlab.siteinstall import (
@@ -751,7 +751,7 @@ def test_a_site_database_from_before_schema_4_is_migrated(site: Site) -> None:
     site.installer.finish()
     assert site.site_version() == NEW_VERSION
     assert site.service("SMS_EXECUTIVE") == ("Running", NEW_BUILD)
-    assert site.one("SELECT Value FROM SchemaInfo WHERE Name = 'version'") == "4"
+    assert site.one("SELECT Value FROM SchemaInfo WHERE Name = 'version'") == str(SCHEMA_VERSION)
 
 
 # ---------------------------------------------------------------------------------------

@@ -229,3 +229,34 @@ def payload_hash(site: Path, guid: str = GUID_2509) -> str:
 def temporaries(site: Path) -> list[str]:
     """cmlab's temporary files and folders left anywhere in the site."""
     return [str(p.relative_to(site)) for p in site.rglob(".~cmlab-*")]
+
+
+def settled_at(site: Path, state: int, guid: str = GUID_2509) -> bool:
+    """`guid` at `state` with nothing left to do: no drop file, and no change SMSDBMon has still
+    to turn into one (HMAN can reach a state before the last CME is dropped)."""
+    return (
+        states(site).get(guid) == state
+        and not inbox_files(site)
+        and not query(site, "SELECT 1 FROM TableChangeNotifications LIMIT 1")
+        and not inbox_files(site)
+    )
+
+
+def site_history(site: Path, guid: str = GUID_2509) -> list[int]:
+    """Every state this site's status row for `guid` passed through, in order."""
+    return [
+        int(r[0])
+        for r in query(
+            site,
+            "SELECT State FROM CM_UpdatePackageSiteStatus_HIST WHERE PackageGuid = ? ORDER BY ID",
+            [guid],
+        )
+    ]
+
+
+def site_version(site: Path) -> str:
+    """What fnCurrentSiteVersion() returns (through `cmlab sql`, which registers it)."""
+    out = cmlab("sql", str(site), "SELECT dbo.fnCurrentSiteVersion()").stdout
+    found = re.findall(r"5\.00\.\d{4}\.\d{4}", out)
+    assert len(found) == 1, out
+    return found[0]

@@ -23,6 +23,7 @@ from sites import (
     log,
     query,
     set_toml,
+    settled_at,
     states,
 )
 from waiting import wait_until
@@ -40,17 +41,6 @@ def site(downloaded_template: Path, tmp_path: Path) -> Path:
     s = copy_site(downloaded_template, tmp_path / "CAS")
     set_toml(s, "site", "display_root", "'E:\\ConfigMgr'")
     return s
-
-
-def settled_at(site: Path, state: int) -> bool:
-    """At `state` with nothing left to do: no drop file, and no change SMSDBMon has still to
-    turn into one (HMAN can reach the result before the last CME is dropped)."""
-    return (
-        states(site).get(GUID) == state
-        and not inbox_files(site)
-        and not query(site, "SELECT 1 FROM TableChangeNotifications LIMIT 1")
-        and not inbox_files(site)
-    )
 
 
 def set_fact(site: Path, key: str, value: str) -> None:
@@ -241,13 +231,16 @@ def test_prereq_warning_then_install_ignoring_warnings(site: Path) -> None:
             timeout=90,
             what="the ignore-warnings line",
         )
-        wait_until(lambda: states(site).get(GUID) == S.PREREQ_WARNING, timeout=30)
+        # Flag 2 goes on to the installation despite the warning.
+        wait_until(lambda: settled_at(site, S.INSTALL_SUCCESS), timeout=120, what="INSTALL_SUCCESS")
         assert daemon.stop() == 0
     assert "Easy setup source folder hash is not changed. Skip updating." in log(site, "hman.log")
     assert "Content is already found at the staging folder" in log(site, "CMUpdate.log")
-    # Flag 2 goes on to installation: HMAN keeps the update's CME in CFD meanwhile.
-    assert (site / "inboxes" / "hman.box" / "CFD" / f"{GUID}.CME").exists()
     assert query(site, "SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [GUID]) == [(2,)]
+    assert (
+        "INFO: Running install step 1 (RUN_PREUPGRADE_SCRIPTS): Unpack and run the pre-upgrade "
+        "SQL scripts" in log(site, "CMUpdate.log")
+    )
 
 
 def test_prereq_error_names_the_rule_and_its_fix(site: Path) -> None:

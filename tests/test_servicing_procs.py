@@ -560,11 +560,29 @@ def test_pending_update_package_has_this_sites_state_flag_and_stored_content(
 ) -> None:
     add_site(conn, 2, "PR1")
     add_package(conn, GUID, S.CONTENT_REPLICATING, flag=2, name="Configuration Manager 2509")
-    add_package(conn, OTHER, S.PREREQ_SUCCESS)  # finished: not pending
+    add_package(conn, OTHER, S.PREREQ_SUCCESS, flag=1)  # a check only, finished: not pending
     add_package(conn, THIRD, S.ENABLED)  # in progress, but no Easy Setup Package yet
     record_esp(conn, GUID)
     record_esp(conn, OTHER)
     assert [p.state for p in spCMUGetPendingUpdatePackage(conn)] == [S.CONTENT_REPLICATING]
+    # The same result with Flag 0 (install) or a warning with Flag 2 is where the installation
+    # goes on from; a warning with Flag 0 ends the run.
+    for flag, state, pending in (
+        (0, S.PREREQ_SUCCESS, True),
+        (2, S.PREREQ_SUCCESS, True),
+        (2, S.PREREQ_WARNING, True),
+        (0, S.PREREQ_WARNING, False),
+        (1, S.PREREQ_WARNING, False),
+    ):
+        with transaction(conn):
+            conn.execute(
+                "UPDATE CM_UpdatePackages SET State = ?, Flag = ? WHERE PackageGuid = ?",
+                (int(state), flag, OTHER),
+            )
+        found = {p.guid for p in spCMUGetPendingUpdatePackage(conn)}
+        assert (OTHER in found) is pending, (flag, state)
+    with transaction(conn):
+        conn.execute("UPDATE CM_UpdatePackages SET Flag = 1 WHERE PackageGuid = ?", (OTHER,))
     with transaction(conn):
         record_stored_package(conn, "CAS10001", 1, "ab" * 32)
         spCMUSetSiteState(conn, GUID, S.CONTENT_REPLICATION_SUCCESS)

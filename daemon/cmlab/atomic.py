@@ -154,3 +154,45 @@ def remove_stale_tmp(folder: Path, *, recursive: bool = False) -> int:
             elif recursive and entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
     return removed
+
+
+def copy_tree_durable(source: Path, dest: Path) -> None:
+    """Copy the folder `source` to a temporary sibling of `dest`, fsynced, then rename it to
+    `dest`, replacing an existing `dest` only once the copy is complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_tmp_dir(dest, "copy")
+    try:
+        for dirpath, dirs, files in os.walk(source):
+            rel = Path(dirpath).relative_to(source)
+            for name in dirs:
+                os.mkdir(tmp / rel / name)
+            for name in files:
+                target = tmp / rel / name
+                shutil.copyfile(Path(dirpath, name), target, follow_symlinks=False)
+                fd = os.open(target, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            fsync_dir(tmp / rel)
+        os.chmod(tmp, 0o755)
+        if os.path.lexists(dest):
+            # The old folder goes aside under a temporary name (the start-up sweep removes it
+            # if a crash comes before the last line here).
+            aside = tmp_name_for(dest, "old")
+            os.rename(dest, aside)
+            os.rename(tmp, dest)
+            fsync_dir(dest.parent)
+            remove_path(aside)
+        else:
+            os.rename(tmp, dest)
+            fsync_dir(dest.parent)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def copy_file_durable(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as src, atomic_output(dest) as out:
+        shutil.copyfileobj(src, out, 1024 * 1024)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from cmlab.atomic import remove_path
 from cmlab.cabfiles import extract_cab_into
-from cmlab.component import Component, SiteContext
+from cmlab.cmupdate_install import InstallationHandlers, continues_to_install
+from cmlab.component import SiteContext
 from cmlab.contentlib import ContentLibrary
 from cmlab.errors import CmlabError, PrereqError
 from cmlab.failpoints import crashpoint
@@ -79,7 +80,7 @@ def build_of(full_version: str) -> int:
     return int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else 0
 
 
-class CMUpdate(Component):
+class CMUpdate(InstallationHandlers):
     component = "CONFIGURATION_MANAGER_UPDATE"
     log_file = "CMUpdate.log"
 
@@ -125,9 +126,21 @@ class CMUpdate(Component):
     async def process_pending(self) -> None:
         async with self._busy:
             pending = await self.db.read(servicing.spCMUGetPendingUpdatePackage)
-            for package in pending:
-                if package.state in (S.CONTENT_REPLICATION_SUCCESS, S.PREREQ_IN_PROGRESS):
-                    await self.check_prerequisites(package)
+            for found in pending:
+                package: servicing.PendingPackage | None = found
+                if found.state in (S.CONTENT_REPLICATION_SUCCESS, S.PREREQ_IN_PROGRESS):
+                    await self.check_prerequisites(found)
+                    # The check's result decides whether the same run goes on to install.
+                    package = next(
+                        (
+                            p
+                            for p in await self.db.read(servicing.spCMUGetPendingUpdatePackage)
+                            if p.guid == found.guid
+                        ),
+                        None,
+                    )
+                if package is not None and continues_to_install(package.state, package.flag):
+                    await self.install(package)
 
     # -- the prerequisite check ----------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""site.toml: the site's identity, hierarchy, SCP mode, intervals, trust, logs and `[facts]`."""
+"""site.toml: the site's identity, hierarchy, SCP mode, intervals, trust, logs, service windows
+and `[facts]`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from cmlab.errors import ConfigError
 from cmlab.paths import SitePaths
+from cmlab.servicewindow import ServiceWindow, parse_service_windows
 
 ROLES = ("cas", "primary", "secondary")
 
@@ -54,6 +56,7 @@ class SiteConfig:
     log_json_stdout: bool = True
     durability: str = "process"  # "process": survives a killed process; "power": fsync commits
     client_piloting: bool = False  # [client] piloting: HMAN fills PilotingUpgrade on 196612.ESC
+    service_windows: tuple[ServiceWindow, ...] = ()  # none: CMUpdate installs at once
     facts: Facts = field(default_factory=Facts)
 
     @property
@@ -168,6 +171,7 @@ def load_config(root: Path) -> SiteConfig:
         log_json_stdout=bool(logs.get("json_stdout", True)),
         durability=durability,
         client_piloting=piloting,
+        service_windows=parse_service_windows(doc.get("service_window")),
         facts=Facts(build=build, minor_build=minor, values=facts_doc),
     )
 

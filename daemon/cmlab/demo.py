@@ -1,10 +1,11 @@
-"""`cmlab demo`: a fresh lab site, its daemon, and an update taken as far as cmlab reaches,
-printed stage by stage as it happens. Everything it shows is read back from the site's own
-database and logs, the way a trainee would watch it."""
+"""`cmlab demo`: a fresh lab site, its daemon, and one update taken from synchronization to
+INSTALL_SUCCESS, printed stage by stage as it happens. Everything it shows is read back from
+the site's own database and logs, the way a trainee would watch it."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import tempfile
 import time
@@ -16,6 +17,7 @@ from cmlab.contract import waiting_drop_files
 from cmlab.daemon import SiteDaemon
 from cmlab.sitedb import connect, procs, servicing, transaction
 from cmlab.siteinit import InitOptions, init_site
+from cmlab.smslog import read_messages
 from cmlab.statecodes import PackageFlag, PackageState
 
 # The states at which a package stops moving on its own (auto-download takes the applicable
@@ -27,9 +29,12 @@ RESTING = {
     PackageState.DOWNLOAD_SUCCESS,
     PackageState.DOWNLOAD_FAILED,
     PackageState.CONTENT_REPLICATION_FAILED,
-    PackageState.PREREQ_SUCCESS,
+    # PREREQ_SUCCESS is not among them: the demo installs (Flag 0), which goes on from it.
     PackageState.PREREQ_WARNING,
     PackageState.PREREQ_ERROR,
+    PackageState.INSTALL_SUCCESS,
+    PackageState.INSTALL_FAILED,
+    PackageState.INSTALL_CMU_FAILED,
 }
 STAGE_OF: dict[int, str] = {
     PackageState.APPLICABILITY_CHECKING: "Applicability",
@@ -49,6 +54,17 @@ STAGE_OF: dict[int, str] = {
     PackageState.PREREQ_WARNING: "Prerequisites",
     PackageState.PREREQ_ERROR: "Prerequisites",
 }
+INSTALL_STEP = re.compile(r"INFO: Running install step (\d+) \((\w+)\): (.*)")
+
+
+def stage_of(state: int) -> str:
+    return STAGE_OF.get(state, "Installation" if state >> 16 == 3 else "Update")
+
+
+def label(state: int) -> str:
+    return _color(
+        f"{PackageState.name_of(state)} ({state})", "1;32" if state in RESTING else "1;33"
+    )
 
 
 def _color(text: str, code: str) -> str:
@@ -61,7 +77,10 @@ class Watcher:
         self.root = config.root
         self.conn = connect(config.paths.db_file, config.site_code)
         self.seen_messages = 0
+        self.seen_history = 0
+        self.seen_cmupdate = 0
         self.states: dict[str, int] = {}
+        self.names: dict[str, str] = {}
         self.t0 = time.monotonic()
 
     def stamp(self) -> str:
@@ -81,14 +100,27 @@ class Watcher:
         for guid, pkg_name, state in self.conn.execute(
             "SELECT PackageGuid, Name, State FROM CM_UpdatePackages ORDER BY Name"
         ).fetchall():
+            self.names[guid] = pkg_name
             if self.states.get(guid) != state:
                 self.states[guid] = state
-                stage = STAGE_OF.get(state, "Update")
-                label = _color(
-                    f"{PackageState.name_of(state)} ({state})",
-                    "1;32" if state in RESTING else "1;33",
-                )
-                print(f"{self.stamp()} {stage:16} {pkg_name}: {label}")
+                print(f"{self.stamp()} {stage_of(state):16} {pkg_name}: {label(state)}")
+        # The site's own states: during install steps 5 to 13 SMSDBMon's triggers are gone, so
+        # the package's state stands still while the site's moves (the console shows the same).
+        for hist_id, guid, state in self.conn.execute(
+            "SELECT ID, PackageGuid, State FROM CM_UpdatePackageSiteStatus_HIST WHERE ID > ? "
+            "ORDER BY ID",
+            (self.seen_history,),
+        ).fetchall():
+            self.seen_history = hist_id
+            if state >> 16 in (1, 2, 3):  # replication, prerequisite check, installation
+                name = self.names.get(guid, guid)
+                print(f"{self.stamp()} {stage_of(state):16} {name} at site: {label(state)}")
+        lines = read_messages(self.root / "Logs" / "CMUpdate.log")
+        for line in lines[self.seen_cmupdate :]:
+            found = INSTALL_STEP.fullmatch(line)
+            if found:
+                print(f"{self.stamp()} {'':16}   step {found[1]:>2}/16 {found[3]}")
+        self.seen_cmupdate = len(lines)
 
     def settled(self) -> bool:
         sync = self.conn.execute(
@@ -135,10 +167,9 @@ async def _demo(site: Path, deadline_s: float) -> int:
         ready = [g for g, s in watcher.states.items() if s == PackageState.DOWNLOAD_SUCCESS]
         for guid in ready:
             with transaction(watcher.conn):
-                servicing.InitiateUpgrade(watcher.conn, guid, PackageFlag.PREREQ_ONLY)
+                servicing.InitiateUpgrade(watcher.conn, guid, PackageFlag.NORMAL)
             print(
-                f"{watcher.stamp()} Administrator    Run prerequisite check "
-                "(InitiateUpgrade, Flag=1)"
+                f"{watcher.stamp()} Administrator    Install Update Pack (InitiateUpgrade, Flag=0)"
             )
             if not await _settle(watcher, deadline):
                 print("The demo did not settle in time; see the logs in", site / "Logs")

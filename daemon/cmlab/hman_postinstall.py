@@ -19,16 +19,16 @@ ends the same.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import stat
 from pathlib import Path
 
-from cmlab.atomic import atomic_output, fsync_dir, make_tmp_dir, remove_path, tmp_name_for
+from cmlab.atomic import copy_file_durable, copy_tree_durable
 from cmlab.component import Component, SiteContext
 from cmlab.failpoints import crashpoint
 from cmlab.inbox import BadInput, Outcome
 from cmlab.sitedb import servicing
+from cmlab.sitedb.procs import local_site_number
 from cmlab.statecodes import IsComplete, PackageState, SubStage
 
 S = PackageState
@@ -103,12 +103,18 @@ def load_client_upgrade_settings(
 
 
 def current_install(conn: sqlite3.Connection) -> tuple[str, int] | None:
-    """The update being installed or last installed: the newest state change among the
-    installation states and INSTALL_SUCCESS (failed installations are left out)."""
+    """The update being installed or last installed at this site: the newest state change
+    among the installation states and INSTALL_SUCCESS (failed installations are left out).
+    This site's own status row counts first: the package's state is a roll-up that lags
+    behind it (and stands still while install steps 5-13 have SMSDBMon's triggers removed)."""
     states = ", ".join(str(int(s)) for s in (*INSTALLING_STATES, S.INSTALL_SUCCESS))
     row = conn.execute(
-        f"SELECT PackageGuid, State FROM CM_UpdatePackages WHERE State IN ({states}) "
-        "ORDER BY LastUpdateTime DESC, FullVersion DESC LIMIT 1"
+        "SELECT p.PackageGuid, COALESCE(ss.State, p.State) AS SiteState "
+        "FROM CM_UpdatePackages p LEFT JOIN CM_UpdatePackageSiteStatus ss "
+        "ON ss.PackageGuid = p.PackageGuid AND ss.SiteNumber = ? "
+        f"WHERE SiteState IN ({states}) "
+        "ORDER BY COALESCE(ss.UpdateTime, p.LastUpdateTime) DESC, p.FullVersion DESC LIMIT 1",
+        (local_site_number(conn),),
     ).fetchone()
     return None if row is None else (str(row[0]), int(row[1]))
 
@@ -134,48 +140,6 @@ def find_ccmsetup(source: Path) -> Path:
     if found is None:
         raise ClientFilesError(f"{source} has no {CCMSETUP}")
     return found
-
-
-def copy_tree_durable(source: Path, dest: Path) -> None:
-    """Copy the folder `source` to a temporary sibling of `dest`, fsynced, then rename it to
-    `dest`, replacing an existing `dest` only once the copy is complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_tmp_dir(dest, "copy")
-    try:
-        for dirpath, dirs, files in os.walk(source):
-            rel = Path(dirpath).relative_to(source)
-            for name in dirs:
-                os.mkdir(tmp / rel / name)
-            for name in files:
-                target = tmp / rel / name
-                shutil.copyfile(Path(dirpath, name), target, follow_symlinks=False)
-                fd = os.open(target, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_dir(tmp / rel)
-        os.chmod(tmp, 0o755)
-        if os.path.lexists(dest):
-            # The old folder goes aside under a temporary name (the start-up sweep removes it
-            # if a crash comes before the last line here).
-            aside = tmp_name_for(dest, "old")
-            os.rename(dest, aside)
-            os.rename(tmp, dest)
-            fsync_dir(dest.parent)
-            remove_path(aside)
-        else:
-            os.rename(tmp, dest)
-            fsync_dir(dest.parent)
-    except BaseException:
-        remove_path(tmp)
-        raise
-
-
-def copy_file_durable(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(source, "rb") as src, atomic_output(dest) as out:
-        shutil.copyfileobj(src, out, 1024 * 1024)
 
 
 class PostInstallHandlers(Component):

@@ -603,8 +603,10 @@ def create_installation(
 
 
 def installed_build(site_root: Path) -> int:
-    """The build of the site's installed binaries: the header of `bin/x64/cmupdate.exe`."""
-    path = Path(site_root).joinpath(*INSTALL_DIR, "cmupdate.exe")
+    """The build of the site's installed binaries: the header of `bin/x64/smsexec.exe`. Not
+    cmupdate.exe: CMUpdate upgrades itself before the install steps, and stays upgraded when
+    they fail and are rolled back."""
+    path = Path(site_root).joinpath(*INSTALL_DIR, "smsexec.exe")
     try:
         return sample_build_number(path)
     except OSError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The guide: "This table's ObjectDistributionState_ins_updMon trigger saves the replication
 # stages to the CM_UpdatePackage_MonitoringStatus table" (SubStageID 0xb0002 = 720898,
@@ -95,6 +95,30 @@ CREATE TABLE IF NOT EXISTS CM_UpdatePackageSiteStatus (
     UpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
     PRIMARY KEY (PackageGuid, SiteNumber)
 );
+
+-- Every state a site's status row passes through, in order (what the console's "Updates and
+-- Servicing Status" shows as the update's history). Kept by plain triggers, not SMSDBMon's:
+-- install step 5 drops SMSDBMon's triggers, and the history must not have a hole there.
+CREATE TABLE IF NOT EXISTS CM_UpdatePackageSiteStatus_HIST (
+    ID INTEGER PRIMARY KEY AUTOINCREMENT,
+    PackageGuid TEXT NOT NULL COLLATE NOCASE,
+    SiteNumber INTEGER NOT NULL,
+    State INTEGER NOT NULL,
+    UpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+CREATE TRIGGER IF NOT EXISTS CM_UpdatePackageSiteStatus_ins_HIST
+AFTER INSERT ON CM_UpdatePackageSiteStatus
+BEGIN
+    INSERT INTO CM_UpdatePackageSiteStatus_HIST (PackageGuid, SiteNumber, State)
+    VALUES (new.PackageGuid, new.SiteNumber, new.State);
+END;
+CREATE TRIGGER IF NOT EXISTS CM_UpdatePackageSiteStatus_upd_HIST
+AFTER UPDATE OF State ON CM_UpdatePackageSiteStatus
+WHEN new.State <> old.State
+BEGIN
+    INSERT INTO CM_UpdatePackageSiteStatus_HIST (PackageGuid, SiteNumber, State)
+    VALUES (new.PackageGuid, new.SiteNumber, new.State);
+END;
 
 CREATE TABLE IF NOT EXISTS CM_UpdatePackage_MonitoringStatus (
     PackageGuid TEXT NOT NULL COLLATE NOCASE,
@@ -275,4 +299,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     4: (),
     # ClientUpgradeSettings comes from SCHEMA.
     5: (),
+    # CM_UpdatePackageSiteStatus_HIST and its two triggers come from SCHEMA.
+    6: (),
 }

@@ -70,6 +70,16 @@ def _in(states: tuple[PackageState, ...]) -> str:
     return "(" + ", ".join(str(int(s)) for s in states) + ")"
 
 
+# An update whose run is not over, as a condition on `CM_UpdatePackages p`: in progress, or at
+# a prerequisite result the run goes on from (Flag 0 or 2; a warning only with Flag 2), where
+# the installation is starting or the roll-up has not caught up with the sites yet.
+RUN_GOES_ON = (
+    f"(p.State IN {_in(IN_PROGRESS_STATES)} "
+    f"OR (p.State = {int(S.PREREQ_SUCCESS)} AND p.Flag IN (0, 2)) "
+    f"OR (p.State = {int(S.PREREQ_WARNING)} AND p.Flag = 2))"
+)
+
+
 class NotInitiable(LookupError):
     """InitiateUpgrade refused: no such package, a state it cannot start from, or another
     update already in progress."""
@@ -345,7 +355,7 @@ def spCMUGetPendingUpdatePackage(conn: sqlite3.Connection) -> list[PendingPackag
         "LEFT JOIN SMSPackages sp ON sp.PkgID = e.PackageID "
         "LEFT JOIN CM_UpdatePackageSiteStatus ss "
         "ON ss.PackageGuid = p.PackageGuid AND ss.SiteNumber = ? "
-        f"WHERE p.State IN {_in(IN_PROGRESS_STATES)} ORDER BY p.LastUpdateTime",
+        f"WHERE {RUN_GOES_ON} ORDER BY p.LastUpdateTime",
         (site,),
     ).fetchall()
     return [
@@ -475,13 +485,13 @@ def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:
 
 def spProcessCMUPackages(conn: sqlite3.Connection) -> dict[str, int]:
     """`exec spProcessCMUPackages`: spProcessCMU for every update with an Easy Setup Package
-    that is in progress. Returns each one's state afterwards."""
+    whose run is not over (RUN_GOES_ON). Returns each one's state afterwards."""
     guids = [
         str(r[0])
         for r in conn.execute(
             "SELECT p.PackageGuid FROM CM_UpdatePackages p "
             "JOIN EasySetupSettings e ON e.PackageGuid = p.PackageGuid "
-            f"WHERE p.State IN {_in(IN_PROGRESS_STATES)}"
+            f"WHERE {RUN_GOES_ON}"
         )
     ]
     out: dict[str, int] = {}

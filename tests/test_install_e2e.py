@@ -272,15 +272,17 @@ def test_install_takes_the_update_to_install_success_and_updates_the_site(site: 
             f"deleted notification file {CFD_ESC}",
         ],
     )
-    # The notification comes before INSTALL_SUCCESS, as in the guide: HMAN waits for it.
-    assert any(
-        re.fullmatch(
-            r"WARN: The current update package's state \(\d+\) is not set to installed yet\. "
-            r"Will retry in next cycle\.",
-            line,
+    # The notification comes before INSTALL_SUCCESS, as in the guide: when HMAN takes it that
+    # early it says so and waits (how early depends on the machine's load, so not required).
+    warns = [i for i, line in enumerate(hman) if line.startswith("WARN: The current update")]
+    loaded = next(i for i, line in enumerate(hman) if line.startswith("Loaded client upgrade"))
+    for i in warns:
+        assert re.fullmatch(
+            r"WARN: The current update package's state \(1966\d\d\) is not set to installed "
+            r"yet\. Will retry in next cycle\.",
+            hman[i],
         )
-        for line in hman
-    )
+        assert i < loaded
     assert f"deleted notification file {ROOT}\\inboxes\\hman.box\\CFD\\{GUID}.CME" in hman
     assert "Check CMU status..." in hman
 
@@ -468,7 +470,7 @@ def test_outside_its_service_window_the_site_waits_across_a_restart(site: Path) 
         )
         assert daemon.stop() == 0
     waiting = [line for line in log(site, "CMUpdate.log") if "outside its service window" in line]
-    assert len(waiting) == 1
+    assert waiting  # once per pass: a second CMI can make it twice
     assert re.fullmatch(
         r"The site server is outside its service window \(Every day \d\d:\d\d:\d\d for 1h00m\)\. "
         rf"Waiting for the service window to apply update {GUID}; it opens at "
@@ -484,7 +486,7 @@ def test_outside_its_service_window_the_site_waits_across_a_restart(site: Path) 
         wait_until(
             lambda: (
                 len([x for x in log(site, "CMUpdate.log") if "outside its service window" in x])
-                == 2
+                > len(waiting)
             ),
             timeout=60,
             what="the wait taken up again after the restart",
@@ -502,8 +504,6 @@ def test_outside_its_service_window_the_site_waits_across_a_restart(site: Path) 
     assert_in_order(
         lines,
         [
-            re.compile(r"The site server is outside its service window .*"),
-            re.compile(r"The site server is outside its service window .*"),
             re.compile(r"The site server is outside its service window .*"),
             re.compile(
                 r"The site server is in its service window \(.*\): the CM server updates can be "

@@ -192,7 +192,10 @@ def test_symlink_in_an_inbox_is_never_followed(site: Path, tmp_path: Path) -> No
         wait_until(reason.exists, timeout=60)
         assert "symbolic link" in reason.read_text()
         assert target.read_text() == "secret"
-        assert any("symbolic link" in line for line in log(site, "hman.log"))
+        # The reason file is written before the log line: wait for the line, do not race it.
+        wait_until(
+            lambda: any("symbolic link" in line for line in log(site, "hman.log")), timeout=30
+        )
         sync_and_settle(site)
         assert daemon.stop() == 0
 

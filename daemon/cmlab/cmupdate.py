@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cmlab.atomic import remove_path
 from cmlab.cabfiles import extract_cab_into
-from cmlab.cmupdate_install import InstallationHandlers, continues_to_install
+from cmlab.cmupdate_install import InstallationHandlers, build_of, continues_to_install
 from cmlab.component import SiteContext
 from cmlab.contentlib import ContentLibrary
 from cmlab.errors import CmlabError, PrereqError
@@ -72,12 +72,6 @@ def _site_facts(conn: sqlite3.Connection, site_code: str) -> SiteFacts:
     if row is None:
         raise CmlabError(f"the site database has no Sites row for {site_code}")
     return SiteFacts(build=int(row[0]), version=str(row[1]), top_level=not row[2])
-
-
-def build_of(full_version: str) -> int:
-    """5.00.9141.1000 -> 9141."""
-    parts = full_version.split(".")
-    return int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else 0
 
 
 class CMUpdate(InstallationHandlers):

@@ -29,11 +29,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cmlab.atomic import copy_tree_durable, make_tmp_dir, remove_path, write_atomic
+from cmlab.atomic import (
+    atomic_output,
+    copy_tree_durable,
+    make_tmp_dir,
+    remove_path,
+    write_atomic,
+)
 from cmlab.component import Component, SiteContext
 from cmlab.errors import CmlabError
 from cmlab.failpoints import crashpoint
-from cmlab.hashing import sha256_file
+from cmlab.hashing import sha256_bytes, sha256_file
 from cmlab.payload import INSTALL_MAP, InstallStep, parse_install_map, sample_build_number
 from cmlab.redistmedia import MediaError, check_media, process_redists
 from cmlab.servicewindow import is_open, next_opening
@@ -46,7 +52,7 @@ from cmlab.siteinstall import (
     SiteInstaller,
 )
 from cmlab.statecodes import IsComplete, PackageFlag, PackageState, SubStage
-from cmlab.updatemap import MapFile, UpdateMap
+from cmlab.updatemap import MapFile, UpdateMap, decode_update_map, parse_update_map
 
 S = PackageState
 CMU_SERVICE = "CONFIGURATION_MANAGER_UPDATE"
@@ -96,7 +102,17 @@ def continues_to_install(state: int, flag: int) -> bool:
 
 
 def failed_marker(staging: Path) -> Path:
+    """`CMUStaging/<GUID>.failed`: the failure state's code on the first line, the error after."""
     return staging.with_name(staging.name + ".failed")
+
+
+def parse_failed_marker(text: str) -> tuple[PackageState, str]:
+    """The state and reason a failed run recorded; a marker that is not one of ours (edited
+    by hand, or written by an older cmlab) still ends the run failed."""
+    first, _, rest = text.partition("\n")
+    if first.strip().isdigit() and int(first) in (S.INSTALL_FAILED, S.INSTALL_CMU_FAILED):
+        return PackageState(int(first)), rest.strip()
+    return S.INSTALL_FAILED, text.strip()
 
 
 def map_file(update_map: UpdateMap, component: str, name: str) -> tuple[str, MapFile] | None:
@@ -182,8 +198,9 @@ class InstallationHandlers(Component):
             await self.set_state(guid, S.INSTALL_IN_PROGRESS)
         elif marker.exists():
             # Killed during (or just after) a rollback: finish it, then report the failure.
-            reason = await self.in_thread(marker.read_text, "utf-8")
-            await self.roll_back(package, staging, reason.strip(), S.INSTALL_FAILED)
+            text = await self.in_thread(marker.read_text, "utf-8")
+            state, reason = parse_failed_marker(text)
+            await self.roll_back(package, staging, reason, state)
             return
         try:
             await self.run_installation(package, staging)
@@ -193,7 +210,7 @@ class InstallationHandlers(Component):
 
     async def run_installation(self, package: servicing.PendingPackage, staging: Path) -> None:
         guid = package.guid
-        target_build = _build_of(package.full_version)
+        target_build = build_of(package.full_version)
         installer: SiteInstaller | None = None
         done = await self.db.read(_completed_steps, guid)
 
@@ -290,7 +307,12 @@ class InstallationHandlers(Component):
             self.say(f"{CMU_SERVICE} is already running build {target_build}.")
             return False
         await self.set_state(guid, S.INSTALL_CMU_VALIDATING)
-        source, entry = await self.in_thread(self._new_cmupdate, staging)
+        new = await self.in_thread(self._new_cmupdate, staging)
+        if new is None:
+            # A hotfix that does not update CMUpdate: it installs with the running one.
+            self.say(f"update.map has no update for {CMU_SERVICE}")
+            return False
+        source, entry = new
         dest = self.paths.root / "bin" / "x64" / CMU_EXE
         await self.set_state(guid, S.INSTALL_CMU_STOPPED)
         self.say(f"{CMU_SERVICE} service is stopping...")
@@ -311,10 +333,9 @@ class InstallationHandlers(Component):
         await self.set_state(guid, S.INSTALL_CMU_SUCCESS)
         return True
 
-    def _new_cmupdate(self, staging: Path) -> tuple[Path, MapFile]:
-        """The package's cmupdate.exe, if its hash is the one update.map gives for it."""
-        from cmlab.updatemap import decode_update_map, parse_update_map
-
+    def _new_cmupdate(self, staging: Path) -> tuple[Path, MapFile] | None:
+        """The package's cmupdate.exe, if its hash is the one update.map gives for it; None
+        when update.map's CONFIGURATION_MANAGER_UPDATE section has none (a hotfix)."""
         setup = staging / "SMSSetup"
         try:
             update_map = parse_update_map(decode_update_map((setup / "update.map").read_bytes()))
@@ -324,14 +345,9 @@ class InstallationHandlers(Component):
                 f"{exc}. Run the installation again (it extracts the content again).",
                 S.INSTALL_CMU_FAILED,
             ) from exc
-        found = map_file(update_map, CMU_SERVICE, CMU_EXE) or map_file(
-            update_map, "SITE_SERVER", CMU_EXE
-        )
+        found = map_file(update_map, CMU_SERVICE, CMU_EXE)
         if found is None:
-            raise InstallFailed(
-                f"update.map lists no {CMU_EXE}: the update package is damaged.",
-                S.INSTALL_CMU_FAILED,
-            )
+            return None
         folder, entry = found
         source = setup.joinpath(*folder.split("\\")) / entry.name
         try:
@@ -523,7 +539,7 @@ class InstallationHandlers(Component):
     ) -> None:
         guid = package.guid
         marker = failed_marker(staging)
-        await self.in_thread(write_atomic, marker, reason + "\n")
+        await self.in_thread(write_atomic, marker, f"{int(state)}\n{reason}\n")
         crashpoint("cmupdate.before_rollback")
         installer = SiteInstaller(
             InstallContext(
@@ -532,7 +548,7 @@ class InstallationHandlers(Component):
                 db_file=self.paths.db_file,
                 site_code=self.config.site_code,
                 guid=guid,
-                target_build=_build_of(package.full_version),
+                target_build=build_of(package.full_version),
                 target_version=package.full_version,
                 update_map=UpdateMap(components=()),
                 trust=self.ctx.trust,
@@ -563,16 +579,14 @@ def _completed_steps(conn: sqlite3.Connection, guid: str) -> frozenset[int]:
     )
 
 
-def _build_of(full_version: str) -> int:
+def build_of(full_version: str) -> int:
+    """5.00.9141.1000 -> 9141."""
     parts = full_version.split(".")
     return int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else 0
 
 
 def _install_verified(source: Path, dest: Path, expected: str) -> None:
     """Copy `source` over `dest` atomically, only if the copy has the `expected` hash."""
-    from cmlab.atomic import atomic_output
-    from cmlab.hashing import sha256_bytes
-
     data = source.read_bytes()
     actual = sha256_bytes(data)
     if actual != expected:

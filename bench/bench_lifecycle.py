@@ -1,31 +1,39 @@
 """An update's whole lifecycle on the real daemon, stage by stage: `cmlab sync` to
-APPLICABILITY_SUCCESS, `cmlab download` to DOWNLOAD_SUCCESS, `cmlab prereq` to
-CONTENT_REPLICATION_SUCCESS and on to PREREQ_SUCCESS, for the sample update (payload about
-100 KB) and for a 200 MB payload, every figure against a baseline measured in the same run.
+APPLICABILITY_SUCCESS, `cmlab download` to DOWNLOAD_SUCCESS, `cmlab install` (Flag 0) to
+CONTENT_REPLICATION_SUCCESS, on to PREREQ_SUCCESS and on to INSTALL_SUCCESS in the same run,
+for the sample update (payload about 100 KB) and for a 200 MB payload, every figure against a
+baseline measured in the same run.
 
 The stages are the list `STAGES`: each names the `cmlab` command that starts it (None when it
-follows the previous stage inside the same command's run), the `CM_UpdatePackages.State` that
-ends it, the states it passes on the way, and its bare file work (the baseline of the 200 MB
-case). Today the flow ends at PREREQ_SUCCESS (`cmlab prereq`, Flag 1): installation is not
-built yet. When it lands, the benchmark extends by one entry,
-
-    Stage("install", ("install", "GUID"), PackageState.INSTALL_SUCCESS, passes=(...), ...)
-
-and its rows, and the total, follow from the list; nothing else changes.
+follows the previous stage inside the same command's run), the state that ends it, the states
+it passes on the way, where its end is read (`clock`) and its bare file work (the baseline of
+the 200 MB case). The rows and the total follow from the list.
 
 The lab: the sample site is `init_site` with its own CA and the bundled content source; the
 200 MB content source (four 50 MB incompressible binaries added to the 2509 package, signed
 with a lab CA) is made by `bench_download.build_lab`, imported, and a fresh site is initialised
 against it. Both sites are made once with `sync` 0 (sync only on `cmlab sync`), `rescan` 0.5 s,
-`settle` 0.05 s and `auto_download` off, and kept as untouched templates.
+`settle` 0.05 s and `auto_download` off, and kept as untouched templates. The 200 MB files sit
+in `SMSSetup/bench/`, outside update.map's components: the installation carries them in the
+staging folder and cd.latest, and INSTALL_FILES installs the package's own bin/x64 files.
 
 Each repetition, on a fresh copy of the template: the real daemon (`python -m cmlab run SITE`,
 `bench_download.Daemon`, READY=1 through NOTIFY_SOCKET), `os.sync()`; then, for each command,
 from starting `python -m cmlab <command> SITE [GUID]` a read-only connection reads
-`CM_UpdatePackages.State` every 5 ms and stamps every change. A stage ends at the first reading
-of its ending state (or of a later stage's state, if its own lasted less than a poll: `missed`
-in the details). After the command's last stage, the bench waits for the CLI to exit and for
-every inbox to be empty (drop files consumed; `settle_seconds` in the details) before the next
+`CM_UpdatePackages.State` every 5 ms and stamps every change, until the command's last stage's
+state is read there (it stays), and the site's state, to stop at a failure. `CM_UpdatePackages`
+is HMAN's roll-up of the site's status and can skip a state (PREREQ_SUCCESS when the run goes
+straight on to the installation) or stand still (install steps 5-13 delete SMSDBMon's
+triggers), so a stage's end is read from `CM_UpdatePackageSiteStatus_HIST`, the database's
+record of every state of the site's status row, in order, stamped when written (UTC, ms): the
+first row of its ending state after the stage's start (or of a later stage's state, should the
+site skip its own: `missed` in the details), placed on the bench's clock against the command's
+start read on both clocks. The sync stage alone is timed on the poll: applicability has no site
+status row yet (the history starts at DOWNLOAD_IN_PROGRESS). The details give, per stage, how
+long after its end the poll read the same state at the package level
+(`package_level_lag_seconds`, null when it never did) and both timelines of the first
+repetition. After the command's last stage, the bench waits for the CLI to exit and for every
+inbox to be empty (drop files consumed; `settle_seconds` in the details) before the next
 command. The daemon's VmHWM (/proc/PID/status) is read at READY and at the end. The details
 also give when the bench read each command's own commit (`cli_commit_seconds`: SyncHistory
 row, CM_UpdatePackagesToDownload row, State = ENABLED) and, per stage, what is left after it
@@ -36,21 +44,25 @@ Baselines, in the same run:
 - the CLI floor: `python -m cmlab status SITE` as a subprocess (start-up, one read of the
   database, exit), three times per repetition: what every `cmlab` command that starts a stage
   pays before the daemon sees anything. It is the baseline of every stage a command starts;
-  the sample's other stage (the prerequisite check, started by the daemon itself) has none
-  (`baseline_figure` null): an equal number of SQLite commits and renames in a loop would say
-  nothing about what the daemon should cost.
+  the sample's other stages (the prerequisite check and the installation, which follow inside
+  the daemon) have none (`baseline_figure` null): an equal number of SQLite commits and
+  renames in a loop would say nothing about what the daemon should cost.
 - 200 MB, the bare file work of each stage, in a plain Python loop on the same bytes, warm
-  cache, no fsync, added to the floor for stages a command starts: download, copy + SHA-256
-  of the payload CAB and its extraction (`cabextract`, else `bsdtar`, else
-  cmlab.cabfiles); replication, SHA-256 of every file of the extracted folder and a copy of
-  it (HMAN's folder hash and DistMgr's snapshot); prerequisite check, a second copy and its
-  SHA-256 (CMUpdate's extraction from the content library into CMUStaging).
+  cache, added to the floor for stages a command starts: download, copy + SHA-256 of the
+  payload CAB and its extraction (`cabextract`, else `bsdtar`, else cmlab.cabfiles);
+  replication, SHA-256 of every file of the extracted folder and a copy of it (HMAN's folder
+  hash and DistMgr's snapshot); prerequisite check, a second copy and its SHA-256 (CMUpdate's
+  extraction from the content library into CMUStaging); installation, SHA-256 of every file of
+  that staging copy (CMUpdate's check of the staging folder against the content library), a
+  copy of its bin/x64 files with an fsync each (INSTALL_FILES, update.map's SITE_SERVER
+  files), and a copy of the whole folder (cd.latest). No other fsync: the writeback left
+  undone is measured after (`os.sync()`).
 - peak RSS: the daemon's VmHWM at READY (start-up and idle).
 
 Daemon runs and baselines alternate in order from one repetition to the next. Full run: 5
-repetitions of the sample, 3 of the 200 MB payload (about 50 s, 20 s of it building the 200 MB
-content source); `--quick`: 1 of the sample only (a few seconds). About 2.5 GB in `$TMPDIR`.
-Run standalone with `PYTHONPATH=daemon python bench/bench_lifecycle.py [--quick]`.
+repetitions of the sample, 3 of the 200 MB payload (about 85 s on 2 cores, 20-30 s of it
+building the 200 MB content source); `--quick`: 1 of the sample only (about 4 s). About 3 GB
+in `$TMPDIR`. Run standalone with `PYTHONPATH=daemon python bench/bench_lifecycle.py [--quick]`.
 """
 
 from __future__ import annotations
@@ -67,10 +79,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -107,6 +121,7 @@ FAILED = frozenset(
         S.PREREQ_ERROR,
         S.PREREQ_WARNING,
         S.INSTALL_FAILED,
+        S.INSTALL_CMU_FAILED,
     }
 )
 
@@ -142,6 +157,12 @@ class Stage:
     # A query whose value changes when the command's own transaction commits (the hand-off
     # to the daemon); None: the first change of State is the command's own write.
     queued_sql: str | None = None
+    # Where its end is read: "history", the first row of its ending state in this site's
+    # CM_UpdatePackageSiteStatus_HIST (every site state, stamped by the database when written);
+    # "package", the first poll reading of it in CM_UpdatePackages.State (HMAN's roll-up,
+    # which can skip a state or stand still). Only a stage with no site status row yet (the
+    # applicability check) is timed on the package.
+    clock: Literal["history", "package"] = "history"
 
 
 def _timed(steps: dict[str, float], name: str, fn: Callable[[], object]) -> None:
@@ -191,6 +212,31 @@ def work_prereq_check(s: Scratch) -> dict[str, float]:
     return steps
 
 
+def _install_files(staging: Path, dest: Path) -> None:
+    """Copy the files INSTALL_FILES installs (update.map's SITE_SERVER directory, bin/x64),
+    each flushed with fsync, as an installer must before it says the files are in place."""
+    source = staging / "SMSSetup" / "bin" / "x64"
+    dest.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file():
+            target = dest / path.name
+            shutil.copyfile(path, target)
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def work_install(s: Scratch) -> dict[str, float]:
+    steps: dict[str, float] = {}
+    staging = s.dir / "staging"
+    _timed(steps, "sha256_staging", lambda: _hash_tree(staging))
+    _timed(steps, "install_files", lambda: _install_files(staging, s.dir / "site" / "x64"))
+    _timed(steps, "copy_cd_latest", lambda: shutil.copytree(staging, s.dir / "cd.latest"))
+    return steps
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "sync",
@@ -202,6 +248,7 @@ STAGES: tuple[Stage, ...] = (
         work=None,
         work_is="none (the manifest does not grow with the payload): the CLI floor only",
         queued_sql="SELECT COUNT(*) FROM SyncHistory",
+        clock="package",
     ),
     Stage(
         "download",
@@ -216,11 +263,12 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "replication",
-        ("prereq", "GUID"),
+        ("install", "GUID"),
         S.CONTENT_REPLICATION_SUCCESS,
         passes=(S.ENABLED, S.CONTENT_REPLICATING),
-        what="`cmlab prereq` -> CONTENT_REPLICATION_SUCCESS: InitiateUpgrade, SMSDBMon, HMAN's "
-        "folder hash of EasySetupPayload, DistMgr's snapshot into SCCMContentLib",
+        what="`cmlab install` (Flag 0) -> CONTENT_REPLICATION_SUCCESS: InitiateUpgrade, "
+        "SMSDBMon, HMAN's folder hash of EasySetupPayload, DistMgr's snapshot into "
+        "SCCMContentLib",
         work=work_replication,
         work_is="SHA-256 of every file of the extracted payload folder, a copy of it",
     ),
@@ -234,8 +282,34 @@ STAGES: tuple[Stage, ...] = (
         work=work_prereq_check,
         work_is="a second copy of the folder and its SHA-256",
     ),
-    # Installation, when it lands (`cmlab install`, Flag 0):
-    # Stage("install", ("install", "GUID"), S.INSTALL_SUCCESS, passes=(...), what=..., work=...)
+    Stage(
+        "install",
+        None,
+        S.INSTALL_SUCCESS,
+        passes=(
+            S.INSTALL_IN_PROGRESS,
+            S.INSTALL_CMU_VALIDATING,
+            S.INSTALL_CMU_STOPPED,
+            S.INSTALL_CMU_INSTALLFILES,
+            S.INSTALL_CMU_STARTED,
+            S.INSTALL_CMU_SUCCESS,
+            S.INSTALL_UPGRADEDATABASE,
+            S.INSTALL_INSTALLSYSTEM,
+            S.INSTALL_INSTALLFILES,
+            S.INSTALL_UPGRADESITECTRLIMAGE,
+            S.INSTALL_CONFIGURESERVICEBROKER,
+            S.INSTALL_INSTALLBASESERVICES,
+            S.INSTALL_UPDATE_SITES,
+            S.INSTALL_UPDATEADMINCONSOLE,
+            S.INSTALL_SSB_ACTIVATION_ON,
+        ),
+        what="PREREQ_SUCCESS -> INSTALL_SUCCESS: CMUpdate's self-upgrade, the staging folder "
+        "checked against the content library, the redists and media check, install.map's 16 "
+        "steps, cd.latest, the client files, the post-installation checks",
+        work=work_install,
+        work_is="SHA-256 of every file of the staging folder, a copy of its bin/x64 files with "
+        "an fsync each (INSTALL_FILES), a copy of the folder (cd.latest)",
+    ),
 )
 
 
@@ -372,11 +446,15 @@ class LifecycleRun:
     stages: dict[str, float]  # stage name -> seconds
     total: float  # the sum of the stages (the settle waits between commands left out)
     wall: float  # from the first command to the last step's inboxes empty
-    missed: list[str]  # stages whose ending state lasted less than a poll
+    missed: list[str]  # stages whose ending state was not seen where the stage is timed
     settle: dict[str, float]  # command -> seconds from its last state to empty inboxes
     cli_exit: dict[str, float]  # command -> seconds from its start to the CLI's exit
     queued: dict[str, float]  # command -> seconds from its start to its commit being read
     transitions: dict[str, list[tuple[float, str]]]  # command -> (seconds, state) as read
+    history: dict[str, list[tuple[float, str]]]  # command -> (seconds, site state) recorded
+    # stage -> seconds from its end (as timed) until the package-level State was read at its
+    # ending state; None: never read there (HMAN's roll-up skipped it, or it lasted < a poll)
+    package_lag: dict[str, float | None]
     ready_seconds: float
     hwm_ready: int
     hwm_end: int
@@ -392,6 +470,8 @@ def run_lifecycle(case: Case) -> LifecycleRun:
     cli_exit: dict[str, float] = {}
     queued: dict[str, float] = {}
     transitions: dict[str, list[tuple[float, str]]] = {}
+    history: dict[str, list[tuple[float, str]]] = {}
+    package_lag: dict[str, float | None] = {}
     with Daemon(lab) as daemon:
         assert daemon.proc is not None
         pid = daemon.proc.pid
@@ -405,6 +485,8 @@ def run_lifecycle(case: Case) -> LifecycleRun:
                 assert command is not None
                 label = command[0]
                 args = [a.replace("GUID", GUID) for a in command[1:]]
+                last_id = _history_id(reader)
+                t0_epoch = time.time()
                 t0 = time.perf_counter()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "cmlab", command[0], str(lab.site), *args],
@@ -427,16 +509,33 @@ def run_lifecycle(case: Case) -> LifecycleRun:
                 transitions[label] = [
                     (round(t - t0, 4), "none" if s is None else S.name_of(s)) for t, s in seen
                 ]
+                # The site's history, on the bench's clock: its database timestamps are UTC
+                # wall-clock time, placed against the command's start read on both clocks.
+                recorded = [
+                    (t0 + (epoch - t0_epoch), state)
+                    for epoch, state in _history_since(reader, last_id)
+                ]
+                history[label] = [(round(t - t0, 4), S.name_of(s)) for t, s in recorded]
+                # seen[0] is the state the command found; the stage's states come after.
+                polled = seen[1:]
                 start = t0
                 for i, stage in enumerate(step):
                     later = {stage.ends_at}
                     for nxt in step[i + 1 :]:
                         later.update(nxt.passes)
                         later.add(nxt.ends_at)
-                    # seen[0] is the state the command found; the stage's states come after.
-                    hit = next(t for t, s in seen[1:] if s in later)
-                    if not any(s == stage.ends_at for _, s in seen[1:]):
+                    events = recorded if stage.clock == "history" else polled
+                    after = [(t, s) for t, s in events if t >= start]
+                    hit = next((t for t, s in after if s in later), None)
+                    if hit is None:
+                        raise RuntimeError(
+                            f"{stage.name}: no {S.name_of(stage.ends_at)} nor a later state in "
+                            f"the {stage.clock} states: {history[label]} / {transitions[label]}"
+                        )
+                    if not any(s == stage.ends_at for _, s in after):
                         missed.append(stage.name)
+                    at_package = next((t for t, s in polled if s == stage.ends_at), None)
+                    package_lag[stage.name] = None if at_package is None else at_package - hit
                     stages[stage.name] = hit - start
                     start = hit
             wall = time.perf_counter() - first
@@ -453,11 +552,43 @@ def run_lifecycle(case: Case) -> LifecycleRun:
         cli_exit=cli_exit,
         queued=queued,
         transitions=transitions,
+        history=history,
+        package_lag=package_lag,
         ready_seconds=ready,
         hwm_ready=hwm_ready,
         hwm_end=vm["VmHWM"],
         rss_end=vm["VmRSS"],
     )
+
+
+HISTORY = "CM_UpdatePackageSiteStatus_HIST"
+
+
+def _site_state(reader: sqlite3.Connection) -> int | None:
+    """The update's state at the site (CM_UpdatePackageSiteStatus; the lab has one site): a
+    failure shows here first, and during install steps 5-13 only here."""
+    row = reader.execute(
+        "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", (GUID,)
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _history_id(reader: sqlite3.Connection) -> int:
+    return int(reader.execute(f"SELECT COALESCE(MAX(ID), 0) FROM {HISTORY}").fetchone()[0])
+
+
+def _history_since(reader: sqlite3.Connection, last_id: int) -> list[tuple[float, int]]:
+    """(epoch seconds, State) of every site state of the update recorded after `last_id`, in
+    order (the lab has one site). UpdateTime is UTC, 'YYYY-MM-DD HH:MM:SS.fff'."""
+    rows = reader.execute(
+        f"SELECT UpdateTime, State FROM {HISTORY} WHERE PackageGuid = ? AND ID > ? ORDER BY ID",
+        (GUID, last_id),
+    ).fetchall()
+    return [(_utc_epoch(str(stamp)), int(state)) for stamp, state in rows]
+
+
+def _utc_epoch(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
 
 
 @dataclasses.dataclass
@@ -476,7 +607,8 @@ def _watch(
     cli: subprocess.Popen[bytes],
 ) -> Watch:
     """Read the update's State every POLL seconds until it is `want`; every change stamped,
-    with the command's commit (`stage.queued_sql`, else the first change of State) and exit."""
+    with the command's commit (`stage.queued_sql`, else the first change of State) and exit.
+    A failed state at the package or at the site stops it."""
 
     def queued_value() -> object:
         if stage.queued_sql is None:
@@ -500,13 +632,23 @@ def _watch(
                 raise RuntimeError(f"the cmlab command exited with {cli.returncode}")
         if state == want:
             return w
-        if state in FAILED:
-            raise RuntimeError(f"{GUID} is {S.name_of(state)}: see {lab.site / 'Logs'}")
+        for failed in (state, _site_state(reader)):
+            if failed is not None and failed in FAILED:
+                raise RuntimeError(f"{GUID} is {S.name_of(failed)}: {_log_errors(lab)}")
         if daemon.proc is None or daemon.proc.poll() is not None:
             raise RuntimeError("the daemon exited during the lifecycle")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{GUID} still at {state}, waiting for {want}")
         time.sleep(POLL)
+
+
+def _log_errors(lab: Lab, keep: int = 8) -> str:
+    """The last ERROR lines of the site's logs, for the exception that stops the run."""
+    lines = []
+    for log_file in sorted((lab.site / "Logs").glob("*.log")):
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+        lines += [f"{log_file.name}: {x}" for x in text.splitlines() if "ERROR" in x]
+    return "\n".join(lines[-keep:]) or f"no ERROR line in {lab.site / 'Logs'}"
 
 
 def _wait_empty(lab: Lab, daemon: Daemon) -> None:
@@ -523,17 +665,22 @@ def _wait_empty(lab: Lab, daemon: Daemon) -> None:
 
 
 def cli_floor(lab: Lab) -> float:
-    """One `python -m cmlab status SITE`: start-up, one read of the database, exit."""
+    """One `python -m cmlab status SITE`: start-up, one read of the database, exit. Waited
+    for with a blocking wait(): `subprocess.run(timeout=...)` polls in sleeps of up to 50 ms,
+    which rounds the figure up to the next step of its schedule (0.115, 0.165, 0.215 s ...)."""
+    cmd = [sys.executable, "-m", "cmlab", "status", str(lab.site)]
     t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "cmlab", "status", str(lab.site)],
-        env=lab.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=True,
-        timeout=STEP_TIMEOUT,
-    )
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, env=lab.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    timer = threading.Timer(STEP_TIMEOUT, proc.kill)
+    timer.start()
+    try:
+        returncode = proc.wait()
+    finally:
+        timer.cancel()
+    seconds = time.perf_counter() - t0
+    if returncode != 0:
+        raise subprocess.CalledProcessError(returncode, cmd)
+    return seconds
 
 
 def python_start() -> float:
@@ -622,7 +769,7 @@ def _run(plan: Runs, work: Path) -> list[dict[str, Any]]:
     rows += _measure(sample, None)
     shutil.rmtree(work / "sample", ignore_errors=True)
     if plan.big_reps:
-        needed = 12 * plan.big_files * plan.big_file_bytes
+        needed = 16 * plan.big_files * plan.big_file_bytes
         free = shutil.disk_usage(work).free
         if free < needed:
             raise RuntimeError(f"needs {needed / MB:,.0f} MB free in {work}, has {free / MB:,.0f}")
@@ -690,6 +837,11 @@ def _measure(
         "wall_is": "from the first command until the last command's inboxes are empty (the "
         "stages, plus the waits for empty inboxes between commands)",
         "transitions_first_repetition": runs[0].transitions,
+        "transitions_are": "CM_UpdatePackages.State as polled (HMAN's roll-up), seconds from "
+        "the command's start",
+        "site_history_first_repetition": runs[0].history,
+        "site_history_is": f"{HISTORY}: every state of the site's status row, in order, at "
+        "the time the database stamped it (UTC, ms), seconds from the command's start",
         "missed_states": [r.missed for r in runs],
         "daemon_vmhwm_bytes": {
             "at_ready": spread([r.hwm_ready for r in runs]),
@@ -727,7 +879,18 @@ def _measure(
                 "payload is negligible and a loop of as many commits and renames would be no "
                 "floor"
             )
-        details = {**common, "stage": stage.what, "samples": [round(s, 4) for s in samples]}
+        lags = [r.package_lag[stage.name] for r in runs]
+        details = {
+            **common,
+            "stage": stage.what,
+            "samples": [round(s, 4) for s in samples],
+            "end_read_in": "CM_UpdatePackages.State, polled"
+            if stage.clock == "package"
+            else f"{HISTORY}, first row of the ending state",
+            "package_level_lag_seconds": [None if x is None else round(x, 4) for x in lags],
+            "package_level_lag_is": "from the stage's end as timed until the poll read the "
+            "same state in CM_UpdatePackages.State (HMAN's roll-up); null: never read there",
+        }
         if stage.command is not None and all(stage.command[0] in r.queued for r in runs):
             # What is left of the stage once the command has committed: the daemon's share.
             details["after_cli_commit_seconds"] = spread(

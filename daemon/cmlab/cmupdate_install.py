@@ -74,13 +74,6 @@ INSTALLING = frozenset(
     and s not in (S.INSTALL_SUCCESS, S.INSTALL_WAITING_PARENT, S.INSTALL_PENDING_REBOOT)
     and s not in servicing.FAILED_STATES
 )
-SELF_UPGRADE_STATES = (
-    S.INSTALL_CMU_VALIDATING,
-    S.INSTALL_CMU_STOPPED,
-    S.INSTALL_CMU_INSTALLFILES,
-    S.INSTALL_CMU_STARTED,
-    S.INSTALL_CMU_SUCCESS,
-)
 
 
 class InstallFailed(CmlabError):
@@ -211,7 +204,6 @@ class InstallationHandlers(Component):
     async def run_installation(self, package: servicing.PendingPackage, staging: Path) -> None:
         guid = package.guid
         target_build = build_of(package.full_version)
-        installer: SiteInstaller | None = None
         done = await self.db.read(_completed_steps, guid)
 
         # Process step 1: readiness, self-upgrade, service window.
@@ -228,7 +220,9 @@ class InstallationHandlers(Component):
         await self.report_status(guid, SubStage.CHECK_SERVICE_READINESS, IsComplete.SUCCESS, 100)
         if not done and not await self.in_service_window(guid):
             return
-        if package.state in (S.INSTALL_WAITING_SERVICE_WINDOW, *SELF_UPGRADE_STATES):
+        if not done:
+            # Back from the self-upgrade or the service window (a no-op when already there);
+            # a run whose steps have begun keeps its step's state.
             await self.set_state(guid, S.INSTALL_IN_PROGRESS)
 
         # Process step 2: the content and the redists.

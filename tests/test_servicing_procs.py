@@ -255,6 +255,31 @@ def test_initiate_upgrade_refuses_a_second_update_while_one_is_in_progress(
     assert package(conn, OTHER) == (busy, 1)
 
 
+@pytest.mark.parametrize(
+    ("state", "flag"),
+    [(S.PREREQ_SUCCESS, 0), (S.PREREQ_SUCCESS, 2), (S.PREREQ_WARNING, 2)],
+    ids=["success-install", "success-ignore-warnings", "warning-ignore-warnings"],
+)
+def test_initiate_upgrade_refuses_while_a_prerequisite_result_goes_on_to_install(
+    conn: sqlite3.Connection, state: S, flag: int
+) -> None:
+    """At a result its run goes on from, CMUpdate is installing the update: neither it nor
+    another update can be started meanwhile. The same result of a check only (Flag 1), or a
+    warning with Flag 0, ends the run: both can be started."""
+    add_package(conn, GUID, state, flag=flag, name="Configuration Manager 2509")
+    add_package(conn, OTHER, S.DOWNLOAD_SUCCESS, name="Hotfix rollup 2503")
+    with pytest.raises(NotInitiable, match=r"is being installed: its prerequisite result"):
+        InitiateUpgrade(conn, GUID, PackageFlag.NORMAL)
+    with pytest.raises(NotInitiable, match=r"another update is in progress: Configuration"):
+        InitiateUpgrade(conn, OTHER, PackageFlag.NORMAL)
+    assert package(conn) == (state, flag)
+    with transaction(conn):
+        conn.execute("UPDATE CM_UpdatePackages SET Flag = 1 WHERE PackageGuid = ?", (GUID,))
+    with transaction(conn):
+        assert InitiateUpgrade(conn, GUID, PackageFlag.NORMAL) == state
+    assert package(conn) == (S.ENABLED, PackageFlag.NORMAL)
+
+
 def test_initiate_upgrade_again_on_the_update_in_progress_is_allowed(
     conn: sqlite3.Connection,
 ) -> None:

@@ -73,11 +73,11 @@ def _in(states: tuple[PackageState, ...]) -> str:
 # An update whose run is not over, as a condition on `CM_UpdatePackages p`: in progress, or at
 # a prerequisite result the run goes on from (Flag 0 or 2; a warning only with Flag 2), where
 # the installation is starting or the roll-up has not caught up with the sites yet.
-RUN_GOES_ON = (
-    f"(p.State IN {_in(IN_PROGRESS_STATES)} "
-    f"OR (p.State = {int(S.PREREQ_SUCCESS)} AND p.Flag IN (0, 2)) "
+GOES_ON_TO_INSTALL = (
+    f"((p.State = {int(S.PREREQ_SUCCESS)} AND p.Flag IN (0, 2)) "
     f"OR (p.State = {int(S.PREREQ_WARNING)} AND p.Flag = 2))"
 )
+RUN_GOES_ON = f"(p.State IN {_in(IN_PROGRESS_STATES)} OR {GOES_ON_TO_INSTALL})"
 
 
 class NotInitiable(LookupError):
@@ -101,6 +101,18 @@ def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> i
             f"{name} ({guid}) is {PackageState.name_of(state)} ({state}); an update can be "
             f"installed or checked only from {allowed}"
         )
+    going_on = conn.execute(
+        f"SELECT 1 FROM CM_UpdatePackages p WHERE p.PackageGuid = ? AND {GOES_ON_TO_INSTALL}",
+        (guid,),
+    ).fetchone()
+    if going_on is not None:
+        # A prerequisite result its run goes on from: CMUpdate is installing it (or will at its
+        # next pass); starting it over would pull the content from under the installation.
+        raise NotInitiable(
+            f"{name} ({guid}) is being installed: its prerequisite result "
+            f"{PackageState.name_of(state)} ({state}) goes on to the installation; wait for it "
+            "to finish"
+        )
     _refuse_if_another_in_progress(conn, guid)
     conn.execute(
         "UPDATE CM_UpdatePackages SET State = ?, Flag = ?, "
@@ -113,8 +125,8 @@ def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> i
 
 def _refuse_if_another_in_progress(conn: sqlite3.Connection, guid: str) -> None:
     busy = conn.execute(
-        f"SELECT PackageGuid, Name, State FROM CM_UpdatePackages WHERE State IN "
-        f"{_in(IN_PROGRESS_STATES)} AND PackageGuid <> ? LIMIT 1",
+        "SELECT p.PackageGuid, p.Name, p.State FROM CM_UpdatePackages p "
+        f"WHERE {RUN_GOES_ON} AND p.PackageGuid <> ? LIMIT 1",
         (guid,),
     ).fetchone()
     if busy is not None:

@@ -25,8 +25,17 @@ EXPECTED = SYNCED
 
 
 def converged(site: Path) -> bool:
-    finished = query(site, "SELECT COUNT(*) FROM SyncHistory WHERE Finished IS NULL")[0][0] == 0
-    return finished and states(site) == EXPECTED and not inbox_files(site)
+    """Every sync finished, the states reached, and no work left anywhere: no drop file, and
+    no change SMSDBMon has still to turn into one (files looked at on both sides of the
+    database, since a file is durable before its row goes). A CI run once saw a CAS.SCU appear
+    after an older form of this check had passed."""
+    return (
+        not inbox_files(site)
+        and query(site, "SELECT COUNT(*) FROM SyncHistory WHERE Finished IS NULL")[0][0] == 0
+        and not query(site, "SELECT 1 FROM TableChangeNotifications LIMIT 1")
+        and states(site) == EXPECTED
+        and not inbox_files(site)
+    )
 
 
 def assert_clean_end_state(site: Path) -> None:

@@ -260,3 +260,14 @@ def site_version(site: Path) -> str:
     found = re.findall(r"5\.00\.\d{4}\.\d{4}", out)
     assert len(found) == 1, out
     return found[0]
+
+
+def wait_serving(site: Path, daemon: Daemon) -> None:
+    """The daemon's current run is up (SMSDBMon has set its triggers), so a SIGTERM from here on
+    is a graceful stop, not a kill during start-up."""
+    out = site / f"daemon-stdout-{daemon.runs}.jsonl"
+    wait_until(
+        lambda: "Modified trigger definition" in out.read_text(errors="replace"),
+        timeout=30,
+        what=f"the daemon's run {daemon.runs} to serve",
+    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 
+import sites
 from cmlab.hashing import sha256_file
 from cmlab.payload import sample_build_number
 from cmlab.sitedb import servicing
@@ -38,7 +38,10 @@ from sites import (
     inbox_files,
     query,
     set_toml,
+    site_history,
+    site_version,
     temporaries,
+    wait_serving,
 )
 from waiting import wait_until
 
@@ -130,7 +133,7 @@ def reference(downloaded_template: Path, tmp_path_factory: pytest.TempPathFactor
         stage_seconds=max(stage_seconds, float(install_seconds)),
         tree=tree(site),
         db=db_facts(site),
-        history=history(site),
+        history=site_history(site),
     )
 
 
@@ -159,55 +162,17 @@ def notifications(site: Path) -> int:
 
 
 def settled_at(site: Path, state: int) -> bool:
-    """`state` and nothing left to do. Work is always in a drop file or in a notification row
-    on its way to becoming one (a file is durable before its row goes), so the files are
-    looked at on both sides of the rows."""
-    return (
-        not inbox_files(site)
-        and notifications(site) == 0
-        and package_state(site) == state
-        and site_state(site) == state
-        and not inbox_files(site)
-    )
+    """`state` and nothing left to do (sites.settled_at), this site's own row included."""
+    return sites.settled_at(site, state) and site_state(site) == state
 
 
 def wait_settled(site: Path, state: int, what: str, timeout: float = 60) -> None:
     wait_until(lambda: settled_at(site, state), timeout=timeout, what=what)
 
 
-def wait_serving(site: Path, daemon: Daemon) -> None:
-    """The daemon's current run is up (SMSDBMon has set its triggers), so a SIGTERM from here on
-    is a graceful stop, not a kill during start-up."""
-    out = site / f"daemon-stdout-{daemon.runs}.jsonl"
-    wait_until(
-        lambda: "Modified trigger definition" in out.read_text(errors="replace"),
-        timeout=30,
-        what=f"the daemon's run {daemon.runs} to serve",
-    )
-
-
 def install(site: Path) -> None:
     out = cmlab("install", str(site), G).stdout
     assert "ENABLED (2)" in out, out
-
-
-def history(site: Path) -> list[int]:
-    return [
-        int(r[0])
-        for r in query(
-            site,
-            "SELECT State FROM CM_UpdatePackageSiteStatus_HIST WHERE PackageGuid = ? ORDER BY ID",
-            [G],
-        )
-    ]
-
-
-def site_version(site: Path) -> str:
-    """What fnCurrentSiteVersion() returns (through `cmlab sql`, which registers it)."""
-    out = cmlab("sql", str(site), "SELECT dbo.fnCurrentSiteVersion()").stdout
-    found = re.findall(r"5\.00\.\d{4}\.\d{4}", out)
-    assert len(found) == 1, out
-    return found[0]
 
 
 def builds(site: Path) -> dict[str, int]:
@@ -310,7 +275,7 @@ def assert_installed(site: Path, ref: Reference | None = None, since: int = 0) -
         [G],
     ) == [(OLD_BUILD, NEW_BUILD)]
 
-    states = history(site)[since:]
+    states = site_history(site)[since:]
     assert states[-1] == S.INSTALL_SUCCESS, states
     failed = [s for s in states if s in servicing.FAILED_STATES]
     assert not failed, f"a failure was reported: {[S.name_of(s) for s in failed]}"
@@ -561,7 +526,7 @@ def test_sigkill_during_a_rollback_then_restart_finishes_it(
         daemon.start()
         wait_settled(site, S.INSTALL_FAILED, f"the rollback's end after {point}")
         assert_old_site_working(site)
-        failed = history(site)
+        failed = site_history(site)
         assert failed[-1] == S.INSTALL_FAILED
         assert S.INSTALL_CMU_FAILED not in failed
 

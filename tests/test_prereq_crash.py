@@ -29,6 +29,7 @@ from sites import (
     query,
     states,
     temporaries,
+    wait_serving,
 )
 from waiting import wait_until
 
@@ -145,17 +146,6 @@ def assert_converged(site: Path, ref: Reference | None) -> None:
         )
     )
     assert (mon[0xB0001], mon[0xB0002], mon[0xD0005]) == (2, 2, 2), mon
-
-
-def wait_serving(site: Path, daemon: Daemon) -> None:
-    """The daemon's current run is up (SMSDBMon has set its triggers), so a SIGTERM from here on
-    is a graceful stop, not a kill during start-up."""
-    out = site / f"daemon-stdout-{daemon.runs}.jsonl"
-    wait_until(
-        lambda: "Modified trigger definition" in out.read_text(errors="replace"),
-        timeout=30,
-        what=f"the daemon's run {daemon.runs} to serve",
-    )
 
 
 def assert_not_reported_early(site: Path) -> None:

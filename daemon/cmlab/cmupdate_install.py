@@ -204,7 +204,9 @@ class InstallationHandlers(Component):
     async def run_installation(self, package: servicing.PendingPackage, staging: Path) -> None:
         guid = package.guid
         target_build = build_of(package.full_version)
-        done = await self.db.read(_completed_steps, guid)
+        done = await self.in_thread(
+            self.site_installer(package, staging, UpdateMap(components=())).completed_steps
+        )
 
         # Process step 1: readiness, self-upgrade, service window.
         await self.report_status(guid, SubStage.CHECK_SERVICE_READINESS, IsComplete.IN_PROGRESS, 1)
@@ -240,21 +242,7 @@ class InstallationHandlers(Component):
         await self.process_media(guid, staging, update_map)
 
         # Process step 3: the install steps.
-        installer = SiteInstaller(
-            InstallContext(
-                site_root=self.paths.root,
-                staging=staging,
-                db_file=self.paths.db_file,
-                site_code=self.config.site_code,
-                guid=guid,
-                target_build=target_build,
-                target_version=package.full_version,
-                update_map=update_map,
-                trust=self.ctx.trust,
-                say=self.say,
-                show=self.show,
-            )
-        )
+        installer = self.site_installer(package, staging, update_map)
         for step in steps:
             if step.id in done:
                 continue
@@ -286,6 +274,26 @@ class InstallationHandlers(Component):
         self.say(
             f"INFO: Update package {guid} ({package.name}) is installed: site "
             f"{self.config.site_code} is at version {package.full_version}."
+        )
+
+    def site_installer(
+        self, package: servicing.PendingPackage, staging: Path, update_map: UpdateMap
+    ) -> SiteInstaller:
+        """The install steps' library on this site, for `package` staged in `staging`."""
+        return SiteInstaller(
+            InstallContext(
+                site_root=self.paths.root,
+                staging=staging,
+                db_file=self.paths.db_file,
+                site_code=self.config.site_code,
+                guid=package.guid,
+                target_build=build_of(package.full_version),
+                target_version=package.full_version,
+                update_map=update_map,
+                trust=self.ctx.trust,
+                say=self.say,
+                show=self.show,
+            )
         )
 
     async def set_state(self, guid: str, state: PackageState) -> None:
@@ -535,22 +543,8 @@ class InstallationHandlers(Component):
         marker = failed_marker(staging)
         await self.in_thread(write_atomic, marker, f"{int(state)}\n{reason}\n")
         crashpoint("cmupdate.before_rollback")
-        installer = SiteInstaller(
-            InstallContext(
-                site_root=self.paths.root,
-                staging=staging,
-                db_file=self.paths.db_file,
-                site_code=self.config.site_code,
-                guid=guid,
-                target_build=build_of(package.full_version),
-                target_version=package.full_version,
-                update_map=UpdateMap(components=()),
-                trust=self.ctx.trust,
-                say=self.say,
-                show=self.show,
-            )
-        )
-        if await self.db.read(_completed_steps, guid) or installer.backup.exists():
+        installer = self.site_installer(package, staging, UpdateMap(components=()))
+        if await self.in_thread(installer.completed_steps) or installer.backup.exists():
             try:
                 await self.in_thread(installer.rollback)
             except InstallStepError as exc:
@@ -562,15 +556,6 @@ class InstallationHandlers(Component):
             level="error",
         )
         await self.in_thread(remove_path, marker)
-
-
-def _completed_steps(conn: sqlite3.Connection, guid: str) -> frozenset[int]:
-    return frozenset(
-        int(r[0])
-        for r in conn.execute(
-            "SELECT StepID FROM SiteInstallSteps WHERE PackageGuid = ?", (guid,)
-        ).fetchall()
-    )
 
 
 def build_of(full_version: str) -> int:

@@ -79,6 +79,7 @@ class Watcher:
         self.seen_messages = 0
         self.seen_history = 0
         self.seen_cmupdate = 0
+        self.cmupdate_size = 0
         self.states: dict[str, int] = {}
         self.names: dict[str, str] = {}
         self.t0 = time.monotonic()
@@ -115,7 +116,12 @@ class Watcher:
             if state >> 16 in (1, 2, 3):  # replication, prerequisite check, installation
                 name = self.names.get(guid, guid)
                 print(f"{self.stamp()} {stage_of(state):16} {name} at site: {label(state)}")
-        lines = read_messages(self.root / "Logs" / "CMUpdate.log")
+        log = self.root / "Logs" / "CMUpdate.log"
+        size = log.stat().st_size if log.exists() else 0
+        if size == self.cmupdate_size:
+            return  # nothing new: the poll runs 20 times a second, the log is not re-read
+        self.cmupdate_size = size
+        lines = read_messages(log)
         for line in lines[self.seen_cmupdate :]:
             found = INSTALL_STEP.fullmatch(line)
             if found:

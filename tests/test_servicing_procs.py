@@ -456,13 +456,15 @@ def test_site_status_queues_cme_for_replication_prereq_and_install_states(
     add_package(conn, GUID.lower(), S.ENABLED)
     record_esp(conn, GUID.lower())
     drain(conn)
+    other = S.CONTENT_REPLICATING if state != S.CONTENT_REPLICATING else S.PREREQ_IN_PROGRESS
+    # INSTALL_SUCCESS is a site's last state (nothing moves it on): report it second.
+    first, then = (other, state) if state == S.INSTALL_SUCCESS else (state, other)
     with transaction(conn):
-        assert spCMUSetSiteState(conn, GUID, state)  # first report: the INSERT trigger
+        assert spCMUSetSiteState(conn, GUID, first)  # first report: the INSERT trigger
     assert notifications(conn) == [("CM_UpdatePackageSiteStatus_INS_HMAN", f"{GUID}.CME", CFD)]
     drain(conn)
-    other = S.CONTENT_REPLICATING if state != S.CONTENT_REPLICATING else S.PREREQ_IN_PROGRESS
     with transaction(conn):
-        assert spCMUSetSiteState(conn, GUID, other)  # a later one: the UPDATE trigger
+        assert spCMUSetSiteState(conn, GUID, then)  # a later one: the UPDATE trigger
     assert notifications(conn) == [("CM_UpdatePackageSiteStatus_UPD_HMAN", f"{GUID}.CME", CFD)]
 
 

@@ -25,6 +25,19 @@ class Intervals:
 
 
 @dataclass(frozen=True)
+class Replication:
+    """Intersite replication (docs/hierarchy.md)."""
+
+    # The CMUpdates replication group sends this site's update status to its parent, and the
+    # update rows to its children, once a minute (the guide: "one time per minute").
+    cmupdates_interval: float = 60.0
+    # The Sender's retries of one send request before the job fails (ConfigMgr's sender
+    # defaults: 2 retries, 1 minute apart).
+    sender_retries: int = 2
+    sender_retry_delay: float = 60.0
+
+
+@dataclass(frozen=True)
 class Facts:
     """The emulated environment the site reports and the prerequisite checker reads."""
 
@@ -57,6 +70,7 @@ class SiteConfig:
     durability: str = "process"  # "process": survives a killed process; "power": fsync commits
     client_piloting: bool = False  # [client] piloting: HMAN fills PilotingUpgrade on 196612.ESC
     service_windows: tuple[ServiceWindow, ...] = ()  # none: CMUpdate installs at once
+    replication: Replication = field(default_factory=Replication)
     facts: Facts = field(default_factory=Facts)
 
     @property
@@ -143,6 +157,20 @@ def load_config(root: Path) -> SiteConfig:
     if not isinstance(piloting, bool):
         raise ConfigError("site.toml: client.piloting must be true or false")
 
+    rp = _table(doc, "replication")
+    retries = rp.get("sender_retries", Replication.sender_retries)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError("site.toml: replication.sender_retries must be a non-negative integer")
+    replication = Replication(
+        cmupdates_interval=_number(
+            rp, "cmupdates_interval", Replication.cmupdates_interval, "replication"
+        ),
+        sender_retries=retries,
+        sender_retry_delay=_number(
+            rp, "sender_retry_delay", Replication.sender_retry_delay, "replication"
+        ),
+    )
+
     durability = doc.get("database", {}).get("durability", "process")
     if durability not in ("process", "power"):
         raise ConfigError("site.toml: database.durability must be process or power")
@@ -172,6 +200,7 @@ def load_config(root: Path) -> SiteConfig:
         durability=durability,
         client_piloting=piloting,
         service_windows=parse_service_windows(doc.get("service_window")),
+        replication=replication,
         facts=Facts(build=build, minor_build=minor, values=facts_doc),
     )
 

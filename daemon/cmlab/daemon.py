@@ -16,12 +16,16 @@ from cmlab.atomic import remove_stale_tmp
 from cmlab.cmupdate import CMUpdate
 from cmlab.component import Component, SiteContext
 from cmlab.config import SiteConfig, load_config
+from cmlab.despooler import Despooler
 from cmlab.distmgr import DistributionManager
 from cmlab.dmpdownloader import DMPDownloader
 from cmlab.errors import ConfigError
 from cmlab.hman import HierarchyManager
 from cmlab.inbox import InboxEngine
 from cmlab.mpfdm import MPFileDispatchManager
+from cmlab.rcm import ReplicationMonitor
+from cmlab.scheduler import Scheduler
+from cmlab.sender import Sender
 from cmlab.sitedb import SiteDB, connect, migrate
 from cmlab.smsdbmon import SMSDBMon
 from cmlab.smslog import LogRegistry, LogSink
@@ -36,6 +40,10 @@ COMPONENTS: tuple[type[Component], ...] = (
     MPFileDispatchManager,
     DMPDownloader,
     DistributionManager,
+    Scheduler,
+    Sender,
+    Despooler,
+    ReplicationMonitor,
     CMUpdate,
 )
 

@@ -130,3 +130,6 @@ class DistributionManager(Component):
             "RetryContentReplication (`cmlab retry-replication`).",
             level="error",
         )
+
+    async def on_resend_request(self, path: Path) -> Outcome:
+        raise NotImplementedError

@@ -18,6 +18,7 @@ from cmlab.failpoints import crashpoint
 from cmlab.hashing import sha256_file
 from cmlab.hman_easysetup import EasySetupHandlers
 from cmlab.hman_postinstall import PostInstallHandlers
+from cmlab.hman_secondary import SecondarySiteHandlers
 from cmlab.inbox import BadInput, Outcome, quarantine
 from cmlab.manifest import (
     GUID_RE,
@@ -110,7 +111,7 @@ def gmtdate(now: datetime) -> str:
     )
 
 
-class HierarchyManager(EasySetupHandlers, PostInstallHandlers):
+class HierarchyManager(EasySetupHandlers, PostInstallHandlers, SecondarySiteHandlers):
     component = "SMS_HIERARCHY_MANAGER"
     log_file = "hman.log"
 

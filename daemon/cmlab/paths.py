@@ -41,6 +41,31 @@ class SitePaths:
         return self.inboxes / "distmgr.box"
 
     @property
+    def schedule_box(self) -> Path:
+        """The Scheduler's inbox: `<JobID>.JOB` from SMSDBMon (a SchedulerJobs row)."""
+        return self.inboxes / "schedule.box"
+
+    @property
+    def schedule_tosend(self) -> Path:
+        """Instruction files (`<JobID>.Idb`) the Scheduler writes for the Sender."""
+        return self.schedule_box / "tosend"
+
+    @property
+    def sender_outbox(self) -> Path:
+        """Send requests (`<JobID>.SRQ`) the Scheduler queues for the LAN Sender."""
+        return self.schedule_box / "outboxes" / "LAN"
+
+    @property
+    def rcm_receive(self) -> Path:
+        """CMUpdates replication group messages from the parent and child sites (`*.RPL`)."""
+        return self.inboxes / "rcm.box" / "receive"
+
+    @property
+    def smspkg(self) -> Path:
+        """Compressed packages for file-based replication (`<PkgID>.PCK.<version>`)."""
+        return self.root / "SMSPKG"
+
+    @property
     def statesys_high(self) -> Path:
         return self.inboxes / "auth" / "statesys.box" / "incoming" / "high"
 
@@ -91,6 +116,11 @@ class SitePaths:
             self.cmupdate_box,
             self.despoolr_receive,
             self.distmgr_box,
+            self.schedule_box,
+            self.schedule_tosend,
+            self.sender_outbox,
+            self.rcm_receive,
+            self.smspkg,
             self.statesys_high,
             self.mcm_outbox,
             self.easysetup_payload,

@@ -51,7 +51,8 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version in range(found + 1, SCHEMA_VERSION + 1):
         with transaction(conn):
             for stmt in MIGRATIONS.get(version, ()):
-                conn.execute(stmt)
+                if not _adds_existing_column(conn, stmt):
+                    conn.execute(stmt)
             conn.execute("UPDATE SchemaInfo SET Value = ? WHERE Name = 'version'", (str(version),))
     if found < SCHEMA_VERSION:
         # New tables, views and triggers are all CREATE ... IF NOT EXISTS: add what is missing.
@@ -62,6 +63,18 @@ def migrate(conn: sqlite3.Connection) -> int:
             if local is not None:
                 triggers.install_triggers(conn, str(local[0]))
     return found
+
+
+def _adds_existing_column(conn: sqlite3.Connection, stmt: str) -> bool:
+    """An `ALTER TABLE t ADD COLUMN c` whose column is there already (a database whose
+    version was set back by hand, or tables made from a newer SCHEMA): nothing to do."""
+    words = stmt.split()
+    if [w.upper() for w in words[:2]] != ["ALTER", "TABLE"] or len(words) < 6:
+        return False
+    if [w.upper() for w in words[3:5]] != ["ADD", "COLUMN"]:
+        return False
+    cols = {str(r[1]).lower() for r in conn.execute(f"PRAGMA table_info({words[2]})")}
+    return words[5].lower() in cols
 
 
 class transaction:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # The guide: "This table's ObjectDistributionState_ins_updMon trigger saves the replication
 # stages to the CM_UpdatePackage_MonitoringStatus table" (SubStageID 0xb0002 = 720898,
@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS CM_UpdatePackages (
     DateReleased TEXT,
     State INTEGER NOT NULL DEFAULT 0,
     Flag INTEGER NOT NULL DEFAULT 0,
+    RunNumber INTEGER NOT NULL DEFAULT 0,  -- cmlab: InitiateUpgrade's count (docs/hierarchy.md)
     DateCreated TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
     LastUpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
 );
@@ -92,6 +93,7 @@ CREATE TABLE IF NOT EXISTS CM_UpdatePackageSiteStatus (
     SiteNumber INTEGER NOT NULL,
     State INTEGER NOT NULL,
     Flag INTEGER NOT NULL DEFAULT 0,
+    RunNumber INTEGER NOT NULL DEFAULT 0,  -- the run (CM_UpdatePackages.RunNumber) it belongs to
     UpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
     PRIMARY KEY (PackageGuid, SiteNumber)
 );
@@ -278,6 +280,46 @@ CREATE TABLE IF NOT EXISTS ClientUpgradeSettings (
     LastUpdateTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
 );
 
+-- File-based replication (docs/hierarchy.md): DistMgr's minijobs and HMAN's secondary site
+-- recoveries, each a package file under SMSPKG for one destination site. A new row (and a
+-- job that ends) makes SMSDBMon drop `<JobID>.JOB` (8 hex digits) for the Scheduler.
+CREATE TABLE IF NOT EXISTS SchedulerJobs (
+    JobID INTEGER PRIMARY KEY AUTOINCREMENT,
+    JobType TEXT NOT NULL,                  -- SWD (a package to a child primary), SiteRecovery
+    PkgID TEXT NOT NULL COLLATE NOCASE,     -- the package, or the secondary site's code
+    Version INTEGER NOT NULL,
+    DestSite TEXT NOT NULL COLLATE NOCASE,
+    PackageFile TEXT NOT NULL,              -- site-relative, e.g. SMSPKG/CAS10001.PCK.1
+    FileSize INTEGER NOT NULL,
+    FileHash TEXT NOT NULL,                 -- SHA-256 of the package file
+    ContentHash TEXT,                       -- folder hash of the content it carries
+    State TEXT NOT NULL DEFAULT 'Pending',  -- Pending, Sending, Complete, Failed
+    Attempts INTEGER NOT NULL DEFAULT 0,
+    LastError TEXT,
+    Created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    Updated TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
+-- The CMUpdates replication group's links: one row per neighbouring site (parent, children).
+CREATE TABLE IF NOT EXISTS ReplicationLinks (
+    SiteCode TEXT PRIMARY KEY COLLATE NOCASE,
+    LastSentSeq INTEGER NOT NULL DEFAULT 0,
+    LastSentHash TEXT,
+    LastSentTime TEXT,
+    LastReceivedSeq INTEGER NOT NULL DEFAULT 0,
+    LastReceivedTime TEXT
+);
+
+-- "Recover Secondary Site" (`cmlab recover-secondary`): a new request number makes SMSDBMon
+-- drop `<SiteCode>.RSS` for HMAN, which reinstalls the secondary with this site's files.
+CREATE TABLE IF NOT EXISTS SecondarySiteRecovery (
+    SiteCode TEXT PRIMARY KEY COLLATE NOCASE,
+    RequestNumber INTEGER NOT NULL DEFAULT 1,
+    State TEXT NOT NULL DEFAULT 'Requested',  -- Requested, Sent, Installed, Failed
+    Detail TEXT,
+    RequestTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+);
+
 CREATE TABLE IF NOT EXISTS SyncHistory (
     ID INTEGER PRIMARY KEY AUTOINCREMENT,
     Requested TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
@@ -301,4 +343,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: (),
     # CM_UpdatePackageSiteStatus_HIST and its two triggers come from SCHEMA.
     6: (),
+    # The hierarchy: run numbers; SchedulerJobs, ReplicationLinks and SecondarySiteRecovery
+    # come from SCHEMA. DistMgr's SMSPackages triggers now fire only for this site's own
+    # packages (a package replicated from the parent is not snapshotted here): dropped, and
+    # reinstalled by migrate() with the new condition.
+    7: (
+        "ALTER TABLE CM_UpdatePackages ADD COLUMN RunNumber INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE CM_UpdatePackageSiteStatus ADD COLUMN RunNumber INTEGER NOT NULL DEFAULT 0",
+        "DROP TRIGGER IF EXISTS SMSPackages_INS_DISTMGR",
+        "DROP TRIGGER IF EXISTS SMSPackages_UPD_DISTMGR",
+    ),
 }

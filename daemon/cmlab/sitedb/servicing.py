@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from cmlab.sitedb import hierarchy
 from cmlab.sitedb.procs import local_site_number
 from cmlab.statecodes import PackageFlag, PackageState
 
@@ -73,11 +74,19 @@ def _in(states: tuple[PackageState, ...]) -> str:
 # An update whose run is not over, as a condition on `CM_UpdatePackages p`: in progress, or at
 # a prerequisite result the run goes on from (Flag 0 or 2; a warning only with Flag 2), where
 # the installation is starting or the roll-up has not caught up with the sites yet.
-GOES_ON_TO_INSTALL = (
-    f"((p.State = {int(S.PREREQ_SUCCESS)} AND p.Flag IN (0, 2)) "
-    f"OR (p.State = {int(S.PREREQ_WARNING)} AND p.Flag = 2))"
-)
-RUN_GOES_ON = f"(p.State IN {_in(IN_PROGRESS_STATES)} OR {GOES_ON_TO_INSTALL})"
+def _goes_on_to_install(state: str, flag: str) -> str:
+    return (
+        f"(({state} = {int(S.PREREQ_SUCCESS)} AND {flag} IN (0, 2)) "
+        f"OR ({state} = {int(S.PREREQ_WARNING)} AND {flag} = 2))"
+    )
+
+
+def _run_goes_on(state: str, flag: str) -> str:
+    return f"({state} IN {_in(IN_PROGRESS_STATES)} OR {_goes_on_to_install(state, flag)})"
+
+
+GOES_ON_TO_INSTALL = _goes_on_to_install("p.State", "p.Flag")
+RUN_GOES_ON = _run_goes_on("p.State", "p.Flag")
 
 
 class NotInitiable(LookupError):
@@ -94,6 +103,7 @@ def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> i
     ).fetchone()
     if row is None:
         raise NotInitiable(f"no update package {guid} in CM_UpdatePackages")
+    _refuse_below_top_level(conn)
     state, name = int(row[0]), str(row[1])
     if state not in INITIATE_STATES:
         allowed = ", ".join(s.name for s in INITIATE_STATES)
@@ -115,12 +125,21 @@ def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> i
         )
     _refuse_if_another_in_progress(conn, guid)
     conn.execute(
-        "UPDATE CM_UpdatePackages SET State = ?, Flag = ?, "
+        "UPDATE CM_UpdatePackages SET State = ?, Flag = ?, RunNumber = RunNumber + 1, "
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
         (int(S.ENABLED), int(flag), guid),
     )
     _restart_sites(conn, guid)
     return state
+
+
+def _refuse_below_top_level(conn: sqlite3.Connection) -> None:
+    local = hierarchy.local_site(conn)
+    if local.parent is not None:
+        raise NotInitiable(
+            f"{local.code} is a child site of {local.parent}: updates are installed from the "
+            "top-level site of the hierarchy, and child primary sites follow it"
+        )
 
 
 def _refuse_if_another_in_progress(conn: sqlite3.Connection, guid: str) -> None:
@@ -138,12 +157,29 @@ def _refuse_if_another_in_progress(conn: sqlite3.Connection, guid: str) -> None:
 
 def _restart_sites(conn: sqlite3.Connection, guid: str) -> None:
     """A new run starts every site from ENABLED, so the last run's results (a failure, say)
-    are not rolled up into this one."""
+    are not rolled up into this one; a site that has installed the update stays installed.
+    Every primary site of the hierarchy gets a row, so the roll-up waits for the sites that
+    have not reported yet."""
     conn.execute(
-        "UPDATE CM_UpdatePackageSiteStatus SET State = ?, Flag = "
-        "(SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?), "
-        "UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
-        (int(S.ENABLED), guid, guid),
+        "UPDATE CM_UpdatePackageSiteStatus SET State = ?, Flag = p.Flag, "
+        "RunNumber = p.RunNumber, UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
+        "FROM (SELECT Flag, RunNumber FROM CM_UpdatePackages WHERE PackageGuid = ?) AS p "
+        "WHERE PackageGuid = ? AND State <> ?",
+        (int(S.ENABLED), guid, guid, int(S.INSTALL_SUCCESS)),
+    )
+    conn.execute(
+        "UPDATE CM_UpdatePackageSiteStatus SET RunNumber = "
+        "(SELECT RunNumber FROM CM_UpdatePackages WHERE PackageGuid = ?) "
+        "WHERE PackageGuid = ? AND State = ?",
+        (guid, guid, int(S.INSTALL_SUCCESS)),
+    )
+    conn.execute(
+        "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, Flag, RunNumber) "
+        "SELECT p.PackageGuid, sd.ID, ?, p.Flag, p.RunNumber FROM CM_UpdatePackages p, "
+        "ServerData sd WHERE p.PackageGuid = ? AND sd.SiteType IN (?, ?) "
+        "AND sd.ID <> (SELECT ID FROM ServerData WHERE IsLocal = 1) "
+        "ON CONFLICT (PackageGuid, SiteNumber) DO NOTHING",
+        (int(S.ENABLED), guid, hierarchy.CAS, hierarchy.PRIMARY),
     )
 
 
@@ -271,25 +307,35 @@ def spCMUSetSiteState(
     state: PackageState,
     *,
     only_from: tuple[PackageState, ...] = (),
+    site_code: str | None = None,
 ) -> bool:
-    """This site's status for an update (`CM_UpdatePackageSiteStatus`), as DistMgr and CMUpdate
-    report it. HMAN rolls it up into CM_UpdatePackages (spProcessCMU). With `only_from`, only a
-    site in one of those states moves (a replayed drop file cannot undo later progress).
-    False when nothing changed."""
-    site = local_site_number(conn)
+    """A site's status for an update (`CM_UpdatePackageSiteStatus`), as DistMgr and CMUpdate
+    report it: this site's, or with `site_code` another's (the Sender's verdict on a child's
+    content replication). HMAN rolls it up into CM_UpdatePackages (spProcessCMU). With
+    `only_from`, only a site in one of those states moves (a replayed drop file cannot undo
+    later progress). A site that installed the update stays installed. False when nothing
+    changed."""
+    if site_code is None:
+        site = local_site_number(conn)
+    else:
+        found = hierarchy.site_by_code(conn, site_code)
+        if found is None:
+            raise LookupError(f"ServerData has no site {site_code}")
+        site = found.number
     row = conn.execute(
         "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ? AND SiteNumber = ?",
         (guid, site),
     ).fetchone()
-    if row is not None and int(row[0]) == int(state):
+    if row is not None and int(row[0]) in (int(state), int(S.INSTALL_SUCCESS)):
         return False
     if only_from and (row is None or int(row[0]) not in only_from):
         return False
     cur = conn.execute(
-        "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, Flag) "
-        "SELECT ?, ?, ?, Flag FROM CM_UpdatePackages WHERE PackageGuid = ? "
+        "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, Flag, RunNumber) "
+        "SELECT ?, ?, ?, Flag, RunNumber FROM CM_UpdatePackages WHERE PackageGuid = ? "
         "ON CONFLICT (PackageGuid, SiteNumber) DO UPDATE SET State = excluded.State, "
-        "Flag = excluded.Flag, UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now')",
+        "Flag = excluded.Flag, RunNumber = excluded.RunNumber, "
+        "UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now')",
         (guid, site, int(state), guid),
     )
     return cur.rowcount > 0
@@ -357,9 +403,13 @@ def spCMUGetPendingUpdatePackage(conn: sqlite3.Connection) -> list[PendingPackag
     """The updates in replication, prerequisite check or installation at this site, with this
     site's state for each (the guide: it "collects the information from the CM_UpdatePackages
     and CM_UpdatePackageSiteStatus tables for the site that's running the check")."""
-    site = local_site_number(conn)
+    local = hierarchy.local_site(conn)
+    # A site's own run decides, not the roll-up: at the top-level site a child's failure must
+    # not stop its own installation. A child site's run starts when its own row does (the
+    # package row there is the top-level site's, replicated).
+    state = "COALESCE(ss.State, p.State)" if local.parent is None else "ss.State"
     rows = conn.execute(
-        "SELECT p.PackageGuid, p.Name, COALESCE(ss.State, p.State), p.Flag, p.PackageType, "
+        f"SELECT p.PackageGuid, p.Name, {state}, p.Flag, p.PackageType, "
         "p.UpdateNumber, p.FullVersion, p.MinCMVersion, p.MaxCMVersion, e.PackageID, "
         "COALESCE(sp.StoredPkgVersion, 0), COALESCE(sp.StoredPkgHash, '') "
         "FROM CM_UpdatePackages p "
@@ -367,8 +417,8 @@ def spCMUGetPendingUpdatePackage(conn: sqlite3.Connection) -> list[PendingPackag
         "LEFT JOIN SMSPackages sp ON sp.PkgID = e.PackageID "
         "LEFT JOIN CM_UpdatePackageSiteStatus ss "
         "ON ss.PackageGuid = p.PackageGuid AND ss.SiteNumber = ? "
-        f"WHERE {RUN_GOES_ON} ORDER BY p.LastUpdateTime",
-        (site,),
+        f"WHERE {_run_goes_on(state, 'p.Flag')} ORDER BY p.LastUpdateTime",
+        (local.number,),
     ).fetchall()
     return [
         PendingPackage(
@@ -497,7 +547,10 @@ def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:
 
 def spProcessCMUPackages(conn: sqlite3.Connection) -> dict[str, int]:
     """`exec spProcessCMUPackages`: spProcessCMU for every update with an Easy Setup Package
-    whose run is not over (RUN_GOES_ON). Returns each one's state afterwards."""
+    whose run is not over (RUN_GOES_ON). Returns each one's state afterwards. Only the
+    top-level site rolls up: below it, CM_UpdatePackages is the top-level site's, replicated."""
+    if not hierarchy.is_top_level(conn):
+        return {}
     guids = [
         str(r[0])
         for r in conn.execute(
@@ -526,6 +579,7 @@ def RetryContentReplication(conn: sqlite3.Connection, guid: str) -> str:
     if row is None:
         raise NotInitiable(f"no update package {guid} in CM_UpdatePackages")
     state, name, package_id = int(row[0]), str(row[1]), row[2]
+    _refuse_below_top_level(conn)
     if package_id is None:
         raise NotInitiable(
             f"{name} ({guid}) has no Easy Setup Package yet: install it or run the "
@@ -546,9 +600,91 @@ def RetryContentReplication(conn: sqlite3.Connection, guid: str) -> str:
         (package_id,),
     )
     conn.execute(
-        "UPDATE CM_UpdatePackages SET State = ?, "
+        "UPDATE CM_UpdatePackages SET State = ?, RunNumber = RunNumber + 1, "
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
         (int(S.ENABLED), guid),
     )
     _restart_sites(conn, guid)
     return str(package_id)
+
+
+# -- a child primary site's run (docs/hierarchy.md) ---------------------------------------------
+
+
+def start_replicated_runs(conn: sqlite3.Connection) -> list[str]:
+    """At a child site: a run the top-level site started (a RunNumber newer than this site's
+    row, replicated in CM_UpdatePackages) reaches this site: its row goes to ENABLED with the
+    run's flag. A site that installed the update stays installed. Returns the updates
+    started."""
+    local = hierarchy.local_site(conn)
+    if local.parent is None:
+        return []
+    rows = conn.execute(
+        "SELECT p.PackageGuid, p.RunNumber, ss.State FROM CM_UpdatePackages p "
+        "LEFT JOIN CM_UpdatePackageSiteStatus ss "
+        "ON ss.PackageGuid = p.PackageGuid AND ss.SiteNumber = ? "
+        "WHERE p.RunNumber > 0 AND p.RunNumber > COALESCE(ss.RunNumber, 0)",
+        (local.number,),
+    ).fetchall()
+    started = []
+    for guid, run, state in rows:
+        if state is not None and int(state) == S.INSTALL_SUCCESS:
+            conn.execute(
+                "UPDATE CM_UpdatePackageSiteStatus SET RunNumber = ? "
+                "WHERE PackageGuid = ? AND SiteNumber = ?",
+                (run, guid, local.number),
+            )
+            continue
+        conn.execute(
+            "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, Flag, "
+            "RunNumber) SELECT PackageGuid, ?, ?, Flag, RunNumber FROM CM_UpdatePackages "
+            "WHERE PackageGuid = ? ON CONFLICT (PackageGuid, SiteNumber) DO UPDATE SET "
+            "State = excluded.State, Flag = excluded.Flag, RunNumber = excluded.RunNumber, "
+            "UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now')",
+            (local.number, int(S.ENABLED), guid),
+        )
+        started.append(str(guid))
+    return started
+
+
+def mark_replicated_content(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+    """At a child site: an update whose run has reached this site is CONTENT_REPLICATING until
+    this site's content library holds the Easy Setup Package the top-level site recorded
+    (the despooler stored a version whose hash is EasySetupSettings.PackageHash, replicated),
+    then CONTENT_REPLICATION_SUCCESS. Returns the (update, state) changes made."""
+    local = hierarchy.local_site(conn)
+    if local.parent is None:
+        return []
+    rows = conn.execute(
+        "SELECT ss.PackageGuid, ss.State, e.PackageHash, sp.StoredPkgHash "
+        "FROM CM_UpdatePackageSiteStatus ss "
+        "LEFT JOIN EasySetupSettings e ON e.PackageGuid = ss.PackageGuid "
+        "LEFT JOIN SMSPackages sp ON sp.PkgID = e.PackageID "
+        "WHERE ss.SiteNumber = ? AND ss.State IN (?, ?)",
+        (local.number, int(S.ENABLED), int(S.CONTENT_REPLICATING)),
+    ).fetchall()
+    changes = []
+    for guid, state, wanted, stored in rows:
+        ready = bool(wanted) and bool(stored) and str(wanted).upper() == str(stored).upper()
+        new = S.CONTENT_REPLICATION_SUCCESS if ready else S.CONTENT_REPLICATING
+        if int(state) != new and spCMUSetSiteState(conn, str(guid), new):
+            changes.append((str(guid), int(new)))
+    return changes
+
+
+def child_run_progress(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+    """What a child site does after replicated rows or a despooled package arrive:
+    start_replicated_runs, then mark_replicated_content."""
+    start_replicated_runs(conn)
+    return mark_replicated_content(conn)
+
+
+def site_state(conn: sqlite3.Connection, guid: str, site_code: str) -> int | None:
+    """One site's state for an update, as this database knows it."""
+    row = conn.execute(
+        "SELECT ss.State FROM CM_UpdatePackageSiteStatus ss "
+        "JOIN ServerData sd ON sd.ID = ss.SiteNumber "
+        "WHERE ss.PackageGuid = ? AND sd.SiteCode = ?",
+        (guid, site_code),
+    ).fetchone()
+    return None if row is None else int(row[0])

@@ -80,9 +80,14 @@ def cmlab(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Daemon:
     """`cmlab run SITE` in a subprocess, stopped gracefully or killed."""
 
-    def __init__(self, site: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, site: Path, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> None:
         self.site = site
         self.env = env or {}
+        # A command the daemon runs under (e.g. `unshare` with a bind mount): it must exec the
+        # daemon, so the process signalled is the daemon itself.
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
 
@@ -95,7 +100,10 @@ class Daemon:
         out = open(self.site / f"daemon-stdout-{self.runs}.jsonl", "wb")  # noqa: SIM115
         err = open(self.site / f"daemon-stderr-{self.runs}.txt", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cmlab", "run", str(self.site)], stdout=out, stderr=err, env=env
+            [*self.prefix, sys.executable, "-m", "cmlab", "run", str(self.site)],
+            stdout=out,
+            stderr=err,
+            env=env,
         )
         out.close()
         err.close()

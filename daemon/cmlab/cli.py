@@ -35,6 +35,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             site_code=args.site_code,
             role=args.role,
             parent=Path(args.parent) if args.parent else None,
+            address=Path(args.address) if args.address else None,
             content_source=Path(args.content_source) if args.content_source else None,
             display_root=args.display_root or "",
             sync_interval=args.sync_interval,
@@ -250,6 +251,26 @@ def cmd_retry_replication(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover_secondary(args: argparse.Namespace) -> int:
+    """The console's Recover Secondary Site, at the secondary's parent primary."""
+    from cmlab.hman_secondary import request_secondary_recovery
+
+    _, conn = _with_db(Path(args.primary_dir))
+    try:
+        with transaction(conn):
+            number = request_secondary_recovery(conn, args.site_code.upper())
+    except LookupError as exc:
+        return _fail(str(exc.args[0] if exc.args else exc))
+    finally:
+        conn.close()
+    print(
+        f"Recover Secondary Site {args.site_code.upper()}: request {number} queued; the primary "
+        "site's HMAN reinstalls it with its own files (follow hman.log, sender.log, and the "
+        "secondary's despool.log)."
+    )
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     """Run one of the guide's queries (T-SQL spellings like dbo. and TOP n are accepted)."""
     _, conn = _with_db(Path(args.site_dir))
@@ -346,7 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_dir")
     p.add_argument("--site-code", required=True)
     p.add_argument("--role", choices=("cas", "primary", "secondary"), default="cas")
-    p.add_argument("--parent")
+    p.add_argument(
+        "--parent", help="the parent site's folder (primary: a CAS; secondary: a primary)"
+    )
+    p.add_argument(
+        "--address",
+        help="how the parent reaches this site's folder (a mount point on its host); "
+        "this folder by default",
+    )
     p.add_argument("--content-source")
     p.add_argument("--display-root", help=r"show paths Windows-style, e.g. 'E:\ConfigMgr'")
     p.add_argument(
@@ -405,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_dir")
     p.add_argument("guid")
     p.set_defaults(func=cmd_retry_replication)
+
+    p = sub.add_parser(
+        "recover-secondary",
+        help="reinstall a secondary site with its parent primary's files (Recover Secondary Site)",
+    )
+    p.add_argument("primary_dir")
+    p.add_argument("site_code")
+    p.set_defaults(func=cmd_recover_secondary)
 
     p = sub.add_parser("sql", help="run a query against the site database (the guide's queries)")
     p.add_argument("site_dir")

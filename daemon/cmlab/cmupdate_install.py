@@ -43,7 +43,7 @@ from cmlab.hashing import sha256_bytes, sha256_file
 from cmlab.payload import INSTALL_MAP, InstallStep, parse_install_map, sample_build_number
 from cmlab.redistmedia import MediaError, check_media, process_redists
 from cmlab.servicewindow import is_open, next_opening
-from cmlab.sitedb import servicing
+from cmlab.sitedb import hierarchy, servicing
 from cmlab.siteinstall import (
     RCM_KEY,
     SETUP_KEY,
@@ -91,7 +91,7 @@ def continues_to_install(state: int, flag: int) -> bool:
         return flag in (PackageFlag.NORMAL, PackageFlag.IGNORE_WARNINGS)
     if state == S.PREREQ_WARNING:
         return flag == PackageFlag.IGNORE_WARNINGS
-    return state in INSTALLING
+    return state in INSTALLING or state == S.INSTALL_WAITING_PARENT
 
 
 def failed_marker(staging: Path) -> Path:
@@ -185,7 +185,10 @@ class InstallationHandlers(Component):
         guid = package.guid
         staging = self.paths.cmu_staging / guid
         marker = failed_marker(staging)
-        if package.state in (S.PREREQ_SUCCESS, S.PREREQ_WARNING):
+        starting = (S.PREREQ_SUCCESS, S.PREREQ_WARNING, S.INSTALL_WAITING_PARENT)
+        if package.state in starting and not await self.parent_has_installed(package):
+            return
+        if package.state in starting:
             # A new installation: a marker left by an earlier failed run is history.
             await self.in_thread(remove_path, marker)
             await self.set_state(guid, S.INSTALL_IN_PROGRESS)
@@ -200,6 +203,31 @@ class InstallationHandlers(Component):
         except InstallFailed as exc:
             self.say(f"ERROR: {exc}", level="error")
             await self.roll_back(package, staging, str(exc), exc.state)
+
+    async def parent_has_installed(self, package: servicing.PendingPackage) -> bool:
+        """A child primary site installs after its parent: until the parent's row (replicated
+        by the CMUpdates group) is INSTALL_SUCCESS, it waits at INSTALL_WAITING_PARENT, and
+        HMAN wakes it when the parent's success arrives."""
+        parent = await self.db.read(hierarchy.parent_site)
+        if parent is None or self.config.role != "primary":
+            return True
+        state = await self.db.read(servicing.site_state, package.guid, parent.code)
+        if state == S.INSTALL_SUCCESS:
+            if package.state == S.INSTALL_WAITING_PARENT:
+                self.say(
+                    f"INFO: Parent site {parent.code} has installed update {package.guid}. "
+                    "This site installs it now."
+                )
+            return True
+        if package.state != S.INSTALL_WAITING_PARENT:
+            await self.set_state(package.guid, S.INSTALL_WAITING_PARENT)
+            shown = "not reported yet" if state is None else f"{S.name_of(state)} ({state})"
+            self.say(
+                f"INFO: Waiting for parent site {parent.code} to install update "
+                f"{package.guid} first (its state: {shown}). This site installs it after "
+                "its parent: INSTALL_WAITING_PARENT (196611)."
+            )
+        return False
 
     async def run_installation(self, package: servicing.PendingPackage, staging: Path) -> None:
         guid = package.guid

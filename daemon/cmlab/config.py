@@ -229,3 +229,11 @@ def render_toml(doc: dict[str, dict[str, Any]], comments: dict[str, str] | None 
             out.append(f"{key} = {_toml_value(value)}")
         out.append("")
     return "\n".join(out)
+
+
+def render_toml_array_entry(table: str, values: dict[str, Any], comment: str = "") -> str:
+    """One `[[table]]` entry, to append to a site.toml."""
+    out = ["", f"# {comment}"] if comment else [""]
+    out.append(f"[[{table}]]")
+    out.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+    return "\n".join(out) + "\n"

@@ -23,7 +23,7 @@ from cmlab.failpoints import crashpoint
 from cmlab.hashing import folder_hash
 from cmlab.inbox import BadInput, Outcome
 from cmlab.manifest import GUID_RE
-from cmlab.sitedb import procs, servicing
+from cmlab.sitedb import hierarchy, procs, servicing
 from cmlab.statecodes import IsComplete, PackageFlag, PackageState, SubStage
 
 S = PackageState
@@ -85,6 +85,14 @@ class EasySetupHandlers(Component):
         guid = await self.db.read(servicing.enabled_package)
         if guid is None:
             self.say("INFO: No update package is in state 2 (ENABLED). Nothing to update.")
+            return Outcome.DONE
+        parent = await self.db.read(hierarchy.parent_site)
+        if parent is not None:
+            # The run was started at the top-level site and replicated here (CMUpdates).
+            self.say(
+                f"INFO: This site is a child site of {parent.code}: the Easy Setup Package of "
+                f"{guid} is replicated from the parent site. Nothing to update here."
+            )
             return Outcome.DONE
         share = easy_setup_share(self.config.fqdn, guid)
         self.say(f"Get  Update Pack {guid}, {share}")
@@ -167,15 +175,32 @@ class EasySetupHandlers(Component):
         if not GUID_RE.match(guid):
             raise BadInput(f"{path.name}: the file name is not <PackageGuid>.CME")
         self.say("Check CMU status...")
+        # Only the top-level site rolls up (an empty result below it).
         states = {
             k.upper(): v for k, v in (await self.db.tx(servicing.spProcessCMUPackages)).items()
         }
         row = await self.db.read(_state_and_flag, guid)
         if row is None:
             return Outcome.DONE  # the update is gone (reset): nothing to watch
-        state, flag = states.get(guid.upper(), row[0]), row[1]
-        if state == S.CONTENT_REPLICATION_SUCCESS:
+        parent = await self.db.read(hierarchy.parent_site)
+        own = await self.db.read(servicing.site_state, guid, self.config.site_code)
+        flag = row[1]
+        if parent is None:
+            state = states.get(guid.upper(), row[0])
+            own = state if own is None else own
+        else:
+            # A child site watches its own run; the package row is the top-level site's.
+            state = own if own is not None else S.UNKNOWN
+        if own == S.CONTENT_REPLICATION_SUCCESS:
             await self.in_thread(self._notify_cmupdate, guid)
+        elif own == S.INSTALL_WAITING_PARENT and parent is not None:
+            theirs = await self.db.read(servicing.site_state, guid, parent.code)
+            if theirs == S.INSTALL_SUCCESS:
+                self.say(
+                    f"INFO: Parent site {parent.code} has installed update {guid}: this site "
+                    "can install it."
+                )
+                await self.in_thread(self._notify_cmupdate, guid)
         if run_has_ended(state, flag):
             crashpoint("hman.before_cme_delete")
             return Outcome.DONE

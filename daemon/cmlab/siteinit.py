@@ -3,14 +3,22 @@ source ("the Microsoft cloud"), ready for `cmlab run`."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.config import ROLES, Facts, load_config, render_toml
+from cmlab.config import (
+    ROLES,
+    Facts,
+    SiteConfig,
+    load_config,
+    render_toml,
+    render_toml_array_entry,
+)
 from cmlab.errors import ConfigError
 from cmlab.paths import SitePaths
 from cmlab.prereq.facts import DEFAULT_FACTS
-from cmlab.sitedb import create_site_db
+from cmlab.sitedb import SITE_TYPES, create_site_db
 from cmlab.siteinstall import create_installation
 
 
@@ -20,6 +28,9 @@ class InitOptions:
     site_code: str
     role: str = "cas"
     parent: Path | None = None
+    # How the parent site reaches this site's folder (a mount point or share path on the
+    # parent's host); this folder itself by default.
+    address: Path | None = None
     content_source: Path | None = None
     display_root: str = ""
     sync_interval: float = 86400.0
@@ -47,8 +58,18 @@ def init_site(opts: InitOptions) -> Path:
     if (root / "site.toml").exists():
         raise ConfigError(f"{root} already holds a site (site.toml exists)")
     parent_code = None
+    parent_config = None
     if opts.parent is not None:
-        parent_code = load_config(opts.parent).site_code
+        parent_config = load_config(opts.parent)
+        parent_code = parent_config.site_code
+        wanted = {"primary": "cas", "secondary": "primary"}[opts.role]
+        if parent_config.role != wanted:
+            raise ConfigError(
+                f"a {opts.role} site's parent must be a {wanted} site; {parent_code} is a "
+                f"{parent_config.role} site"
+            )
+        if parent_code == code:
+            raise ConfigError(f"the site code {code} is the parent's own")
 
     paths = SitePaths(root)
     for folder in paths.all_folders():
@@ -77,7 +98,8 @@ def init_site(opts: InitOptions) -> Path:
         "site": {
             "code": code,
             "role": opts.role,
-            "parent": str(opts.parent.resolve()) if opts.parent else "",
+            # As given (made absolute, not resolved): a mount point or share path stays one.
+            "parent": os.path.abspath(opts.parent) if opts.parent else "",
             "server": f"{code.lower()}.cmlab.local",
             "display_root": opts.display_root,
         },
@@ -101,6 +123,11 @@ def init_site(opts: InitOptions) -> Path:
             "signing_cert": rel(ca.signing_cert),
             "signing_chain": rel(ca.intermediate_cert),
         },
+        "replication": {
+            "cmupdates_interval": 60.0,
+            "sender_retries": 2,
+            "sender_retry_delay": 60.0,
+        },
         "logs": {"max_size": 2_621_440, "verbose": True, "json_stdout": True},
         "database": {"durability": "process"},
         "facts": {"build": opts.build, "minor_build": opts.minor_build, **DEFAULT_FACTS},
@@ -110,6 +137,8 @@ def init_site(opts: InitOptions) -> Path:
         "scp": "service connection point: online downloads from content_source (the lab's cloud)",
         "intervals": "seconds; sync = 0 syncs only on `cmlab sync`",
         "trust": "PEM files; microsoft_roots end in 'is signed with MS root cert.'",
+        "replication": "seconds; the CMUpdates replication group's interval, and the Sender's "
+        "retries of a send to a child site (docs/hierarchy.md)",
         "logs": "max_size in bytes before <log>.lo_",
         "database": "durability: process (survives a killed process) or power (fsync commits)",
         "facts": "the emulated environment the prerequisite checker reads (docs/prereq.md); "
@@ -130,4 +159,78 @@ def init_site(opts: InitOptions) -> Path:
     # The site server's own installation (bin/x64, the console, the site control file and
     # the rows of a running site) that an update's installation replaces.
     create_installation(root, opts.build, f"5.00.{opts.build}.1000")
+    if parent_config is not None and opts.parent is not None:
+        address = os.path.abspath(opts.address) if opts.address else str(root)
+        join_hierarchy(config, parent_config, Path(os.path.abspath(opts.parent)), address)
     return root
+
+
+def join_hierarchy(
+    child: SiteConfig, parent: SiteConfig, parent_address: Path, child_address: str
+) -> None:
+    """Record the child in both site databases (ServerData and Sites, each with the other's
+    address) and in the parent's site.toml: what installing a child site under a parent does.
+    The parent's daemon may be running: this is one short transaction in its database."""
+    from cmlab.sitedb import connect, hierarchy, transaction
+
+    child_type = SITE_TYPES[child.role]
+    parent_conn = connect(parent.paths.db_file, parent.site_code)
+    try:
+        with transaction(parent_conn):
+            if hierarchy.site_by_code(parent_conn, child.site_code) is not None:
+                raise ConfigError(f"{parent.site_code} already has a site {child.site_code}")
+            p = hierarchy.local_site(parent_conn)
+            p_sites = parent_conn.execute(
+                "SELECT Version, FullVersion, BuildNumber FROM Sites WHERE SiteCode = ?",
+                (parent.site_code,),
+            ).fetchone()
+            hierarchy.ensure_site(
+                parent_conn,
+                child.site_code,
+                parent=parent.site_code,
+                site_type=child_type,
+                server=child.fqdn,
+                folder=child_address,
+            )
+            hierarchy.set_site_version(
+                parent_conn,
+                child.site_code,
+                version=f"5.00.{child.facts.build}.1000",
+                full_version=f"5.00.{child.facts.build}.10{child.facts.minor_build:02d}",
+                build=child.facts.build,
+                reporting_site=parent.site_code,
+                server=child.fqdn,
+                site_type=child_type,
+            )
+    finally:
+        parent_conn.close()
+    conn = connect(child.paths.db_file, child.site_code)
+    try:
+        with transaction(conn):
+            hierarchy.ensure_site(
+                conn,
+                parent.site_code,
+                parent=p.parent,
+                site_type=p.site_type,
+                server=parent.fqdn,
+                folder=str(parent_address),
+            )
+            hierarchy.set_site_version(
+                conn,
+                parent.site_code,
+                version=str(p_sites[0]),
+                full_version=str(p_sites[1]),
+                build=int(p_sites[2]),
+                reporting_site=p.parent,
+                server=parent.fqdn,
+                site_type=p.site_type,
+            )
+    finally:
+        conn.close()
+    entry = render_toml_array_entry(
+        "child_site",
+        {"code": child.site_code, "role": child.role, "address": child_address},
+        comment="a child site (cmlab init --parent); its address is how this site reaches it",
+    )
+    with open(parent.root / "site.toml", "a", encoding="utf-8") as f:
+        f.write(entry)

@@ -49,6 +49,29 @@ class SiteFunctions:
         row = self._row()
         return None if row is None else version_to_int(row[0])
 
+    def secondary_site_cmupdate_status(self, site_code: object) -> int | None:
+        """fnGetSecondarySiteCMUpdateStatus('<code>') (the hotfix note): 1 when the secondary
+        site has installed every update this site has installed, else 0; NULL when the code
+        is not one of this site's secondary sites. What a secondary has installed is its own
+        status rows, replicated up by the CMUpdates group."""
+        conn = self._conn()
+        row = conn.execute(
+            "SELECT s.ID FROM ServerData s JOIN ServerData l ON l.IsLocal = 1 "
+            "WHERE s.SiteCode = ? AND s.SiteType = 1 AND s.ParentSiteCode = l.SiteCode",
+            (str(site_code),),
+        ).fetchone()
+        if row is None:
+            return None
+        missing = conn.execute(
+            "SELECT COUNT(*) FROM CM_UpdatePackageSiteStatus mine "
+            "JOIN ServerData l ON l.ID = mine.SiteNumber AND l.IsLocal = 1 "
+            "WHERE mine.State = 196612 AND NOT EXISTS (SELECT 1 FROM CM_UpdatePackageSiteStatus "
+            "theirs WHERE theirs.PackageGuid = mine.PackageGuid AND theirs.SiteNumber = ? "
+            "AND theirs.State = 196612)",
+            (int(row[0]),),
+        ).fetchone()
+        return 0 if int(missing[0]) else 1
+
 
 def version_to_int(version: str) -> int:
     """5.00.9135.1000 -> 5009135 (the guide's `500nnnn`)."""
@@ -73,6 +96,9 @@ def register(
     conn.create_function("fnCurrentSiteVersion", 0, funcs.current_site_version)
     conn.create_function("fnSetupFullVersion", 0, funcs.setup_full_version)
     conn.create_function("fnCurrentSiteVersion_INT", 0, funcs.current_site_version_int)
+    conn.create_function(
+        "fnGetSecondarySiteCMUpdateStatus", 1, funcs.secondary_site_cmupdate_status
+    )
     conn.create_function("fnCompareVersions", 2, compare_versions, deterministic=True)
     conn.create_function("fnVersionToInt", 1, version_to_int, deterministic=True)
 

@@ -6,6 +6,7 @@ consumer never sees half a file and a crash never leaves one behind under the re
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -196,3 +197,28 @@ def copy_file_durable(source: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(source, "rb") as src, atomic_output(dest) as out:
         shutil.copyfileobj(src, out, 1024 * 1024)
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, never read through a symbolic
+    link (files other sites drop are not trusted to be what their names say). ValueError says
+    why not: a link, not a regular file, or larger than `limit`; other OSErrors pass."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{path.name}: is a symbolic link; not followed") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path.name}: not a regular file")
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit and (chunk := os.read(fd, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    if total > limit:
+        raise ValueError(f"{path.name}: larger than {limit} bytes")
+    return b"".join(chunks)

@@ -1,16 +1,170 @@
-"""SMS_SCHEDULER (docs/hierarchy.md). Skeleton: being written."""
+"""SMS_SCHEDULER (docs/hierarchy.md, step 3 and 6): on `<JobID>.JOB` from SMSDBMon (a
+SchedulerJobs row was added, or ended), writes the job's instruction `tosend/<JobID>.Idb`
+and then the send request `outboxes/LAN/<JobID>.SRQ` for the Sender, and reports how a job
+ended (`<JOB STATUS - COMPLETE>~`), removing its instruction.
+
+Every write is atomic and the State change comes last, so a JOB replayed after a crash
+writes the same files again and changes nothing else."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
+from cmlab.atomic import write_atomic
 from cmlab.component import Component
-from cmlab.inbox import Outcome
+from cmlab.failpoints import crashpoint
+from cmlab.filerepl import (
+    SITE_RECOVERY,
+    SWD,
+    Instruction,
+    SchedulerJob,
+    build_instruction,
+    fail_job,
+    open_job_count,
+    package_file_path,
+    parse_job_name,
+    read_recovery_sidecar,
+    scheduler_job,
+)
+from cmlab.inbox import BadInput, Outcome
+from cmlab.sitedb import servicing
+
+RECOVERY_NAME = "Secondary Site Recovery"
+
+
+@dataclass(frozen=True)
+class _JobView:
+    job: SchedulerJob
+    open_jobs: int
+    esp: servicing.EasySetupPackage | None
+
+
+def _view(conn: sqlite3.Connection, job_id: int) -> _JobView | None:
+    job = scheduler_job(conn, job_id)
+    if job is None:
+        return None
+    esp = servicing.easy_setup_package_by_id(conn, job.pkg_id) if job.job_type == SWD else None
+    return _JobView(job, open_job_count(conn), esp)
 
 
 class Scheduler(Component):
     component = "SMS_SCHEDULER"
     log_file = "scheduler.log"
 
+    def idb_path(self, name: str) -> Path:
+        return self.paths.schedule_tosend / f"{name}.Idb"
+
+    def srq_path(self, name: str) -> Path:
+        return self.paths.sender_outbox / f"{name}.SRQ"
+
     async def on_job(self, path: Path) -> Outcome:
-        raise NotImplementedError
+        stem, dot, ext = path.name.rpartition(".")
+        if not dot or ext.upper() != "JOB":
+            raise BadInput(f"{path.name}: the file name is not <JobID>.JOB")
+        try:
+            job_id = parse_job_name(stem)
+        except BadInput as exc:
+            raise BadInput(f"{path.name}: the file name is not <JobID>.JOB ({exc})") from None
+        if os.path.getsize(path) > 4096:
+            raise BadInput(f"{path.name}: a job notification is empty or a line, not a file")
+        view = await self.db.read(_view, job_id)
+        name = f"{job_id:08X}"
+        if view is None:
+            self.say(f"Job {name} is not in the job source; nothing to do.")
+            return Outcome.DONE
+        job = view.job
+        if job.state == "Complete":
+            self.say("<JOB STATUS - COMPLETE>~")
+            self._remove(self.idb_path(name))
+            return Outcome.DONE
+        if job.state == "Failed":
+            self.say("<JOB STATUS - FAILED>~")
+            self.say(
+                f"ERROR: Job {name} ({self._describe(job)}) to site {job.dest_site} failed: "
+                f"{job.last_error or 'no reason recorded'}",
+                level="error",
+            )
+            self._remove(self.idb_path(name))
+            self._remove(self.srq_path(name))
+            return Outcome.DONE
+        if job.state not in ("Pending", "Sending"):
+            raise BadInput(f"{path.name}: job {name} has an unknown State {job.state[:40]!r}")
+        self.say(f"1 jobs found in memory, {view.open_jobs} jobs found in job source.")
+        try:
+            data = build_instruction(self._instruction(view))
+        except ValueError as exc:
+            # The job cannot be described (its package is gone, a column is damaged): it ends
+            # here, and SMSDBMon's JOB for the Failed row reports it.
+            await self.db.tx(fail_job, job, f"Cannot write the instruction for job {name}: {exc}")
+            return Outcome.DONE
+        idb = self.idb_path(name)
+        self.say(f"~Instruction file = {self.show(idb)}")
+        idb.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(idb, data)
+        crashpoint("scheduler.after_idb")
+        srq = self.srq_path(name)
+        srq.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(srq, f"Job={name}\nInstruction=tosend/{name}.Idb\n")
+        crashpoint("scheduler.after_srq")
+        await self.db.tx(_sending, job_id)
+        self.say(f"<Updating JOB {name}> [{self._describe(job)}]~")
+        return Outcome.DONE
+
+    def _describe(self, job: SchedulerJob) -> str:
+        if job.job_type == SITE_RECOVERY:
+            return f"{RECOVERY_NAME}, Site = {job.pkg_id}"
+        name = servicing.EASY_SETUP_PACKAGE_NAME
+        return f"Software Distribution for {name}, Package ID = {job.pkg_id}"
+
+    def _instruction(self, view: _JobView) -> Instruction:
+        job = view.job
+        package = package_file_path(self.paths.root, job.package_file)
+        shown = self.show(package)
+        common = {
+            "job": job.name,
+            "job_type": job.job_type,
+            "source_site": self.config.site_code.upper(),
+            "dest_site": job.dest_site,
+            "package_id": job.pkg_id,
+            "version": job.version,
+            "package_file": shown,
+            "file_size": job.file_size,
+            "file_hash": job.file_hash,
+        }
+        if job.job_type == SWD:
+            if view.esp is None:
+                raise ValueError(f"package {job.pkg_id} is not an Easy Setup Package here")
+            return Instruction(
+                **common,
+                package_guid=view.esp.package_guid.upper(),
+                package_name=servicing.EASY_SETUP_PACKAGE_NAME,
+                source=view.esp.source,
+                content_hash=job.content_hash or view.esp.stored_pkg_hash.upper(),
+            )
+        if job.job_type == SITE_RECOVERY:
+            return Instruction(
+                **common,
+                package_guid="",
+                package_name=RECOVERY_NAME,
+                source="",
+                content_hash=job.content_hash or job.file_hash,
+                recovery=read_recovery_sidecar(package),
+            )
+        raise ValueError(f"JobType {job.job_type[:40]!r} is not SWD or SiteRecovery")
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _sending(conn: sqlite3.Connection, job_id: int) -> None:
+    conn.execute(
+        "UPDATE SchedulerJobs SET State = 'Sending', "
+        "Updated = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE JobID = ? AND State = 'Pending'",
+        (job_id,),
+    )

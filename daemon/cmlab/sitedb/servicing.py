@@ -615,9 +615,9 @@ def start_replicated_runs(conn: sqlite3.Connection) -> list[str]:
     """At a child site: a run the top-level site started (a RunNumber newer than this site's
     row, replicated in CM_UpdatePackages) reaches this site: its row goes to ENABLED with the
     run's flag. A site that installed the update stays installed. Returns the updates
-    started."""
+    started. Secondary sites take no part: Recover Secondary Site updates them."""
     local = hierarchy.local_site(conn)
-    if local.parent is None:
+    if local.parent is None or local.site_type != hierarchy.PRIMARY:
         return []
     rows = conn.execute(
         "SELECT p.PackageGuid, p.RunNumber, ss.State FROM CM_UpdatePackages p "
@@ -653,7 +653,7 @@ def mark_replicated_content(conn: sqlite3.Connection) -> list[tuple[str, int]]:
     (the despooler stored a version whose hash is EasySetupSettings.PackageHash, replicated),
     then CONTENT_REPLICATION_SUCCESS. Returns the (update, state) changes made."""
     local = hierarchy.local_site(conn)
-    if local.parent is None:
+    if local.parent is None or local.site_type != hierarchy.PRIMARY:
         return []
     rows = conn.execute(
         "SELECT ss.PackageGuid, ss.State, e.PackageHash, sp.StoredPkgHash "

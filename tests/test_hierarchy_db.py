@@ -216,3 +216,30 @@ def test_fn_get_secondary_site_cmupdate_status(dbs: dict[str, sqlite3.Connection
     assert pr1.execute(fn, ("SEC",)).fetchone() == (1,)
     assert pr1.execute(fn, ("CAS",)).fetchone() == (None,)  # not a secondary of PR1
     assert pr1.execute(fn, ("ZZZ",)).fetchone() == (None,)
+
+
+def test_the_roll_up_waits_for_a_child_the_run_has_not_reached(
+    dbs: dict[str, sqlite3.Connection],
+) -> None:
+    cas = dbs["CAS"]
+    add_update(cas)
+    with transaction(cas):
+        cas.execute(
+            "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageHash) "
+            "VALUES ('CAS10001', ?, ?)",
+            (GUID, HASH),
+        )
+        servicing.InitiateUpgrade(cas, GUID, PackageFlag.NORMAL)
+        # Until HMAN takes 2.ESC, the package stays ENABLED whatever the sites' rows say.
+        assert servicing.spProcessCMUPackages(cas) == {GUID: S.ENABLED}
+        servicing.set_package_state(cas, GUID, S.CONTENT_REPLICATING)  # HMAN took it
+        servicing.spCMUSetSiteState(cas, GUID, S.INSTALL_SUCCESS)
+        # PR1 has not even started: the update is still replicating to it, not installed.
+        assert servicing.spProcessCMUPackages(cas) == {GUID: S.CONTENT_REPLICATING}
+        servicing.spCMUSetSiteState(cas, GUID, S.INSTALL_SUCCESS, site_code="PR1")
+        assert servicing.spProcessCMUPackages(cas) == {GUID: S.INSTALL_SUCCESS}
+    # Never back to ENABLED by the roll-up: SMSDBMon would drop 2.ESC again.
+    assert not cas.execute(
+        "SELECT 1 FROM TableChangeNotifications WHERE FileName = '2.ESC' AND ID > "
+        "(SELECT MIN(ID) FROM TableChangeNotifications WHERE FileName = '2.ESC')"
+    ).fetchall()

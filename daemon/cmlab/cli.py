@@ -16,7 +16,7 @@ from typing import Any
 from cmlab.config import load_config
 from cmlab.contract import load_contract, matches_any
 from cmlab.errors import CmlabError
-from cmlab.sitedb import connect, procs, servicing, transaction
+from cmlab.sitedb import connect, hierarchy, procs, servicing, transaction
 from cmlab.sitedb.functions import tsql_to_sqlite
 from cmlab.statecodes import PackageFlag, PackageState
 
@@ -97,6 +97,31 @@ def collect_status(site_dir: Path) -> dict[str, Any]:
             "SELECT ID, Reason, Requested, Finished, Result FROM SyncHistory "
             "ORDER BY ID DESC LIMIT 1"
         ).fetchone()
+        # The hierarchy as this database knows it, each site's version and its state for
+        # every update that has site status rows (the guide's query over ServerData).
+        sites = [
+            {
+                "SiteCode": r[0],
+                "Parent": r[1],
+                "Role": hierarchy.TYPE_NAMES.get(int(r[2]), str(r[2])),
+                "Local": bool(r[3]),
+                "Version": r[4],
+                "Address": r[5] or "",
+                "States": {
+                    str(g): {"State": int(st), "StateName": PackageState.name_of(int(st))}
+                    for g, st in conn.execute(
+                        "SELECT PackageGuid, State FROM CM_UpdatePackageSiteStatus "
+                        "WHERE SiteNumber = ? ORDER BY PackageGuid",
+                        (r[6],),
+                    )
+                },
+            }
+            for r in conn.execute(
+                "SELECT sd.SiteCode, sd.ParentSiteCode, sd.SiteType, sd.IsLocal, s.Version, "
+                "sd.SiteFolder, sd.ID FROM ServerData sd "
+                "LEFT JOIN Sites s ON s.SiteCode = sd.SiteCode ORDER BY sd.IsLocal DESC, sd.ID"
+            )
+        ]
     finally:
         conn.close()
     # One row per folder: HMAN's CFD has two contract entries (CMU files; ESC and CME).
@@ -129,6 +154,7 @@ def collect_status(site_dir: Path) -> dict[str, Any]:
         "daemon_running": daemon_running(config.root),
         "site_version": version,
         "packages": packages,
+        "sites": sites,
         "to_download": to_download,
         "last_sync": None
         if last_sync is None
@@ -164,6 +190,17 @@ def print_status(status: dict[str, Any]) -> None:
             print(f"{p['PackageGuid']:38} {state:36} {p['Name']}")
     else:
         print("No update packages yet: run `cmlab sync`.")
+    if len(status["sites"]) > 1:
+        print()
+        print(f"{'Site':5} {'Role':10} {'Parent':7} {'Version':15} Update states")
+        for site in status["sites"]:
+            states = ", ".join(
+                f"{guid[:8]}: {v['StateName']} ({v['State']})" for guid, v in site["States"].items()
+            )
+            print(
+                f"{site['SiteCode']:5} {site['Role']:10} {site['Parent'] or '-':7} "
+                f"{site['Version'] or '?':15} {states or '-'}"
+            )
     print()
     print(f"{'Inbox':46} {'Component':34} backlog  BAD")
     for i in status["inboxes"]:

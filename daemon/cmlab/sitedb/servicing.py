@@ -517,14 +517,19 @@ def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:
     """Roll the sites' states of one update up into CM_UpdatePackages.State: the worst of all
     sites (the guide: "final result of the prerequisite checks is the worst for all the sites
     that were checked"). Returns the package's state afterwards."""
+    # A child site still at ENABLED has not received the run's content yet: to the roll-up
+    # it is CONTENT_REPLICATING, so the update is not shown finished before every primary
+    # site is. Not ENABLED itself: that would make SMSDBMon drop 2.ESC again. This site's own
+    # ENABLED row is left out, as before HMAN has taken its 2.ESC.
     states = [
         int(r[0])
         for r in conn.execute(
-            "SELECT ss.State FROM CM_UpdatePackageSiteStatus ss "
+            "SELECT CASE WHEN ss.State = ? THEN ? ELSE ss.State END "
+            "FROM CM_UpdatePackageSiteStatus ss "
             "JOIN ServerData sd ON sd.ID = ss.SiteNumber "
             "WHERE ss.PackageGuid = ? AND sd.SiteType IN (2, 4) "
-            "AND ss.State BETWEEN 65537 AND 262143",
-            (guid,),
+            "AND (ss.State BETWEEN 65537 AND 262143 OR (ss.State = ? AND sd.IsLocal = 0))",
+            (int(S.ENABLED), int(S.CONTENT_REPLICATING), guid, int(S.ENABLED)),
         )
     ]
     row = conn.execute(
@@ -534,6 +539,10 @@ def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:
         return None
     current = int(row[0])
     if not states or current not in IN_PROGRESS_STATES + PREREQ_RESULTS + FAILED_STATES:
+        return current
+    if current == S.ENABLED:
+        # The run waits for HMAN to take its 2.ESC (HMAN moves it on): rolling it up now
+        # would take it off ENABLED before HMAN finds it there.
         return current
     worst = _overall(states)
     if worst != current:

@@ -11,6 +11,7 @@ own mount namespace, so nothing can use another site's real folder, process or d
 from __future__ import annotations
 
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -71,12 +72,12 @@ def test_an_update_goes_from_the_cas_to_every_primary_and_the_secondary_waits(
 ) -> None:
     h = hierarchy
     cas, pr1, pr2, sec = h["CAS"], h["PR1"], h["PR2"], h["SEC"]
-    with h.running("PR1", "PR2", "SEC"):
+    with h.running("PR1", "PR2", "SEC"), h.daemons["CAS"]:
         # The CAS is killed just before it reports INSTALL_SUCCESS: its children must wait.
         h.daemons["CAS"].start(CMLAB_CRASHPOINTS="cmupdate.before_installed_notification")
         cmlab("install", str(cas), GUID)
         wait_until(lambda: not h.daemons["CAS"].alive(), timeout=180, what="the CAS's kill")
-        h.daemons["CAS"].proc = None
+        assert h.daemons["CAS"].wait_exit() == -signal.SIGKILL
         for code in CHILDREN:
             wait_until(
                 lambda code=code: own_state(h[code], code) == S.INSTALL_WAITING_PARENT,
@@ -193,6 +194,7 @@ def test_an_update_goes_from_the_cas_to_every_primary_and_the_secondary_waits(
         wait_until(lambda: _secondary_status(pr1) == 1, timeout=120, what="SEC recovered")
         assert site_version(sec) == NEW_VERSION
         assert site_version(pr2) == NEW_VERSION
+        assert h.daemons["CAS"].stop() == 0
 
 
 def _secondary_status(primary: Path) -> int | None:

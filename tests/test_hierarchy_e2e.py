@@ -26,6 +26,7 @@ from sites import (
     inbox_files,
     log,
     query,
+    set_toml,
     site_history,
     site_version,
     states,
@@ -204,3 +205,33 @@ def _secondary_status(primary: Path) -> int | None:
     found = re.findall(r'"s":\s*(\w+)', out)
     assert found, out
     return None if found[0] == "null" else int(found[0])
+
+
+def test_the_cas_shows_the_worst_prerequisite_result_of_all_its_primary_sites(
+    downloaded_template: Path, tmp_path: Path
+) -> None:
+    """Run prerequisite check (Flag 1) at the CAS: every primary site checks itself, and the
+    CAS's overall result is the worst of them; nothing is installed."""
+    h = make_hierarchy(tmp_path, downloaded_template, secondary=None)
+    set_toml(h["PR1"], "facts", "antivirus_running", "true")  # a Warning rule
+    with h.running():
+        cmlab("prereq", str(h["CAS"]), GUID)
+        wait_until(
+            lambda: (
+                site_states(h["CAS"], GUID)
+                == {"CAS": S.PREREQ_SUCCESS, "PR1": S.PREREQ_WARNING, "PR2": S.PREREQ_SUCCESS}
+                and states(h["CAS"]).get(GUID) == S.PREREQ_WARNING
+            ),
+            timeout=180,
+            what="every site's prerequisite result at the CAS",
+        )
+        wait_until(lambda: settled(h), timeout=60, what="every site's inboxes to drain")
+        rules = query(
+            h["CAS"],
+            "select ServerData.SiteCode, p.RuleName, p.Status from CM_UpdatePackagePrereqStatus p "
+            "Left join serverdata on p.SiteNumber=ServerData.ID where p.Status = 1",
+        )
+        assert [(r[0], r[2]) for r in rules] == [("PR1", 1)]
+    for code in PRIMARIES:
+        assert site_version(h[code]) == OLD_VERSION
+        assert S.INSTALL_IN_PROGRESS not in site_history(h[code])

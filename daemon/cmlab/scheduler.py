@@ -4,10 +4,17 @@ and then the send request `outboxes/LAN/<JobID>.SRQ` for the Sender, and reports
 ended (`<JOB STATUS - COMPLETE>~`), removing its instruction.
 
 Every write is atomic and the State change comes last, so a JOB replayed after a crash
-writes the same files again and changes nothing else."""
+writes the same files again and changes nothing else.
+
+The Scheduler also reads its job source at start and every `intervals.rescan` seconds, and
+drops `<JobID>.JOB` itself for a job SMSDBMon's notification never came for: one Pending
+without its instruction, or one that ended with its instruction still in `tosend`. That
+happens when a job is added or ends while the site's own installation has SMSDBMon's
+triggers removed (install steps 5 to 13)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -51,9 +58,44 @@ def _view(conn: sqlite3.Connection, job_id: int) -> _JobView | None:
     return _JobView(job, open_job_count(conn), esp)
 
 
+def _unnoticed_jobs(conn: sqlite3.Connection, tosend: Path) -> list[str]:
+    """Jobs whose state and files disagree: Pending with no instruction yet, or ended with
+    its instruction still there. Only those left so for a while: a fresh change's own
+    notification is normally on its way."""
+    out = []
+    for job_id, state in conn.execute(
+        "SELECT JobID, State FROM SchedulerJobs WHERE State IN ('Pending', 'Complete', 'Failed') "
+        "AND Updated < strftime('%Y-%m-%d %H:%M:%f', 'now', '-2 seconds')"
+    ):
+        name = f"{int(job_id):08X}"
+        has_idb = (tosend / f"{name}.Idb").exists()
+        if (state == "Pending") != has_idb:
+            out.append(name)
+    return out
+
+
 class Scheduler(Component):
     component = "SMS_SCHEDULER"
     log_file = "scheduler.log"
+
+    async def start(self) -> None:
+        self.spawn(self._sweep(), "job source")
+
+    async def _sweep(self) -> None:
+        interval = self.config.intervals.rescan
+        while True:
+            try:
+                names = await self.db.read(_unnoticed_jobs, self.paths.schedule_tosend)
+                for name in names:
+                    job_file = self.paths.schedule_box / f"{name}.JOB"
+                    if not job_file.exists():
+                        self.say(f"Job {name} found in the job source without a notification.")
+                        write_atomic(job_file, b"")
+            except Exception as exc:  # the sweep is a safety net: it must outlive a bad pass
+                self.say(f"ERROR: Failed to read the job source: {exc}", level="error")
+            if interval <= 0:
+                return
+            await asyncio.sleep(interval)
 
     def idb_path(self, name: str) -> Path:
         return self.paths.schedule_tosend / f"{name}.Idb"

@@ -249,7 +249,7 @@ def assert_installed(site: Path, ref: Reference | None = None, since: int = 0) -
     settings = dict(query(site, "SELECT Name, Value FROM SiteServerSettings"))
     assert (settings["ServiceBroker"], settings["WMIProviders"]) == ("ON", "Loaded")
     assert smsdbmon_triggers(site) == TRIGGERS
-    assert len(TRIGGERS) == 10
+    assert len(TRIGGERS) == 14  # every SMSDBMon trigger is back, the hierarchy's four too
 
     staging = site / "CMUStaging" / G
     client = files_of(staging / "CMUClient")

@@ -439,7 +439,7 @@ def test_the_sixteen_steps_update_the_site(site: Site) -> None:
             "INFO: Unloading the WMI providers...",
             "INFO: Deleting SMSDBMON triggers...",
             "INFO: Dropped SMSDBMON trigger CM_UpdatePackages_UPD_HMAN on CM_UpdatePackages",
-            "INFO: Deleted 10 SMSDBMON trigger(s).",
+            "INFO: Deleted 14 SMSDBMON trigger(s).",
             f"INFO: Saved site control settings to {saved}",
             f"INFO: Updating the Configuration Manager database from {OLD_VERSION} to "
             f"{NEW_VERSION}...",

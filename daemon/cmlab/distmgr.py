@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
-from cmlab.component import Component
+from cmlab.component import Component, SiteContext
 from cmlab.contentlib import ContentLibrary, Snapshot
 from cmlab.errors import CmlabError
 from cmlab.failpoints import crashpoint
@@ -81,13 +81,10 @@ class DistributionManager(Component):
     def library(self) -> ContentLibrary:
         return ContentLibrary(self.paths.content_lib)
 
-    @property
-    def pck_lock(self) -> asyncio.Lock:
+    def __init__(self, ctx: SiteContext) -> None:
+        super().__init__(ctx)
         # The PKN and RSQ inboxes run side by side: one PCK build at a time.
-        lock = self.__dict__.get("_pck_lock")
-        if lock is None:
-            lock = self.__dict__["_pck_lock"] = asyncio.Lock()
-        return lock
+        self.pck_lock = asyncio.Lock()
 
     def local_source(self, share: str) -> Path:
         """The folder behind `\\\\<server>\\EasySetupPayLoad\\<GUID>`: this site server's own

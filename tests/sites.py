@@ -195,8 +195,15 @@ def inbox_files(site: Path) -> list[str]:
 
 
 def synced(site: Path) -> bool:
-    """Sync and applicability are over: every package decided, every drop file consumed."""
-    return states(site) == SYNCED and not inbox_files(site)
+    """Sync and applicability are over: every package decided, every drop file consumed, and
+    no change SMSDBMon has still to turn into one (a late state message 4 makes it drop
+    another `<SiteCode>.SCU`), looking at the inboxes on both sides of that."""
+    return (
+        states(site) == SYNCED
+        and not inbox_files(site)
+        and not query(site, "SELECT 1 FROM TableChangeNotifications LIMIT 1")
+        and not inbox_files(site)
+    )
 
 
 def sync_once(site: Path) -> Path:

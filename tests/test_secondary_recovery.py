@@ -29,9 +29,9 @@ from cmlab.hman_secondary import request_secondary_recovery
 from cmlab.sitedb import connect, hierarchy, transaction
 from cmlab.siteinstall import create_installation, installed_build
 from cmlab.statecodes import PackageState as S
-from sites import GUID_2509, log, query
+from sites import GUID_2509, Daemon, log, query
 from test_despooler import ROOT, bad, make_hierarchy, receive, running
-from waiting import await_until
+from waiting import await_until, wait_until
 
 NEW_BUILD = 9200
 NEW_VERSION = f"5.00.{NEW_BUILD}.1000"
@@ -386,3 +386,32 @@ async def test_damaged_recovery_package_changes_nothing(
     ]
     # A recovery is not re-requested through DistMgr: the administrator runs it again.
     assert not list((pr1 / "inboxes" / "distmgr.box").glob("*.RSQ"))
+
+
+def test_a_request_whose_notification_was_lost_is_found_by_hman(hier: dict[str, Path]) -> None:
+    """A request made while the primary's installation had SMSDBMon's triggers removed
+    (install steps 5 to 13) gets no `.RSS`: HMAN's sweep of the requests finds it."""
+    pr1 = hier["PR1"]
+    conn = db(pr1, "PR1")
+    try:
+        with transaction(conn):
+            for trigger in ("SecondarySiteRecovery_INS_HMAN", "SecondarySiteRecovery_UPD_HMAN"):
+                conn.execute(f"DROP TRIGGER {trigger}")
+            request_secondary_recovery(conn, "SEC")
+        assert not conn.execute("SELECT 1 FROM TableChangeNotifications").fetchall()
+    finally:
+        conn.close()
+    with Daemon(pr1) as daemon:
+        daemon.start()
+        wait_until(
+            lambda: query(pr1, "SELECT State FROM SecondarySiteRecovery") == [("Sent",)],
+            timeout=60,
+            what="HMAN to take the request",
+        )
+        assert "Recover secondary site SEC: request found without a notification." in log(
+            pr1, "hman.log"
+        )
+        assert query(pr1, "SELECT JobType, DestSite FROM SchedulerJobs") == [
+            ("SiteRecovery", "SEC")
+        ]
+        assert daemon.stop() == 0

@@ -19,6 +19,7 @@ so that a crash before the transaction leaves only files the next run rewrites.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -198,8 +199,43 @@ def _add_job(
     return int(cur.lastrowid or 0), True
 
 
+def _unnoticed_requests(conn: sqlite3.Connection) -> list[str]:
+    """Requests still Requested a while after they were made: their `.RSS` normally comes
+    within a second; one made while this site's installation had SMSDBMon's triggers removed
+    (install steps 5 to 13) never does."""
+    return [
+        str(r[0]).upper()
+        for r in conn.execute(
+            "SELECT SiteCode FROM SecondarySiteRecovery WHERE State = ? "
+            "AND RequestTime < strftime('%Y-%m-%d %H:%M:%f', 'now', '-2 seconds')",
+            (REQUESTED,),
+        )
+    ]
+
+
 class SecondarySiteHandlers(Component):
     """Mixed into HierarchyManager."""
+
+    async def start(self) -> None:
+        await super().start()
+        self.spawn(self._sweep_requests(), "recovery requests")
+
+    async def _sweep_requests(self) -> None:
+        interval = self.config.intervals.rescan
+        while True:
+            try:
+                for code in await self.db.read(_unnoticed_requests):
+                    rss = self.paths.hman_box / f"{code}.RSS"
+                    if not rss.exists():
+                        self.say(
+                            f"Recover secondary site {code}: request found without a notification."
+                        )
+                        write_atomic(rss, b"")
+            except Exception as exc:  # a safety net: it must outlive a bad pass
+                self.say(f"ERROR: Failed to read the recovery requests: {exc}", level="error")
+            if interval <= 0:
+                return
+            await asyncio.sleep(interval)
 
     async def on_recover_secondary(self, path: Path) -> Outcome:
         code = path.name[: -len(".RSS")].upper()

@@ -152,3 +152,20 @@ def installed_everywhere(h: Hierarchy, guid: str, codes: tuple[str, ...]) -> boo
     return all(cas.get(c) == S.INSTALL_SUCCESS for c in codes) and all(
         site_states(h[c], guid).get(c) == S.INSTALL_SUCCESS for c in codes
     )
+
+
+def own_history(
+    site: Path, code: str, guid: str = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
+) -> list[int]:
+    """Every state the site's own status row passed through, in order (`sites.site_history`
+    has the rows of every site this database knows, replicated ones too)."""
+    return [
+        int(r[0])
+        for r in query(
+            site,
+            "SELECT h.State FROM CM_UpdatePackageSiteStatus_HIST h "
+            "JOIN ServerData s ON s.ID = h.SiteNumber "
+            "WHERE h.PackageGuid = ? AND s.SiteCode = ? ORDER BY h.ID",
+            [guid, code],
+        )
+    ]

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from cmlab.statecodes import PackageState as S
-from hierarchy_sites import Hierarchy, installed_everywhere, make_hierarchy, site_states
+from hierarchy_sites import (
+    Hierarchy,
+    installed_everywhere,
+    make_hierarchy,
+    own_history,
+    site_states,
+)
 from sites import (
     GUID_2509,
     cmlab,
@@ -90,21 +96,6 @@ def converge(h: Hierarchy, codes: tuple[str, ...]) -> None:
         left = [p.name for p in receive.iterdir()] if receive.is_dir() else []
         assert left == [], f"{code}'s despoolr.box/receive holds {left}"
         assert not list((site / "SMSPKG").glob("*.temp")), code
-
-
-def own_history(site: Path, code: str) -> list[int]:
-    """Every state the site's own status row passed through, in order (`site_history` has the
-    rows of every site this database knows)."""
-    return [
-        int(r[0])
-        for r in query(
-            site,
-            "SELECT h.State FROM CM_UpdatePackageSiteStatus_HIST h "
-            "JOIN ServerData s ON s.ID = h.SiteNumber "
-            "WHERE h.PackageGuid = ? AND s.SiteCode = ? ORDER BY h.ID",
-            [GUID, code],
-        )
-    ]
 
 
 def installed_once(h: Hierarchy, code: str) -> None:

@@ -108,7 +108,10 @@ class SiteDaemon:
 async def serve(site_dir: Path, *, json_stdout: bool | None = None) -> int:
     config = load_config(site_dir)
     with site_lock(config):
-        # Under the lock no other daemon writes here; a killed one may have left temporaries.
+        # Under the lock no other daemon of this site writes here; a killed one may have left
+        # temporaries. Other sites' daemons write into its inboxes too (a replication message):
+        # a live local writer's temporary is kept (its pid is alive); one of a writer on
+        # another host may be removed mid-write, and that write fails and is sent again.
         remove_stale_tmp(config.root, recursive=True)
         daemon = SiteDaemon(config, json_stdout=json_stdout)
         stop = asyncio.Event()

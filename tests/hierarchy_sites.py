@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cmlab.siteinit import InitOptions, init_site
 from cmlab.statecodes import PackageState as S
-from sites import Daemon, copy_site, query, set_toml
+from sites import GUID_2509, Daemon, copy_site, inbox_files, query, set_toml
 
 
 @dataclass
@@ -169,3 +169,19 @@ def own_history(
             [guid, code],
         )
     ]
+
+
+def own_state(site: Path, code: str, guid: str = GUID_2509) -> int | None:
+    """Site `code`'s state for `guid` as the database of `site` knows it."""
+    return site_states(site, guid).get(code)
+
+
+def drained(h: Hierarchy) -> bool:
+    """No drop file in any site's inboxes and no change SMSDBMon has still to turn into one,
+    looking at the inboxes on both sides of that."""
+    return all(
+        not inbox_files(site)
+        and not query(site, "SELECT 1 FROM TableChangeNotifications LIMIT 1")
+        and not inbox_files(site)
+        for site in h.sites.values()
+    )

@@ -21,8 +21,10 @@ from cmlab.statecodes import PackageState as S
 from hierarchy_sites import (
     Hierarchy,
     bind_mounts_work,
+    drained,
     make_hierarchy,
     own_history,
+    own_state,
     site_states,
 )
 from sites import (
@@ -42,19 +44,6 @@ GUID = GUID_2509
 OLD_VERSION, NEW_VERSION = "5.00.9135.1000", "5.00.9141.1000"
 PRIMARIES = ("CAS", "PR1", "PR2")
 CHILDREN = ("PR1", "PR2")
-
-
-def own_state(site: Path, code: str) -> int | None:
-    return site_states(site, GUID).get(code)
-
-
-def settled(h: Hierarchy) -> bool:
-    return all(
-        not inbox_files(site)
-        and not query(site, "SELECT 1 FROM TableChangeNotifications LIMIT 1")
-        and not inbox_files(site)
-        for site in h.sites.values()
-    )
 
 
 def assert_subsequence(history: list[int], expected: list[S]) -> None:
@@ -146,7 +135,7 @@ def test_an_update_goes_from_the_cas_to_every_primary_and_the_secondary_waits(
             what="INSTALL_SUCCESS at the CAS and both primaries, rolled up at the CAS",
         )
         try:
-            wait_until(lambda: settled(h), timeout=60, what="every site's inboxes to drain")
+            wait_until(lambda: drained(h), timeout=60, what="every site's inboxes to drain")
         except AssertionError as exc:
             left = {code: inbox_files(site) for code, site in h.sites.items()}
             raise AssertionError(f"{exc}: {left}") from exc
@@ -231,7 +220,7 @@ def test_the_cas_shows_the_worst_prerequisite_result_of_all_its_primary_sites(
             timeout=180,
             what="every site's prerequisite result at the CAS",
         )
-        wait_until(lambda: settled(h), timeout=60, what="every site's inboxes to drain")
+        wait_until(lambda: drained(h), timeout=60, what="every site's inboxes to drain")
         rules = query(
             h["CAS"],
             "select ServerData.SiteCode, p.RuleName, p.Status from CM_UpdatePackagePrereqStatus p "

@@ -18,9 +18,11 @@ import pytest
 from cmlab.statecodes import PackageState as S
 from hierarchy_sites import (
     Hierarchy,
+    drained,
     installed_everywhere,
     make_hierarchy,
     own_history,
+    own_state,
     site_states,
 )
 from sites import (
@@ -40,19 +42,6 @@ from waiting import wait_until
 GUID = GUID_2509
 NEW_VERSION = "5.00.9141.1000"
 RECEIVE = ("inboxes", "despoolr.box", "receive")
-
-
-def own_state(site: Path, code: str) -> int | None:
-    return site_states(site, GUID).get(code)
-
-
-def drained(h: Hierarchy) -> bool:
-    return all(
-        not inbox_files(site)
-        and not query(site, "SELECT 1 FROM TableChangeNotifications LIMIT 1")
-        and not inbox_files(site)
-        for site in h.sites.values()
-    )
 
 
 def job_to(cas: Path, dest: str) -> list[tuple[int, str, int]]:

@@ -203,6 +203,12 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes, never read through a symbolic
     link (files other sites drop are not trusted to be what their names say). ValueError says
     why not: a link, not a regular file, or larger than `limit`; other OSErrors pass."""
+    return read_regular_file_stat(path, limit)[0]
+
+
+def read_regular_file_stat(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """read_regular_file, with the stat of the very file read (its identity: device, inode,
+    change time)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -210,7 +216,8 @@ def read_regular_file(path: Path, limit: int) -> bytes:
             raise ValueError(f"{path.name}: is a symbolic link; not followed") from None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path.name}: not a regular file")
         chunks: list[bytes] = []
         total = 0
@@ -221,4 +228,4 @@ def read_regular_file(path: Path, limit: int) -> bytes:
         os.close(fd)
     if total > limit:
         raise ValueError(f"{path.name}: larger than {limit} bytes")
-    return b"".join(chunks)
+    return b"".join(chunks), st

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,22 +93,12 @@ class CMUpdate(InstallationHandlers):
     # -- waking up -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.spawn(self._poll(), "poll")
-
-    async def _poll(self) -> None:
-        interval = self.config.intervals.cmupdate_poll
-        while True:
-            try:
-                await self.process_pending()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # The poll is CMUpdate's safety net: it must outlive any one bad pass.
-                self.say(f"ERROR: Failed to process pending update packages: {exc}", level="error")
-                traceback.print_exc(file=sys.stderr)
-            if interval <= 0:
-                return
-            await asyncio.sleep(interval)
+        # CMUpdate also polls (every 10 minutes by default): a safety net for a lost CMI.
+        self.every(
+            self.config.intervals.cmupdate_poll,
+            self.process_pending,
+            "process pending update packages",
+        )
 
     async def on_cmi(self, path: Path) -> Outcome:
         self.say(f'Detected a change to the "{self.show(self.paths.cmupdate_box)}" directory.')

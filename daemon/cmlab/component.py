@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 import string
-from collections.abc import Callable
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cmlab.atomic import write_atomic
 from cmlab.config import SiteConfig
 from cmlab.contract import entries_for, folder_of
 from cmlab.inbox import InboxEngine, InboxSpec
@@ -93,6 +96,33 @@ class Component:
         task = asyncio.create_task(coro, name=f"{self.component}:{name}")
         self._tasks.append(task)
         return task
+
+    def every(self, interval: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+        """Run `work` now and then every `interval` seconds (only now when it is 0), on its own
+        task. These are safety nets (CMUpdate's poll, the sweeps for lost notifications): a
+        pass that fails is logged as `ERROR: Failed to <what>: ...` and the next one runs."""
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await work()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.say(f"ERROR: Failed to {what}: {exc}", level="error")
+                    traceback.print_exc(file=sys.stderr)
+                if interval <= 0:
+                    return
+                await asyncio.sleep(interval)
+
+        self.spawn(loop(), what)
+
+    def wake(self, drop_file: Path, why: str) -> None:
+        """Drop a notification file SMSDBMon's trigger should have dropped (one lost while an
+        installation had the triggers removed), unless it is waiting already."""
+        if not drop_file.exists():
+            self.say(why)
+            write_atomic(drop_file, b"")
 
     def inbox(self, name: str, folder: Path, patterns: tuple[str, ...], handler: Any) -> InboxSpec:
         return InboxSpec(

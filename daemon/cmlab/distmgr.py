@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import re
 import sqlite3
-import stat
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
+from cmlab.atomic import read_regular_file_stat
 from cmlab.component import Component, SiteContext
 from cmlab.contentlib import ContentLibrary, Snapshot
 from cmlab.errors import CmlabError
@@ -337,20 +336,9 @@ class DistributionManager(Component):
         a crash is answered once. A child writes each request anew (atomically), so a second
         request is a new inode."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise BadInput(f"{path.name}: is a symbolic link; not followed") from None
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BadInput(f"{path.name}: not a regular file")
-            data = os.read(fd, RSQ_MAX + 1)
-        finally:
-            os.close(fd)
-        if len(data) > RSQ_MAX:
-            raise BadInput(f"{path.name}: larger than {RSQ_MAX} bytes")
+            data, st = read_regular_file_stat(path, RSQ_MAX)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:

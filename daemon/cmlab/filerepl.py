@@ -168,6 +168,18 @@ def parse_job_name(text: str) -> int:
     return value
 
 
+def job_of_drop_file(path: Path, ext: str) -> int:
+    """The job a `<JobID>.<ext>` drop file names (the Scheduler's `.JOB`, the Sender's
+    `.SRQ`); BadInput for any other name."""
+    stem, dot, found = path.name.rpartition(".")
+    if not dot or found.upper() != ext:
+        raise BadInput(f"{path.name}: the file name is not <JobID>.{ext}")
+    try:
+        return parse_job_name(stem)
+    except BadInput as exc:
+        raise BadInput(f"{path.name}: the file name is not <JobID>.{ext} ({exc})") from None
+
+
 def pck_name(pkg_id: str, version: int) -> str:
     """The compressed copy of a package version in SMSPKG: `CAS10001.PCK.1`."""
     pkg = pkg_id.upper()

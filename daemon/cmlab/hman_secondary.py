@@ -19,7 +19,6 @@ so that a crash before the transaction leaves only files the next run rewrites.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -218,24 +217,14 @@ class SecondarySiteHandlers(Component):
 
     async def start(self) -> None:
         await super().start()
-        self.spawn(self._sweep_requests(), "recovery requests")
+        self.every(self.config.intervals.rescan, self._sweep_requests, "read the recovery requests")
 
     async def _sweep_requests(self) -> None:
-        interval = self.config.intervals.rescan
-        while True:
-            try:
-                for code in await self.db.read(_unnoticed_requests):
-                    rss = self.paths.hman_box / f"{code}.RSS"
-                    if not rss.exists():
-                        self.say(
-                            f"Recover secondary site {code}: request found without a notification."
-                        )
-                        write_atomic(rss, b"")
-            except Exception as exc:  # a safety net: it must outlive a bad pass
-                self.say(f"ERROR: Failed to read the recovery requests: {exc}", level="error")
-            if interval <= 0:
-                return
-            await asyncio.sleep(interval)
+        for code in await self.db.read(_unnoticed_requests):
+            self.wake(
+                self.paths.hman_box / f"{code}.RSS",
+                f"Recover secondary site {code}: request found without a notification.",
+            )
 
     async def on_recover_secondary(self, path: Path) -> Outcome:
         code = path.name[: -len(".RSS")].upper()

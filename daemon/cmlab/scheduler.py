@@ -14,7 +14,6 @@ triggers removed (install steps 5 to 13)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sqlite3
@@ -31,9 +30,9 @@ from cmlab.filerepl import (
     SchedulerJob,
     build_instruction,
     fail_job,
+    job_of_drop_file,
     open_job_count,
     package_file_path,
-    parse_job_name,
     read_recovery_sidecar,
     scheduler_job,
 )
@@ -79,23 +78,14 @@ class Scheduler(Component):
     log_file = "scheduler.log"
 
     async def start(self) -> None:
-        self.spawn(self._sweep(), "job source")
+        self.every(self.config.intervals.rescan, self._sweep, "read the job source")
 
     async def _sweep(self) -> None:
-        interval = self.config.intervals.rescan
-        while True:
-            try:
-                names = await self.db.read(_unnoticed_jobs, self.paths.schedule_tosend)
-                for name in names:
-                    job_file = self.paths.schedule_box / f"{name}.JOB"
-                    if not job_file.exists():
-                        self.say(f"Job {name} found in the job source without a notification.")
-                        write_atomic(job_file, b"")
-            except Exception as exc:  # the sweep is a safety net: it must outlive a bad pass
-                self.say(f"ERROR: Failed to read the job source: {exc}", level="error")
-            if interval <= 0:
-                return
-            await asyncio.sleep(interval)
+        for name in await self.db.read(_unnoticed_jobs, self.paths.schedule_tosend):
+            self.wake(
+                self.paths.schedule_box / f"{name}.JOB",
+                f"Job {name} found in the job source without a notification.",
+            )
 
     def idb_path(self, name: str) -> Path:
         return self.paths.schedule_tosend / f"{name}.Idb"
@@ -104,13 +94,7 @@ class Scheduler(Component):
         return self.paths.sender_outbox / f"{name}.SRQ"
 
     async def on_job(self, path: Path) -> Outcome:
-        stem, dot, ext = path.name.rpartition(".")
-        if not dot or ext.upper() != "JOB":
-            raise BadInput(f"{path.name}: the file name is not <JobID>.JOB")
-        try:
-            job_id = parse_job_name(stem)
-        except BadInput as exc:
-            raise BadInput(f"{path.name}: the file name is not <JobID>.JOB ({exc})") from None
+        job_id = job_of_drop_file(path, "JOB")
         if os.path.getsize(path) > 4096:
             raise BadInput(f"{path.name}: a job notification is empty or a line, not a file")
         view = await self.db.read(_view, job_id)

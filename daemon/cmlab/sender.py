@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.atomic import fsync_dir, remove_path, write_atomic
+from cmlab.atomic import fsync_dir, read_regular_file, remove_path, write_atomic
 from cmlab.component import Component
 from cmlab.failpoints import crashpoint
 from cmlab.filerepl import (
@@ -36,9 +36,9 @@ from cmlab.filerepl import (
     SchedulerJob,
     build_instruction,
     fail_job,
+    job_of_drop_file,
     package_file_ok,
     package_file_path,
-    parse_job_name,
     read_instruction,
     scheduler_job,
     verify_package_file,
@@ -77,16 +77,17 @@ def delivery_for(receive: Path, job: str) -> Delivery:
     )
 
 
+def _read_send_request(path: Path) -> bytes:
+    try:
+        return read_regular_file(path, SRQ_MAX)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
 def parse_send_request(path: Path, data: bytes) -> int:
     """The job a `<JobID>.SRQ` names; BadInput for a wrong name or a body that is not the
     Scheduler's (`Job=<JobID>` and `Instruction=tosend/<JobID>.Idb` lines)."""
-    stem, dot, ext = path.name.rpartition(".")
-    if not dot or ext.upper() != "SRQ":
-        raise BadInput(f"{path.name}: the file name is not <JobID>.SRQ")
-    try:
-        job_id = parse_job_name(stem)
-    except BadInput as exc:
-        raise BadInput(f"{path.name}: the file name is not <JobID>.SRQ ({exc})") from None
+    job_id = job_of_drop_file(path, "SRQ")
     if len(data) > SRQ_MAX:
         raise BadInput(f"{path.name}: larger than {SRQ_MAX} bytes")
     try:
@@ -107,21 +108,6 @@ def parse_send_request(path: Path, data: bytes) -> int:
     if pairs.get("Instruction", f"tosend/{name}.Idb") != f"tosend/{name}.Idb":
         raise BadInput(f"{path.name}: the instruction is not tosend/{name}.Idb")
     return job_id
-
-
-def _read_small(path: Path, limit: int) -> bytes:
-    try:
-        fd = os.open(path, _RDONLY)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise BadInput(f"{path.name}: is a symbolic link; not followed") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BadInput(f"{path.name}: not a regular file")
-        return os.read(fd, limit + 1)
-    finally:
-        os.close(fd)
 
 
 def receive_folder(site_root: Path, address: str) -> Path:
@@ -213,7 +199,7 @@ class Sender(Component):
         return specs
 
     async def on_send_request(self, path: Path) -> Outcome:
-        job_id = parse_send_request(path, _read_small(path, SRQ_MAX))
+        job_id = parse_send_request(path, _read_send_request(path))
         name = f"{job_id:08X}"
         job = await self.db.read(scheduler_job, job_id)
         if job is None:

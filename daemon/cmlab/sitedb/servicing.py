@@ -124,12 +124,8 @@ def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> i
             "to finish"
         )
     _refuse_if_another_in_progress(conn, guid)
-    conn.execute(
-        "UPDATE CM_UpdatePackages SET State = ?, Flag = ?, RunNumber = RunNumber + 1, "
-        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
-        (int(S.ENABLED), int(flag), guid),
-    )
-    _restart_sites(conn, guid)
+    conn.execute("UPDATE CM_UpdatePackages SET Flag = ? WHERE PackageGuid = ?", (int(flag), guid))
+    _start_run(conn, guid)
     return state
 
 
@@ -153,6 +149,17 @@ def _refuse_if_another_in_progress(conn: sqlite3.Connection, guid: str) -> None:
             f"another update is in progress: {busy[1]} ({busy[0]}) is "
             f"{PackageState.name_of(int(busy[2]))} ({busy[2]}); wait for it to finish"
         )
+
+
+def _start_run(conn: sqlite3.Connection, guid: str) -> None:
+    """A new run of the update (InitiateUpgrade, RetryContentReplication): ENABLED (SMSDBMon
+    drops 2.ESC), the next run number, and every site restarted."""
+    conn.execute(
+        "UPDATE CM_UpdatePackages SET State = ?, RunNumber = RunNumber + 1, "
+        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
+        (int(S.ENABLED), guid),
+    )
+    _restart_sites(conn, guid)
 
 
 def _restart_sites(conn: sqlite3.Connection, guid: str) -> None:
@@ -608,12 +615,7 @@ def RetryContentReplication(conn: sqlite3.Connection, guid: str) -> str:
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageID = ?",
         (package_id,),
     )
-    conn.execute(
-        "UPDATE CM_UpdatePackages SET State = ?, RunNumber = RunNumber + 1, "
-        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
-        (int(S.ENABLED), guid),
-    )
-    _restart_sites(conn, guid)
+    _start_run(conn, guid)
     return str(package_id)
 
 

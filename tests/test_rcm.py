@@ -834,7 +834,11 @@ def test_two_daemons_exchange_the_group(tmp_path: Path) -> None:
             lambda: all((receive / "BAD" / n).exists() for n in expected),
             what="every bad file in BAD",
         )
-        assert len(_rcm_errors(pr1)) == len(expected), _rcm_errors(pr1)
+        # The file is moved before its ERROR line is written: wait for the line too.
+        wait_until(
+            lambda: len(_rcm_errors(pr1)) == len(expected),
+            what=f"{len(expected)} ERROR lines in rcmctrl.log",
+        )
         assert "larger than" in (receive / "BAD" / "huge.RPL.reason").read_text()
         assert pr1_daemon.alive()
 

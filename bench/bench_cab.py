@@ -1,12 +1,12 @@
 """CAB extraction, file hashing and the memory of verify + extract, against the usual tools.
 
-(a) extraction: MB/s of uncompressed output when `cmlab.cabfiles.extract_cab` unpacks a
+(a) extraction: MB/s of uncompressed output when `cmlab.site.cab.extract_cab` unpacks a
     streamed MSZIP cabinet of a few hundred mixed files (256 MB full, 50 MB quick), against
     `cabextract -d DIR file.cab` on the same warm file. extract_cab ends with a syncfs (every
     file durable before the rename into place); cabextract never syncs, so the row's details
     also give cabextract followed by `sync -f` and extract_cab with the flush switched off,
     which is what separates decompression cost from durability cost.
-(b) hashing: MB/s of `cmlab.hashing.sha256_file` against `sha256sum` on one warm file.
+(b) hashing: MB/s of `cmlab.core.hashing.sha256_file` against `sha256sum` on one warm file.
 (c) memory: peak RSS (VmHWM) of a fresh child Python that imports cmlab, verifies the
     Authenticode signature of a signed cabinet (1 GB full, 200 MB quick) and extracts it;
     baseline: a child that only does the imports.
@@ -45,9 +45,9 @@ if __name__ == "__main__":
 
 import cmlab
 from _common import result, spread
-from cmlab import cabfiles
-from cmlab.cabfiles import extract_cab
-from cmlab.hashing import sha256_file
+from cmlab.core.hashing import sha256_file
+from cmlab.site import cab as cabfiles
+from cmlab.site.cab import extract_cab
 
 MB = 1_000_000
 RATIO_TARGET = 0.9
@@ -701,8 +701,8 @@ def status():
 
 args = json.loads(sys.argv[1])
 from cryptography import x509
-from cmlab.cabfiles import extract_cab
-from cmlab.trust import TrustStore, verify_cab
+from cmlab.site.cab import extract_cab
+from cmlab.site.trust import TrustStore, verify_cab
 
 report = {"after_import": status()}
 if args["work"]:
@@ -744,7 +744,7 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_memory(plan: Plan, work: Path, payload: Payload, note: str | None) -> dict[str, Any]:
-    from cmlab.trust import create_lab_ca, sign_cab
+    from cmlab.site.trust import create_lab_ca, sign_cab
 
     unsigned, signed, dest = work / "memory.cab", work / "memory-signed.cab", work / "out-memory"
     # Level 1: compression effort does not change what the reader holds, and it halves set-up.
@@ -792,8 +792,8 @@ def bench_memory(plan: Plan, work: Path, payload: Payload, note: str | None) -> 
         "sign_seconds": round(sign_seconds, 2),
         "runs": runs,
         "increment_MB": round(statistics.median(peaks) - statistics.median(base), 1),
-        "how": "VmHWM from /proc/self/status in a fresh child that imports cmlab.cabfiles and "
-        "cmlab.trust, runs verify_cab (must be trusted) and then extract_cab",
+        "how": "VmHWM from /proc/self/status in a fresh child that imports cmlab.site.cab and "
+        "cmlab.site.trust, runs verify_cab (must be trusted) and then extract_cab",
     }
     if note:
         details["scaled_down"] = note
@@ -805,7 +805,7 @@ def bench_memory(plan: Plan, work: Path, payload: Payload, note: str | None) -> 
         unit="MB",
         samples=peaks,
         baseline_samples=base,
-        baseline_desc="peak RSS of a child that only imports cmlab.cabfiles and cmlab.trust",
+        baseline_desc="peak RSS of a child that only imports cmlab.site.cab and cmlab.site.trust",
         target_text=f"peak RSS < {MEMORY_TARGET_MB:.0f} MB",
         target_op="<",
         target_value=MEMORY_TARGET_MB,

@@ -3,7 +3,8 @@ against copying, hashing and extracting the same files with `cp`, `sha256sum` an
 
 Set-up, once per run and untimed: `payloads/` copied to a scratch folder, four generated
 50 MB binaries (the builder's incompressible sample data) added to the 2509 package, the
-content source built from it by `cmlab.labcloud.build_content_source` and signed with a lab CA
+content source built from it by `cmlab.commands.lab_cloud.build_content_source` and signed with a
+lab CA
 that the site then trusts (`init_site(..., ca_dir=..., content_source=...)`, as `cmlab init`
 does with its own CA). The real daemon (`python -m cmlab run SITE`) syncs the site once; the
 synced site folder is kept as the pristine copy every repetition starts from.
@@ -23,7 +24,7 @@ Each repetition: a fresh copy of the pristine site, the daemon started and READY
 The three run in a rotating order in every repetition; the page cache is warm for all (the
 content source is read from memory each time; dropping caches needs root). The daemon is a
 fresh process in every repetition, so its download also pays the lazy imports a first
-download pays (cmlab.trust: about 0.1 s). The rows' details also give the daemon's own
+download pays (cmlab.site.trust: about 0.1 s). The rows' details also give the daemon's own
 phases, read from the timestamps (ms) of dmpdownloader.log.
 Run standalone with `PYTHONPATH=daemon python bench/bench_download.py [--quick]`.
 """
@@ -55,9 +56,9 @@ if __name__ == "__main__":
 
 import cmlab
 from _common import Target, result, spread
-from cmlab.sitedb import connect, procs, transaction
-from cmlab.smslog import LINE_RE
-from cmlab.statecodes import PackageState
+from cmlab.site.sitedb import connect, procs, transaction
+from cmlab.site.smslog import LINE_RE
+from cmlab.site.statecodes import PackageState
 
 MB = 1_000_000
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"  # Configuration Manager 2509 in payloads/
@@ -115,10 +116,10 @@ def _child_env() -> dict[str, str]:
 
 
 def build_lab(work: Path, plan: Plan) -> Lab:
-    from cmlab.labcloud import build_content_source
-    from cmlab.resources import data_dir
-    from cmlab.siteinit import InitOptions, init_site
-    from cmlab.trust import create_lab_ca
+    from cmlab.commands.init import InitOptions, init_site
+    from cmlab.commands.lab_cloud import build_content_source
+    from cmlab.site.resources import data_dir
+    from cmlab.site.trust import create_lab_ca
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -522,7 +523,7 @@ def _run(plan: Plan, work: Path) -> list[dict[str, Any]]:
         "redist_bytes": _tree_bytes(lab.redist),
         "downloaded_folder_bytes": downloaded_bytes,
         "generated_binaries": f"{plan.files} x {plan.file_bytes / MB:.0f} MB "
-        "(cmlab.payload sample binaries: SHA-256 counter-mode noise, incompressible)",
+        "(cmlab.commands.payload sample binaries: SHA-256 counter-mode noise, incompressible)",
         "baseline_steps": {
             k: spread([r.steps[k] for r in runs["baseline"]]) for k in runs["baseline"][0].steps
         },

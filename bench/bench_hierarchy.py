@@ -94,7 +94,7 @@ if __name__ == "__main__":
 from _common import result, slope_per_unit, spread
 from bench_download import GUID, MB, _child_env
 from bench_lifecycle import FAILED, RESCAN, SETTLE, _init, inbox_files
-from cmlab.statecodes import PackageState as S
+from cmlab.site.statecodes import PackageState as S
 
 CAS = "CAS"
 INTERVAL = 0.5  # seconds: replication.cmupdates_interval at every site (the product: 60)
@@ -185,7 +185,7 @@ def build_template(work: Path, env: dict[str, str]) -> Path:
 
 
 def build_tree(work: Path, template: Path, n: int, reps: int) -> Tree:
-    from cmlab.siteinit import InitOptions, init_site
+    from cmlab.commands.init import InitOptions, init_site
 
     t0 = time.perf_counter()
     root = work / f"n{n}"
@@ -454,7 +454,7 @@ def _utc_epoch(stamp: str) -> float:
 def _log_lines(sites: dict[str, Path]) -> dict[str, dict[str, list[str]]]:
     """ERROR and WARNING lines of every site's logs, the site's folder shown as `<site>`:
     kind -> "log: message" -> the sites that wrote it."""
-    from cmlab.smslog import read_messages
+    from cmlab.site.smslog import read_messages
 
     found: dict[str, dict[str, list[str]]] = {}
     for code, site in sites.items():

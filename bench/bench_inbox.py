@@ -32,11 +32,11 @@ from watchdog.events import FileMovedEvent, FileSystemEvent, FileSystemEventHand
 from watchdog.observers.inotify import InotifyObserver
 
 from _common import Target, percentile, result, slope_per_unit
-from cmlab.config import Facts, Intervals
-from cmlab.contract import load_contract
-from cmlab.inbox import InboxEngine, InboxSpec, Outcome
-from cmlab.sitedb import SiteDB, connect, create_site_db, transaction
-from cmlab.statecodes import PackageState
+from cmlab.site.config import Facts, Intervals
+from cmlab.site.contract import load_contract
+from cmlab.site.inbox import InboxEngine, InboxSpec, Outcome
+from cmlab.site.sitedb import SiteDB, connect, create_site_db, transaction
+from cmlab.site.statecodes import PackageState
 
 # What HMAN's CFD holds (DESIGN.md, "The site tree"); the engine matches every name against these.
 CFD_PATTERNS = ("*.ESC", "*.CME", "*.CMU", "ConfigMgr.Update.Manifest.CAB")
@@ -523,7 +523,7 @@ def bench_throughput(plan: Plan) -> list[dict[str, Any]]:
             baseline_figure=base.rate,
             baseline=(
                 f"plain loop over the same {base.handled:,} files: read, one transaction "
-                "with the same UPDATE on a connection from cmlab.sitedb.connect (same "
+                "with the same UPDATE on a connection from cmlab.site.sitedb.connect (same "
                 "PRAGMAs), unlink"
             ),
             target=THROUGHPUT_TARGET,

@@ -49,7 +49,7 @@ Baselines, in the same run:
   renames in a loop would say nothing about what the daemon should cost.
 - 200 MB, the bare file work of each stage, in a plain Python loop on the same bytes, warm
   cache, added to the floor for stages a command starts: download, copy + SHA-256 of the
-  payload CAB and its extraction (`cabextract`, else `bsdtar`, else cmlab.cabfiles);
+  payload CAB and its extraction (`cabextract`, else `bsdtar`, else cmlab.site.cab);
   replication, SHA-256 of every file of the extracted folder and a copy of it (HMAN's folder
   hash and DistMgr's snapshot); prerequisite check, a second copy and its SHA-256 (CMUpdate's
   extraction from the content library into CMUStaging); installation, SHA-256 of every file of
@@ -104,7 +104,7 @@ from bench_download import (
     _state,
     build_lab,
 )
-from cmlab.statecodes import PackageState as S
+from cmlab.site.statecodes import PackageState as S
 
 RESCAN = 0.5  # seconds: the inbox safety-net rescan
 SETTLE = 0.05  # seconds: a drop file with no close/rename event is taken once this old
@@ -366,7 +366,7 @@ def _set_intervals(site: Path) -> None:
 
 
 def _init(site: Path, content_source: Path | None, ca_dir: Path | None) -> None:
-    from cmlab.siteinit import InitOptions, init_site
+    from cmlab.commands.init import InitOptions, init_site
 
     init_site(
         InitOptions(
@@ -423,7 +423,7 @@ def _reset(lab: Lab) -> None:
 
 def inbox_files(site: Path) -> list[str]:
     """Drop files waiting in the inboxes, as tests/sites.py counts them."""
-    from cmlab.contract import waiting_drop_files
+    from cmlab.site.contract import waiting_drop_files
 
     return waiting_drop_files(site)
 
@@ -740,12 +740,12 @@ def extractor() -> tuple[str, Callable[[Path, Path], None]]:
             subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True)
 
         return "bsdtar -x", run_bsdtar
-    from cmlab.cabfiles import extract_cab
+    from cmlab.site.cab import extract_cab
 
     def run_cmlab(cab: Path, dest: Path) -> None:
         extract_cab(cab, dest)
 
-    return "cmlab.cabfiles.extract_cab", run_cmlab
+    return "cmlab.site.cab.extract_cab", run_cmlab
 
 
 # -- entry points ----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ least-squares slope in seconds per extra package; every figure against a baselin
 the same run.
 
 The lab, once per size N and untimed: a `packages.toml` of N synthetic packages (distinct
-GUIDs, names, versions; no payload, so `cmlab.labcloud.build_content_source` gives each a small
+GUIDs, names, versions; no payload, so `cmlab.commands.lab_cloud.build_content_source` gives each a
+small
 signed stub CAB) and one applicability script per package, in three kinds taken in turn:
 applicable (the site's version in the package's window: APPLICABILITY_SUCCESS), not applicable
 (outside it, with a PRINT: APPLICABILITY_NA), superseded by the first package (a lookup in
@@ -27,7 +28,7 @@ Baselines, in the same run:
 - the CLI floor (`bench_lifecycle.cli_floor`: `python -m cmlab status SITE`), three times per
   repetition and size; what every command pays before the daemon sees anything;
 - the bare file work for each N: a copy of the manifest CAB, its SHA-256 and its extraction
-  (`bench_lifecycle.extractor`: cabextract, else bsdtar, else cmlab.cabfiles), warm cache, no
+  (`bench_lifecycle.extractor`: cabextract, else bsdtar, else cmlab.site.cab), warm cache, no
   signature check, no fsync.
 
 A size's baseline is the floor (median over the run) plus its file work (median); the slope's
@@ -66,11 +67,11 @@ from _common import result, slope_per_unit, spread
 from bench_download import POLL, SITE_CODE, STEP_TIMEOUT, Daemon, Lab, _child_env, _reader
 from bench_lifecycle import FLOOR_RUNS, RESCAN, SETTLE, _init, _log_errors, cli_floor, extractor
 from bench_lifecycle import _reset as reset_site
-from cmlab.smslog import LINE_RE
-from cmlab.statecodes import PackageState as S
+from cmlab.site.smslog import LINE_RE
+from cmlab.site.statecodes import PackageState as S
 
 if TYPE_CHECKING:
-    from cmlab.trust import Signer
+    from cmlab.site.trust import Signer
 
 SIZES = (1, 10, 50)
 SITE_VERSION_INT = 5009135  # the lab site is 2503, build 9135
@@ -174,7 +175,7 @@ class Case:
 
 
 def build_case(work: Path, n: int, ca_dir: Path, signer: Signer) -> Case:
-    from cmlab.labcloud import build_content_source
+    from cmlab.commands.lab_cloud import build_content_source
 
     pkgs = packages(n)
     write_payloads(work / "payloads", pkgs)
@@ -353,7 +354,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
 
 def _run(plan: Plan, work: Path) -> list[dict[str, Any]]:
-    from cmlab.trust import create_lab_ca
+    from cmlab.site.trust import create_lab_ca
 
     started = time.perf_counter()
     ca_dir = work / "labca"

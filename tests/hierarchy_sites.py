@@ -11,8 +11,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cmlab.siteinit import InitOptions, init_site
-from cmlab.statecodes import PackageState as S
+from cmlab.commands.init import InitOptions, init_site
+from cmlab.site.statecodes import PackageState as S
 from sites import GUID_2509, Daemon, copy_site, inbox_files, query, set_toml
 
 

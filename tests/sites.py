@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cmlab.contract import waiting_drop_files
-from cmlab.smslog import read_messages
-from cmlab.statecodes import PackageState
+from cmlab.site.contract import waiting_drop_files
+from cmlab.site.smslog import read_messages
+from cmlab.site.statecodes import PackageState
 from waiting import wait_until
 
 GUID_2509 = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
@@ -32,7 +32,7 @@ SYNCED = {
 
 
 def make_template(folder: Path, **overrides: Any) -> Path:
-    from cmlab.siteinit import InitOptions, init_site
+    from cmlab.commands.init import InitOptions, init_site
 
     opts = {
         "site_dir": folder,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cmlab.atomic import make_tmp_dir, remove_stale_tmp, tmp_name_for, write_atomic
+from cmlab.core.fs import make_tmp_dir, remove_stale_tmp, tmp_name_for, write_atomic
 
 
 def dead_pid() -> int:

@@ -1,4 +1,4 @@
-"""cmlab.cabfiles: safe extraction of real and hostile cabinets, and creation."""
+"""cmlab.site.cab: safe extraction of real and hostile cabinets, and creation."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cmlab import cabfiles
-from cmlab.cabfiles import (
+from cmlab.core.errors import CabError, CabLimitError, CabPathError, CmlabError
+from cmlab.site import cab as cabfiles
+from cmlab.site.cab import (
     CabEntry,
     ExtractLimits,
     create_cab,
@@ -28,7 +29,6 @@ from cmlab.cabfiles import (
     list_cab,
     normalize_member_name,
 )
-from cmlab.errors import CabError, CabLimitError, CabPathError, CmlabError
 
 # ---------------------------------------------------------------------------------------
 # A minimal CAB writer that, unlike cabarchive, writes whatever it is told: hostile names,

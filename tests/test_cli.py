@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from cmlab.trust import create_lab_ca
+from cmlab.site.trust import create_lab_ca
 from sites import Daemon, cmlab, copy_site
 from waiting import wait_until
 

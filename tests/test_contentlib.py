@@ -1,4 +1,4 @@
-"""cmlab.contentlib: the SCCMContentLib store (docs/contentlib.md), on real files."""
+"""cmlab.site.content_library: the SCCMContentLib store (docs/contentlib.md), on real files."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cmlab import cabfiles
-from cmlab.atomic import remove_stale_tmp
-from cmlab.contentlib import ContentLibrary, Snapshot
-from cmlab.errors import ContentLibError
-from cmlab.hashing import folder_hash, sha256_bytes
+from cmlab.core.errors import ContentLibError
+from cmlab.core.fs import remove_stale_tmp
+from cmlab.core.hashing import folder_hash, sha256_bytes
+from cmlab.site import cab as cabfiles
+from cmlab.site.content_library import ContentLibrary, Snapshot
 from sites import temporaries
 
 PKG = "CAS10001"
@@ -632,7 +632,7 @@ def test_store_interrupted_by_an_exception_then_completed(tmp_path: Path) -> Non
 STORE = """
 import sys
 from pathlib import Path
-from cmlab.contentlib import ContentLibrary
+from cmlab.site.content_library import ContentLibrary
 ContentLibrary(Path(sys.argv[1])).store_snapshot("CAS10001", 2, Path(sys.argv[2]))
 """
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.demo import run_demo
-from cmlab.statecodes import PackageState as S
+from cmlab.commands.demo import run_demo
+from cmlab.site.statecodes import PackageState as S
 from sites import GUID_2409_HFRU, GUID_2503_HFRU, GUID_2509, states
 
 

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.atomic import write_atomic
-from cmlab.cabfiles import create_cab
-from cmlab.component import Component, SiteContext
-from cmlab.config import load_config
-from cmlab.contentlib import ContentLibrary
-from cmlab.despooler import Despooler
-from cmlab.filerepl import Instruction, Recovery, build_instruction
-from cmlab.hashing import folder_hash, sha256_bytes
-from cmlab.inbox import InboxEngine
-from cmlab.sitedb import SiteDB, connect, servicing, transaction
-from cmlab.smslog import LogRegistry, LogSink
-from cmlab.statecodes import PackageState as S
+from cmlab.components.despooler import Despooler
+from cmlab.core.fs import write_atomic
+from cmlab.core.hashing import folder_hash, sha256_bytes
+from cmlab.site.cab import create_cab
+from cmlab.site.component import Component, SiteContext
+from cmlab.site.config import load_config
+from cmlab.site.content_library import ContentLibrary
+from cmlab.site.file_replication import Instruction, Recovery, build_instruction
+from cmlab.site.inbox import InboxEngine
+from cmlab.site.sitedb import SiteDB, connect, servicing, transaction
+from cmlab.site.smslog import LogRegistry, LogSink
+from cmlab.site.statecodes import PackageState as S
 from sites import (
     GUID_2509,
     Daemon,

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.dmpdownloader import COPY_CHUNK
-from cmlab.hashing import folder_hash
-from cmlab.labcloud import build_content_source
-from cmlab.resources import data_dir
-from cmlab.statecodes import PackageState as S
-from cmlab.trust import create_lab_ca
+from cmlab.commands.lab_cloud import build_content_source
+from cmlab.components.dmpdownloader.dmpdownloader import COPY_CHUNK
+from cmlab.core.hashing import folder_hash
+from cmlab.site.resources import data_dir
+from cmlab.site.statecodes import PackageState as S
+from cmlab.site.trust import create_lab_ca
 from sites import (
     GUID_2509,
     Daemon,

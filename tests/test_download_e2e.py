@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.hashing import folder_hash
-from cmlab.statecodes import PackageState as S
+from cmlab.core.hashing import folder_hash
+from cmlab.site.statecodes import PackageState as S
 from sites import (
     GUID_2509,
     Daemon,

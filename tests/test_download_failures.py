@@ -14,13 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.atomic import write_atomic
-from cmlab.cabfiles import create_cab, extract_cab
-from cmlab.config import load_config
-from cmlab.hashing import folder_hash
-from cmlab.manifest import parse_manifest
-from cmlab.statecodes import PackageState as S
-from cmlab.trust import TrustStore, VerdictStatus, create_lab_ca, load_lab_ca, sign_cab, verify_cab
+from cmlab.core.fs import write_atomic
+from cmlab.core.hashing import folder_hash
+from cmlab.site.cab import create_cab, extract_cab
+from cmlab.site.config import load_config
+from cmlab.site.formats.manifest import parse_manifest
+from cmlab.site.statecodes import PackageState as S
+from cmlab.site.trust import (
+    TrustStore,
+    VerdictStatus,
+    create_lab_ca,
+    load_lab_ca,
+    sign_cab,
+    verify_cab,
+)
 from sites import (
     GUID_2409_HFRU,
     GUID_2503_HFRU,

@@ -1,4 +1,5 @@
-"""cmlab.filerepl: the instruction a parent sends a child is parsed as hostile input (strict
+"""cmlab.site.file_replication: the instruction a parent sends a child is parsed as hostile input
+(strict
 keys, types, sizes and names), package files are verified by size and SHA-256, and a PCK is
 byte-identical every time it is built from the same content."""
 
@@ -14,9 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmlab.cabfiles import extract_cab
-from cmlab.contentlib import ContentLibrary
-from cmlab.filerepl import (
+from cmlab.core.hashing import folder_hash, sha256_bytes
+from cmlab.site.cab import extract_cab
+from cmlab.site.content_library import ContentLibrary
+from cmlab.site.file_replication import (
     INSTRUCTION_MAX,
     DamagedPackage,
     Instruction,
@@ -31,8 +33,7 @@ from cmlab.filerepl import (
     read_instruction,
     verify_package_file,
 )
-from cmlab.hashing import folder_hash, sha256_bytes
-from cmlab.inbox import BadInput
+from cmlab.site.inbox import BadInput
 
 HASH = "A" * 64
 GOOD: dict[str, Any] = {

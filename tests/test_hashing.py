@@ -1,4 +1,4 @@
-"""cmlab.hashing: SHA-256 of files and the folder hash of docs/formats.md."""
+"""cmlab.core.hashing: SHA-256 of files and the folder hash of docs/formats.md."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.errors import CabPathError, CmlabError
-from cmlab.hashing import EMPTY_SHA256, folder_hash, sha256_bytes, sha256_file, staging_hash
+from cmlab.core.errors import CabPathError, CmlabError
+from cmlab.core.hashing import EMPTY_SHA256, folder_hash, sha256_bytes, sha256_file, staging_hash
 
 
 def test_empty_sha256() -> None:
@@ -111,7 +111,7 @@ def test_folder_hash_refuses_special_files_and_odd_names(tmp_path: Path) -> None
 def test_content_library_and_staging_folder_hash_are_one_algorithm(tmp_path: Path) -> None:
     """DistMgr's recorded hash (content library), CMUpdate's staging folder hash and the folder
     hash agree on the hand-computed example, before and after CMUpdate extracts update.map."""
-    from cmlab.contentlib import ContentLibrary
+    from cmlab.site.content_library import ContentLibrary
 
     source = tmp_path / "source"
     source.mkdir()

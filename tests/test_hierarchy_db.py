@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.errors import ConfigError
-from cmlab.sitedb import connect, hierarchy, servicing, transaction
-from cmlab.siteinit import InitOptions, init_site
-from cmlab.statecodes import PackageFlag
-from cmlab.statecodes import PackageState as S
+from cmlab.commands.init import InitOptions, init_site
+from cmlab.core.errors import ConfigError
+from cmlab.site.sitedb import connect, hierarchy, servicing, transaction
+from cmlab.site.statecodes import PackageFlag
+from cmlab.site.statecodes import PackageState as S
 from sites import copy_site, query
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
@@ -90,7 +90,7 @@ def test_init_records_the_hierarchy_in_both_databases_and_the_parents_site_toml(
     assert query(cas, "SELECT Version FROM Sites WHERE SiteCode = 'PR1'") == [("5.00.9135.1000",)]
     toml = (cas / "site.toml").read_text()
     assert '[[child_site]]\ncode = "PR1"\nrole = "primary"\n' in toml
-    from cmlab.config import load_config
+    from cmlab.site.config import load_config
 
     assert load_config(cas).site_code == "CAS"  # the parent's site.toml still loads
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.contentlib import ContentLibrary
-from cmlab.statecodes import PackageState as S
+from cmlab.site.content_library import ContentLibrary
+from cmlab.site.statecodes import PackageState as S
 from hierarchy_sites import (
     Hierarchy,
     bind_mounts_work,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.statecodes import PackageState as S
+from cmlab.site.statecodes import PackageState as S
 from hierarchy_sites import (
     Hierarchy,
     drained,

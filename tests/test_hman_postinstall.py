@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.atomic import write_atomic
-from cmlab.statecodes import PackageState as S
+from cmlab.core.fs import write_atomic
+from cmlab.site.statecodes import PackageState as S
 from sites import GUID_2509, Daemon, assert_in_order, copy_site, log, query, set_toml, temporaries
 from waiting import wait_until
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.atomic import write_atomic
-from cmlab.errors import CmlabError
-from cmlab.inbox import InboxEngine, InboxSpec, Outcome
+from cmlab.core.errors import CmlabError
+from cmlab.core.fs import write_atomic
+from cmlab.site.inbox import InboxEngine, InboxSpec, Outcome
 from waiting import await_until
 
 

@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 
 import sites
-from cmlab.hashing import sha256_file
-from cmlab.payload import sample_build_number
-from cmlab.sitedb import servicing
-from cmlab.sitedb.triggers import trigger_defs
-from cmlab.siteinstall import ACTIONS, CONSOLE_EXE, SITE_SERVER_BINARIES
-from cmlab.statecodes import PackageState as S
+from cmlab.commands.payload import sample_build_number
+from cmlab.core.hashing import sha256_file
+from cmlab.site.installation import ACTIONS, CONSOLE_EXE, SITE_SERVER_BINARIES
+from cmlab.site.sitedb import servicing
+from cmlab.site.sitedb.triggers import trigger_defs
+from cmlab.site.statecodes import PackageState as S
 from sites import (
     GUID_2509,
     Daemon,

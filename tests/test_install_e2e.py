@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.hashing import sha256_file
-from cmlab.payload import build_cab_from_dir, sample_build_number
-from cmlab.resources import data_dir
-from cmlab.statecodes import PackageState as S
-from cmlab.trust import load_lab_ca
+from cmlab.commands.payload import build_cab_from_dir, sample_build_number
+from cmlab.core.hashing import sha256_file
+from cmlab.site.resources import data_dir
+from cmlab.site.statecodes import PackageState as S
+from cmlab.site.trust import load_lab_ca
 from sites import (
     GUID_2509,
     Daemon,

@@ -1,4 +1,5 @@
-"""cmlab.payload: the sample update package builds deterministically and lists what it built."""
+"""cmlab.commands.payload: the sample update package builds deterministically and lists what it
+built."""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.cabfiles import extract_cab, list_cab
-from cmlab.errors import CabPathError, CmlabError, UpdateMapError
-from cmlab.hashing import EMPTY_SHA256, folder_hash, sha256_file
-from cmlab.payload import (
+from cmlab.commands.payload import (
     AUTO_UPGRADE_SCRIPTS_CAB,
     LN_MANIFEST_CAB,
     LN_MANIFEST_XML,
@@ -26,7 +24,10 @@ from cmlab.payload import (
     read_sample_header,
     sample_build_number,
 )
-from cmlab.updatemap import parse_update_map
+from cmlab.core.errors import CabPathError, CmlabError, UpdateMapError
+from cmlab.core.hashing import EMPTY_SHA256, folder_hash, sha256_file
+from cmlab.site.cab import extract_cab, list_cab
+from cmlab.site.formats.update_map import parse_update_map
 
 SOURCE = Path(__file__).resolve().parent.parent / "payloads" / "updates" / "cm2509"
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
@@ -237,7 +238,7 @@ def test_redists_and_their_manifests(tmp_path: Path) -> None:
     ],
 )
 def test_redist_manifest_rejects_bad_input(xml: bytes) -> None:
-    from cmlab.errors import ManifestError
+    from cmlab.core.errors import ManifestError
 
     with pytest.raises(ManifestError):
         parse_redist_manifest(xml)
@@ -279,7 +280,7 @@ def test_bad_package_sources(tmp_path: Path) -> None:
 
 
 def test_signed_build(tmp_path: Path) -> None:
-    trust = pytest.importorskip("cmlab.trust")
+    trust = pytest.importorskip("cmlab.site.trust")
     ca = trust.create_lab_ca(tmp_path / "ca")
     signer = ca.signer()
     store = trust.TrustStore.from_pem_files([ca.root_cert], [ca.root_cert])

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.contentlib import ContentLibrary
-from cmlab.hashing import folder_hash, staging_hash
-from cmlab.statecodes import PackageState as S
+from cmlab.core.hashing import folder_hash, staging_hash
+from cmlab.site.content_library import ContentLibrary
+from cmlab.site.statecodes import PackageState as S
 from sites import (
     GUID_2509,
     Daemon,

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmlab.config import render_toml
-from cmlab.errors import PrereqError
-from cmlab.prereq import (
+from cmlab.core.errors import PrereqError
+from cmlab.site.config import render_toml
+from cmlab.site.prereq import (
     DEFAULT_FACTS,
     FACT_DOCS,
     PrereqContext,
@@ -25,8 +25,8 @@ from cmlab.prereq import (
     run_prereq_checks,
     validate_facts,
 )
-from cmlab.prereq.facts import KINDS
-from cmlab.prereq.rules import RULES
+from cmlab.site.prereq.facts import KINDS
+from cmlab.site.prereq.rules import RULES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "prereq.md"
 SERVER = "cas.cmlab.local"

@@ -1,4 +1,5 @@
-"""The CMUpdates replication group (cmlab.rcm, docs/hierarchy.md): what each link carries, what
+"""The CMUpdates replication group (cmlab.components.rcm, docs/hierarchy.md): what each link
+carries, what
 a receiver takes and refuses, and two real daemons exchanging messages.
 
 Most tests work on real site databases (no daemon): a message is built with `prepare_message`
@@ -17,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from cmlab import rcm
-from cmlab.inbox import BadInput
-from cmlab.sitedb import connect, create_site_db, hierarchy, transaction
-from cmlab.statecodes import PackageState as S
+from cmlab.components import rcm
+from cmlab.site.inbox import BadInput
+from cmlab.site.sitedb import connect, create_site_db, hierarchy, transaction
+from cmlab.site.statecodes import PackageState as S
 from sites import Daemon, inbox_files, log, make_template, query, set_toml
 from waiting import wait_until
 

@@ -1,4 +1,5 @@
-"""cmlab.redistmedia: CMUpdate's redist processing (install step 2) and the replacement of
+"""cmlab.components.cmupdate.redist_media: CMUpdate's redist processing (install step 2) and the
+replacement of
 0-byte placeholders from the redist folder (step 3), on a real staging folder built from the
 lab cloud with real signatures."""
 
@@ -14,13 +15,9 @@ from pathlib import Path, PureWindowsPath
 
 import pytest
 
-from cmlab import trust
-from cmlab.cabfiles import create_cab, extract_cab, extract_cab_into
-from cmlab.errors import CmlabError
-from cmlab.hashing import EMPTY_SHA256, sha256_file
-from cmlab.labcloud import build_content_source
-from cmlab.payload import RedistFile, RedistGroup, RedistManifest, render_redist_manifest
-from cmlab.redistmedia import (
+from cmlab.commands.lab_cloud import build_content_source
+from cmlab.commands.payload import RedistFile, RedistGroup, RedistManifest, render_redist_manifest
+from cmlab.components.cmupdate.redist_media import (
     MediaError,
     MediaResult,
     RedistPlan,
@@ -28,7 +25,11 @@ from cmlab.redistmedia import (
     process_redists,
     shown_separator,
 )
-from cmlab.updatemap import UpdateMap, decode_update_map, parse_update_map
+from cmlab.core.errors import CmlabError
+from cmlab.core.hashing import EMPTY_SHA256, sha256_file
+from cmlab.site import trust
+from cmlab.site.cab import create_cab, extract_cab, extract_cab_into
+from cmlab.site.formats.update_map import UpdateMap, decode_update_map, parse_update_map
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
 ROOT = r"E:\ConfigMgr"
@@ -565,9 +566,9 @@ def test_other_component(lab: Lab, site: Site) -> None:
 CHILD = """
 import sys
 from pathlib import Path
-from cmlab import trust
-from cmlab.redistmedia import check_media, process_redists
-from cmlab.updatemap import decode_update_map, parse_update_map
+from cmlab.site import trust
+from cmlab.components.cmupdate.redist_media import check_media, process_redists
+from cmlab.site.formats.update_map import decode_update_map, parse_update_map
 root, ca_root = Path(sys.argv[1]), Path(sys.argv[2])
 staging = next((root / "CMUStaging").iterdir())
 store = trust.TrustStore.from_pem_files([ca_root], [ca_root])

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.atomic import write_atomic
-from cmlab.hashing import folder_hash
-from cmlab.statecodes import PackageState as S
+from cmlab.core.fs import write_atomic
+from cmlab.core.hashing import folder_hash
+from cmlab.site.statecodes import PackageState as S
 from sites import (
     GUID_2509,
     Daemon,

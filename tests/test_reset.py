@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.sitedb import connect, procs, transaction
-from cmlab.smslog import read_messages
-from cmlab.statecodes import IsComplete, SubStage
-from cmlab.statecodes import PackageState as S
-from cmlab.updatereset import Outcome, reset_package
+from cmlab.commands.reset import Outcome, reset_package
+from cmlab.site.sitedb import connect, procs, transaction
+from cmlab.site.smslog import read_messages
+from cmlab.site.statecodes import IsComplete, SubStage
+from cmlab.site.statecodes import PackageState as S
 from sites import (
     GUID_2409_HFRU,
     GUID_2503_HFRU,

@@ -14,21 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.atomic import write_atomic
-from cmlab.cabfiles import list_cab
-from cmlab.filerepl import (
+from cmlab.components.hman.hman import HierarchyManager
+from cmlab.components.hman.secondary import request_secondary_recovery
+from cmlab.core.fs import write_atomic
+from cmlab.core.hashing import folder_hash, sha256_file
+from cmlab.site.cab import list_cab
+from cmlab.site.file_replication import (
     Instruction,
     Recovery,
     build_instruction,
     job_name,
     read_recovery_sidecar,
 )
-from cmlab.hashing import folder_hash, sha256_file
-from cmlab.hman import HierarchyManager
-from cmlab.hman_secondary import request_secondary_recovery
-from cmlab.sitedb import connect, hierarchy, transaction
-from cmlab.siteinstall import create_installation, installed_build
-from cmlab.statecodes import PackageState as S
+from cmlab.site.installation import create_installation, installed_build
+from cmlab.site.sitedb import connect, hierarchy, transaction
+from cmlab.site.statecodes import PackageState as S
 from sites import GUID_2509, Daemon, log, query
 from test_despooler import ROOT, bad, make_hierarchy, receive, running
 from waiting import await_until, wait_until

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.atomic import write_atomic
-from cmlab.cabfiles import extract_cab
-from cmlab.config import load_config
+from cmlab.core.fs import write_atomic
+from cmlab.core.hashing import folder_hash, sha256_file
 from cmlab.daemon import SiteDaemon
-from cmlab.filerepl import build_package_file, parse_instruction, read_instruction
-from cmlab.hashing import folder_hash, sha256_file
-from cmlab.sitedb import connect, hierarchy, servicing
-from cmlab.statecodes import PackageState as S
+from cmlab.site.cab import extract_cab
+from cmlab.site.config import load_config
+from cmlab.site.file_replication import build_package_file, parse_instruction, read_instruction
+from cmlab.site.sitedb import connect, hierarchy, servicing
+from cmlab.site.statecodes import PackageState as S
 from sites import Daemon, assert_in_order, copy_site, log, query, set_toml
 from waiting import await_until, wait_until
 

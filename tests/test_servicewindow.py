@@ -1,4 +1,5 @@
-"""cmlab.servicewindow: site.toml's [[service_window]] tables and when CMUpdate may install."""
+"""cmlab.site.service_windows: site.toml's [[service_window]] tables and when CMUpdate may
+install."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cmlab.config import load_config
-from cmlab.errors import ConfigError
-from cmlab.servicewindow import (
+from cmlab.core.errors import ConfigError
+from cmlab.site.config import load_config
+from cmlab.site.service_windows import (
     EVERY_DAY,
     ServiceWindow,
     is_open,

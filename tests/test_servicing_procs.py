@@ -1,4 +1,5 @@
-"""The stored procedures of the Replication and Prerequisite check stages (`cmlab.sitedb.servicing`)
+"""The stored procedures of the Replication and Prerequisite check stages
+(`cmlab.site.sitedb.servicing`)
 on a real SQLite site database made by `cmlab init`, with its SMSDBMon and monitoring triggers;
 no daemon. Rows are inserted by hand, as a trainee with `sqlite3` would; the guide's queries run
 as written. Last, the CLI that calls them (`cmlab prereq | install | retry-replication`)."""
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.sitedb import connect, migrate, transaction
-from cmlab.sitedb.functions import tsql_to_sqlite
-from cmlab.sitedb.schema import SCHEMA_VERSION
-from cmlab.sitedb.servicing import (
+from cmlab.site.sitedb import connect, migrate, transaction
+from cmlab.site.sitedb.functions import tsql_to_sqlite
+from cmlab.site.sitedb.schema import SCHEMA_VERSION
+from cmlab.site.sitedb.servicing import (
     InitiateUpgrade,
     NotInitiable,
     PendingPackage,
@@ -32,8 +33,8 @@ from cmlab.sitedb.servicing import (
     spProcessCMU,
     spProcessCMUPackages,
 )
-from cmlab.statecodes import PackageFlag
-from cmlab.statecodes import PackageState as S
+from cmlab.site.statecodes import PackageFlag
+from cmlab.site.statecodes import PackageState as S
 from sites import cmlab, copy_site
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"  # 2509
@@ -75,7 +76,7 @@ SERVICING_STATES = tuple(s for s in S if 65537 <= s <= 262143)
 @pytest.fixture(scope="module")
 def procs_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`cmlab init` once for the module (a signed lab cloud, a schema-3 database)."""
-    from cmlab.siteinit import InitOptions, init_site
+    from cmlab.commands.init import InitOptions, init_site
 
     return init_site(
         InitOptions(

@@ -8,11 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.sitedb import SiteDB, SiteDBClosed, connect, create_site_db, migrate, procs, transaction
-from cmlab.sitedb.functions import tsql_to_sqlite, version_to_int
-from cmlab.sitedb.schema import SCHEMA_VERSION
-from cmlab.statecodes import IsComplete, SubStage
-from cmlab.statecodes import PackageState as S
+from cmlab.site.sitedb import (
+    SiteDB,
+    SiteDBClosed,
+    connect,
+    create_site_db,
+    migrate,
+    procs,
+    transaction,
+)
+from cmlab.site.sitedb.functions import tsql_to_sqlite, version_to_int
+from cmlab.site.sitedb.schema import SCHEMA_VERSION
+from cmlab.site.statecodes import IsComplete, SubStage
+from cmlab.site.statecodes import PackageState as S
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
 

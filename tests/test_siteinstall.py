@@ -1,4 +1,4 @@
-"""cmlab.siteinstall: the emulated site's installation and the 16 install steps of the sample
+"""cmlab.site.installation: the emulated site's installation and the 16 install steps of the sample
 update, on a real lab site (cmlab init), a real staging folder (the lab cloud's signed payload
 and redists, placeholders replaced by the media check), a real SQLite site database and real
 signed CABs. Crashes are real SIGKILLs of a child process at named crash points."""
@@ -19,10 +19,8 @@ from typing import Any
 
 import pytest
 
-from cmlab.cabfiles import create_cab, extract_cab, extract_cab_into
-from cmlab.config import load_config
-from cmlab.hashing import sha256_bytes, sha256_file
-from cmlab.payload import (
+from cmlab.commands.init import InitOptions, init_site
+from cmlab.commands.payload import (
     InstallStep,
     build_cab_from_dir,
     load_package,
@@ -30,12 +28,19 @@ from cmlab.payload import (
     sample_binary,
     sample_build_number,
 )
-from cmlab.redistmedia import check_media, process_redists
-from cmlab.resources import data_dir
-from cmlab.sitedb import SCHEMA_VERSION, connect, transaction
-from cmlab.sitedb.triggers import trigger_defs
-from cmlab.siteinit import InitOptions, init_site
-from cmlab.siteinstall import (
+from cmlab.components.cmupdate.redist_media import check_media, process_redists
+from cmlab.core.hashing import sha256_bytes, sha256_file
+from cmlab.site.cab import create_cab, extract_cab, extract_cab_into
+from cmlab.site.config import load_config
+from cmlab.site.formats.update_map import (
+    MapComponent,
+    MapDirectory,
+    MapFile,
+    UpdateMap,
+    decode_update_map,
+    parse_update_map,
+)
+from cmlab.site.installation import (
     CONSOLE_EXE,
     RCM_KEY,
     SETUP_KEY,
@@ -48,15 +53,10 @@ from cmlab.siteinstall import (
     create_installation,
     installed_build,
 )
-from cmlab.trust import TrustStore, load_lab_ca
-from cmlab.updatemap import (
-    MapComponent,
-    MapDirectory,
-    MapFile,
-    UpdateMap,
-    decode_update_map,
-    parse_update_map,
-)
+from cmlab.site.resources import data_dir
+from cmlab.site.sitedb import SCHEMA_VERSION, connect, transaction
+from cmlab.site.sitedb.triggers import trigger_defs
+from cmlab.site.trust import TrustStore, load_lab_ca
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
 OLD_BUILD, OLD_FULL_VERSION, OLD_VERSION = 9135, "5.00.9135.1006", "5.00.9135.1000"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.atomic import write_atomic
-from cmlab.cabfiles import create_cab, extract_cab
-from cmlab.statecodes import PackageState as S
-from cmlab.trust import create_lab_ca, load_lab_ca, sign_cab
+from cmlab.core.fs import write_atomic
+from cmlab.site.cab import create_cab, extract_cab
+from cmlab.site.statecodes import PackageState as S
+from cmlab.site.trust import create_lab_ca, load_lab_ca, sign_cab
 from sites import GUID_2509, Daemon, cmlab, log, states
 from test_cabfiles import raw_cab
 from waiting import wait_until

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.hashing import sha256_file
+from cmlab.core.hashing import sha256_file
 from sites import (
     GUID_2409_HFRU,
     GUID_2503_HFRU,
@@ -197,8 +197,8 @@ def test_remote_scp_goes_through_the_mp_outbox(site: Path) -> None:
 
 def test_backlog_at_restart_is_processed(site: Path) -> None:
     """Drop files already waiting in every inbox when the daemon starts are all handled."""
-    from cmlab.atomic import write_atomic
-    from cmlab.statesys import StateMessage, render_state_message
+    from cmlab.components.statesys import StateMessage, render_state_message
+    from cmlab.core.fs import write_atomic
 
     inboxes = site / "inboxes"
     high = inboxes / "auth" / "statesys.box" / "incoming" / "high"

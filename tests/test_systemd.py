@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.statecodes import PackageState
+from cmlab.site.statecodes import PackageState
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
@@ -232,11 +232,11 @@ def listener() -> Iterator[NotifyListener]:
 
 def _make_site(tmp_path: Path) -> Path:
     try:
-        from cmlab.siteinit import InitOptions, init_site
+        from cmlab.commands.init import InitOptions, init_site
 
         return init_site(InitOptions(site_dir=tmp_path / "CAS", site_code="CAS", sync_interval=0))
     except ModuleNotFoundError as exc:
-        if exc.name in ("cmlab.payload", "cmlab.trust"):
+        if exc.name in ("cmlab.commands.payload", "cmlab.site.trust"):
             pytest.skip(f"cmlab init needs {exc.name}, which is not in the tree yet")
         raise
 
@@ -270,7 +270,7 @@ def _mdwe_supported() -> bool:
 
 
 def _daemon_command(site: Path, *, mdwe: bool) -> list[str]:
-    run = [sys.executable, "-m", "cmlab.cli", "run", os.fspath(site)]
+    run = [sys.executable, "-m", "cmlab.commands.cli", "run", os.fspath(site)]
     if not mdwe:
         return run
     # exec keeps the pid, so the daemon is still the "main process" for NotifyAccess=main.
@@ -333,7 +333,7 @@ def test_daemon_sends_ready_watchdog_and_stopping(
         # could break, and the pings must keep coming while it runs.
         pings_before = listener.count("WATCHDOG=1", proc.pid)
         sync = subprocess.run(
-            [sys.executable, "-m", "cmlab.cli", "sync", os.fspath(site)],
+            [sys.executable, "-m", "cmlab.commands.cli", "sync", os.fspath(site)],
             env=env | {"NOTIFY_SOCKET": ""},
             capture_output=True,
             text=True,
@@ -367,7 +367,7 @@ def test_daemon_sends_ready_watchdog_and_stopping(
 def test_a_vanished_notify_socket_does_not_stop_the_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cmlab import sdnotify
+    from cmlab.core import sdnotify
 
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
     assert sdnotify.notify("STOPPING=1") is False

@@ -13,9 +13,9 @@ from pathlib import Path
 import cabarchive
 import pytest
 
-from cmlab.errors import CabError, SignatureFormatError
-from cmlab.trust import LabCA, VerdictStatus, sign_cab, verify_cab
-from cmlab.trust.cablayout import (
+from cmlab.core.errors import CabError, SignatureFormatError
+from cmlab.site.trust import LabCA, VerdictStatus, sign_cab, verify_cab
+from cmlab.site.trust.cablayout import (
     FLAG_RESERVE_PRESENT,
     RESERVE_GROWTH,
     CabHeader,

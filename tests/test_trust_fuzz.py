@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cmlab.trust import LabCA, Verdict, VerdictStatus, sign_cab, verify_cab
+from cmlab.site.trust import LabCA, Verdict, VerdictStatus, sign_cab, verify_cab
 from trust_helpers import Signed, trust_for
 
 Mutation = tuple[str, int, bytes]

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cmlab.trust import LabCA, LabCAError, create_lab_ca, load_lab_ca, sign_cab, verify_cab
+from cmlab.site.trust import LabCA, LabCAError, create_lab_ca, load_lab_ca, sign_cab, verify_cab
 from trust_helpers import make_unsigned_cab, trust_for
 
 

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cmlab.errors import CmlabError
-from cmlab.trust import (
+from cmlab.core.errors import CmlabError
+from cmlab.site.trust import (
     LabCA,
     Signer,
     SigningError,
@@ -26,8 +26,8 @@ from cmlab.trust import (
     sign_cab,
     verify_cab,
 )
-from cmlab.trust.authenticode import parse_signature
-from cmlab.trust.cablayout import authenticode_digest, locate_signature, read_header
+from cmlab.site.trust.authenticode import parse_signature
+from cmlab.site.trust.cablayout import authenticode_digest, locate_signature, read_header
 from trust_helpers import Signed, make_odd_ca, now, root_of, trust_for
 
 # Session fixtures (CAs, CABs) shared by all trust tests.

@@ -1,4 +1,4 @@
-"""cmlab.updatemap: the guide's update.map grammar, strictly."""
+"""cmlab.site.formats.update_map: the guide's update.map grammar, strictly."""
 
 # ruff: noqa: E501  (the guide's example is kept verbatim, long lines and all)
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmlab.errors import UpdateMapError
-from cmlab.updatemap import (
+from cmlab.core.errors import UpdateMapError
+from cmlab.site.formats.update_map import (
     MapComponent,
     MapDirectory,
     MapFile,

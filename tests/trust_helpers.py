@@ -20,8 +20,8 @@ import cabarchive
 import pytest
 from cryptography import x509
 
-from cmlab.trust import LabCA, TrustStore, create_lab_ca, sign_cab
-from cmlab.trust.labca import (
+from cmlab.site.trust import LabCA, TrustStore, create_lab_ca, sign_cab
+from cmlab.site.trust.labca import (
     INTERMEDIATE_CERT,
     INTERMEDIATE_KEY,
     ROOT_CERT,

@@ -1,5 +1,5 @@
 import sys
 
-from cmlab.cli import main
+from cmlab.commands.cli import main
 
 sys.exit(main())

@@ -11,25 +11,25 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from cmlab import sdnotify
-from cmlab.atomic import remove_stale_tmp
-from cmlab.cmupdate import CMUpdate
-from cmlab.component import Component, SiteContext
-from cmlab.config import SiteConfig, load_config
-from cmlab.despooler import Despooler
-from cmlab.distmgr import DistributionManager
-from cmlab.dmpdownloader import DMPDownloader
-from cmlab.errors import ConfigError
-from cmlab.hman import HierarchyManager
-from cmlab.inbox import InboxEngine
-from cmlab.mpfdm import MPFileDispatchManager
-from cmlab.rcm import ReplicationMonitor
-from cmlab.scheduler import Scheduler
-from cmlab.sender import Sender
-from cmlab.sitedb import SiteDB, connect, migrate
-from cmlab.smsdbmon import SMSDBMon
-from cmlab.smslog import LogRegistry, LogSink
-from cmlab.statesys import StateSystem
+from cmlab.components.cmupdate.cmupdate import CMUpdate
+from cmlab.components.despooler import Despooler
+from cmlab.components.distmgr import DistributionManager
+from cmlab.components.dmpdownloader.dmpdownloader import DMPDownloader
+from cmlab.components.hman.hman import HierarchyManager
+from cmlab.components.mpfdm import MPFileDispatchManager
+from cmlab.components.rcm import ReplicationMonitor
+from cmlab.components.scheduler import Scheduler
+from cmlab.components.sender import Sender
+from cmlab.components.smsdbmon import SMSDBMon
+from cmlab.components.statesys import StateSystem
+from cmlab.core import sdnotify
+from cmlab.core.errors import ConfigError
+from cmlab.core.fs import remove_stale_tmp
+from cmlab.site.component import Component, SiteContext
+from cmlab.site.config import SiteConfig, load_config
+from cmlab.site.inbox import InboxEngine
+from cmlab.site.sitedb import SiteDB, connect, migrate
+from cmlab.site.smslog import LogRegistry, LogSink
 
 # Start order: the database monitor and state system first, so nothing another component
 # causes at start-up is missed; stop order is the reverse.

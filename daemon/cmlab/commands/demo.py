@@ -1,0 +1,205 @@
+"""`cmlab demo`: a fresh lab site, its daemon, and one update taken from synchronization to
+INSTALL_SUCCESS, printed stage by stage as it happens. Everything it shows is read back from
+the site's own database and logs, the way a trainee would watch it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cmlab.commands.cli import collect_status, print_status
+from cmlab.commands.init import InitOptions, init_site
+from cmlab.daemon import SiteDaemon
+from cmlab.site.config import load_config
+from cmlab.site.contract import waiting_drop_files
+from cmlab.site.sitedb import connect, procs, servicing, transaction
+from cmlab.site.smslog import read_messages
+from cmlab.site.statecodes import PackageFlag, PackageState
+
+# The states at which a package stops moving on its own (auto-download takes the applicable
+# update on to DOWNLOAD_SUCCESS, "Ready to install"; the administrator takes it further).
+RESTING = {
+    PackageState.APPLICABILITY_HIDE,
+    PackageState.APPLICABILITY_NA,
+    PackageState.APPLICABILITY_FAILED,
+    PackageState.DOWNLOAD_SUCCESS,
+    PackageState.DOWNLOAD_FAILED,
+    PackageState.CONTENT_REPLICATION_FAILED,
+    # PREREQ_SUCCESS is not among them: the demo installs (Flag 0), which goes on from it.
+    PackageState.PREREQ_WARNING,
+    PackageState.PREREQ_ERROR,
+    PackageState.INSTALL_SUCCESS,
+    PackageState.INSTALL_FAILED,
+    PackageState.INSTALL_CMU_FAILED,
+}
+STAGE_OF: dict[int, str] = {
+    PackageState.APPLICABILITY_CHECKING: "Applicability",
+    PackageState.APPLICABILITY_SUCCESS: "Applicability",
+    PackageState.APPLICABILITY_HIDE: "Applicability",
+    PackageState.APPLICABILITY_NA: "Applicability",
+    PackageState.APPLICABILITY_FAILED: "Applicability",
+    PackageState.DOWNLOAD_IN_PROGRESS: "Download",
+    PackageState.DOWNLOAD_SUCCESS: "Download",
+    PackageState.DOWNLOAD_FAILED: "Download",
+    PackageState.ENABLED: "Replication",
+    PackageState.CONTENT_REPLICATING: "Replication",
+    PackageState.CONTENT_REPLICATION_SUCCESS: "Replication",
+    PackageState.CONTENT_REPLICATION_FAILED: "Replication",
+    PackageState.PREREQ_IN_PROGRESS: "Prerequisites",
+    PackageState.PREREQ_SUCCESS: "Prerequisites",
+    PackageState.PREREQ_WARNING: "Prerequisites",
+    PackageState.PREREQ_ERROR: "Prerequisites",
+}
+INSTALL_STEP = re.compile(r"INFO: Running install step (\d+) \((\w+)\): (.*)")
+
+
+def stage_of(state: int) -> str:
+    return STAGE_OF.get(state, "Installation" if state >> 16 == 3 else "Update")
+
+
+def label(state: int) -> str:
+    return _color(
+        f"{PackageState.name_of(state)} ({state})", "1;32" if state in RESTING else "1;33"
+    )
+
+
+def _color(text: str, code: str) -> str:
+    return f"\033[{code}m{text}\033[0m" if sys.stdout.isatty() else text
+
+
+class Watcher:
+    def __init__(self, site: Path) -> None:
+        config = load_config(site)
+        self.root = config.root
+        self.conn = connect(config.paths.db_file, config.site_code)
+        self.seen_messages = 0
+        self.seen_history = 0
+        self.seen_cmupdate = 0
+        self.cmupdate_size = 0
+        self.states: dict[str, int] = {}
+        self.names: dict[str, str] = {}
+        self.t0 = time.monotonic()
+
+    def stamp(self) -> str:
+        return f"[{time.monotonic() - self.t0:6.2f}s]"
+
+    def poll(self) -> None:
+        for state_id, name, topic in self.conn.execute(
+            "SELECT StateID, StateName, TopicID FROM StateMessages WHERE ID > ? ORDER BY ID",
+            (self.seen_messages,),
+        ).fetchall():
+            self.seen_messages += 1
+            stage = "Synchronization" if topic.startswith("00000000") else "Download"
+            print(
+                f"{self.stamp()} {stage:16} DMPDownloader state message {state_id:>2} {name}"
+                + ("" if topic.startswith("00000000") else f" ({topic})")
+            )
+        for guid, pkg_name, state in self.conn.execute(
+            "SELECT PackageGuid, Name, State FROM CM_UpdatePackages ORDER BY Name"
+        ).fetchall():
+            self.names[guid] = pkg_name
+            if self.states.get(guid) != state:
+                self.states[guid] = state
+                print(f"{self.stamp()} {stage_of(state):16} {pkg_name}: {label(state)}")
+        # The site's own states: during install steps 5 to 13 SMSDBMon's triggers are gone, so
+        # the package's state stands still while the site's moves (the console shows the same).
+        for hist_id, guid, state in self.conn.execute(
+            "SELECT ID, PackageGuid, State FROM CM_UpdatePackageSiteStatus_HIST WHERE ID > ? "
+            "ORDER BY ID",
+            (self.seen_history,),
+        ).fetchall():
+            self.seen_history = hist_id
+            if state >> 16 in (1, 2, 3):  # replication, prerequisite check, installation
+                name = self.names.get(guid, guid)
+                print(f"{self.stamp()} {stage_of(state):16} {name} at site: {label(state)}")
+        log = self.root / "Logs" / "CMUpdate.log"
+        size = log.stat().st_size if log.exists() else 0
+        if size == self.cmupdate_size:
+            return  # nothing new: the poll runs 20 times a second, the log is not re-read
+        self.cmupdate_size = size
+        lines = read_messages(log)
+        for line in lines[self.seen_cmupdate :]:
+            found = INSTALL_STEP.fullmatch(line)
+            if found:
+                print(f"{self.stamp()} {'':16}   step {found[1]:>2}/16 {found[3]}")
+        self.seen_cmupdate = len(lines)
+
+    def settled(self) -> bool:
+        sync = self.conn.execute(
+            "SELECT COUNT(*) FROM SyncHistory WHERE Finished IS NULL"
+        ).fetchone()[0]
+        return (
+            sync == 0
+            and bool(self.states)
+            and all(s in RESTING for s in self.states.values())
+            and not self.backlog()
+        )
+
+    def backlog(self) -> int:
+        """Drop files still waiting in the inboxes (e.g. the last state messages after HMAN
+        has already recorded DOWNLOAD_SUCCESS)."""
+        return len(waiting_drop_files(self.root))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def _settle(watcher: Watcher, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        watcher.poll()
+        if watcher.settled():
+            watcher.poll()  # what was recorded between the poll and the check
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def _demo(site: Path, deadline_s: float) -> int:
+    daemon = SiteDaemon(load_config(site), json_stdout=False)
+    await daemon.start()
+    watcher = Watcher(site)
+    try:
+        with transaction(watcher.conn):
+            procs.spRequestSync(watcher.conn, "admin")
+        print(f"{watcher.stamp()} Administrator    Check for updates (SyncHistory request)")
+        deadline = time.monotonic() + deadline_s
+        if not await _settle(watcher, deadline):
+            print("The demo did not settle in time; see the logs in", site / "Logs")
+            return 1
+        ready = [g for g, s in watcher.states.items() if s == PackageState.DOWNLOAD_SUCCESS]
+        for guid in ready:
+            with transaction(watcher.conn):
+                servicing.InitiateUpgrade(watcher.conn, guid, PackageFlag.NORMAL)
+            print(
+                f"{watcher.stamp()} Administrator    Install Update Pack (InitiateUpgrade, Flag=0)"
+            )
+            if not await _settle(watcher, deadline):
+                print("The demo did not settle in time; see the logs in", site / "Logs")
+                return 1
+    finally:
+        watcher.close()
+        await daemon.stop()
+    return 0
+
+
+def run_demo(folder: Path | None = None, *, deadline_s: float = 120.0) -> int:
+    base = folder if folder is not None else Path(tempfile.mkdtemp(prefix="cmlab-demo-"))
+    site = base / "CAS"
+    print(f"Creating lab site CAS in {site} ...")
+    init_site(InitOptions(site_dir=site, site_code="CAS", sync_interval=0, rescan_interval=1.0))
+    print(
+        "Starting the site's components: SMSDBMon, statesys, HMAN, MPFDM, DMPDownloader, "
+        "DistMgr, CMUpdate\n"
+    )
+    rc = asyncio.run(_demo(site, deadline_s))
+    print()
+    print_status(collect_status(site))
+    print(
+        f"\nLogs: {site / 'Logs'}  (hman.log, dmpdownloader.log, ConfigMgrSetup.log, "
+        "SMSDBMon.log, statesys.log, distmgr.log, CMUpdate.log, ConfigMgrPrereq.log)"
+    )
+    return rc

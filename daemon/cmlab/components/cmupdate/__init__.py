@@ -1,0 +1,1 @@
+"""CONFIGURATION_MANAGER_UPDATE (CMUpdate): the prerequisite check and the installation."""

@@ -1,0 +1,231 @@
+"""HMAN's post-installation tasks (the guide's "Process step 6: Post installation tasks"):
+on `196612.ESC`, dropped by CMUpdate once an update is installed, update the client packages
+from the new client files in `SITE/CMUClient`:
+
+- `SITE/Client` (the full client package's source) becomes a copy of `CMUClient`;
+- `SITE/ClientUpgrade/ccmsetup.exe` (the client upgrade package) is the new ccmsetup;
+- `SITE/PilotingUpgrade/ccmsetup.exe` too when client piloting is on (site.toml
+  `[client] piloting = true`).
+
+The update the notification is about is the one whose installation changed state last (the
+newest CM_UpdatePackages row in an installation state or INSTALL_SUCCESS). Until it is
+INSTALL_SUCCESS the file stays and is offered again (`Will retry in next cycle.`); with no
+such update the notification is stray and is deleted. Each folder or file is built under a
+temporary name and renamed into place, so a crash leaves the old or the new copy; the
+notification is deleted only after the last copy, so a restart does the whole task again and
+ends the same.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+from cmlab.core.failpoints import crashpoint
+from cmlab.core.fs import copy_file_durable, copy_tree_durable
+from cmlab.site.component import Component, SiteContext
+from cmlab.site.inbox import BadInput, Outcome
+from cmlab.site.sitedb import servicing
+from cmlab.site.sitedb.procs import local_site_number
+from cmlab.site.statecodes import IsComplete, PackageState, SubStage
+
+S = PackageState
+INSTALLED_ESC = "196612.ESC"
+INTEROP_MODE = 0
+CCMSETUP = "ccmsetup.exe"
+
+# The installation stage's states (0x3xxxx) but its failures: an update in one of these is
+# being installed, so a 196612.ESC that arrives now is early.
+INSTALLING_STATES = tuple(
+    s
+    for s in PackageState
+    if s >> 16 == 3 and s != S.INSTALL_SUCCESS and s not in servicing.FAILED_STATES
+)
+
+
+class ClientFilesError(Exception):
+    """`SITE/CMUClient` cannot be used as the source of the client packages."""
+
+
+def client_upgrade_ids(site_code: str) -> dict[str, str]:
+    """The IDs of the client packages and deployments a site creates at its installation."""
+    return {
+        "FullClientPackageID": f"{site_code}00004",
+        "StagingClientPackageID": f"{site_code}00008",
+        "ClientUpgradePackageID": f"{site_code}00005",
+        "PilotingUpgradePackageID": f"{site_code}00009",
+        "ClientUpgradeAdvertisementID": f"{site_code}20000",
+    }
+
+
+def piloting_advertisement_id(site_code: str) -> str:
+    return f"{site_code}20001"
+
+
+SETTINGS_COLUMNS = (
+    "FullClientPackageID",
+    "StagingClientPackageID",
+    "ClientUpgradePackageID",
+    "PilotingUpgradePackageID",
+    "ClientUpgradeAdvertisementID",
+    "ClientPilotingAdvertisementID",
+)
+
+
+def load_client_upgrade_settings(
+    conn: sqlite3.Connection, site_code: str, piloting: bool
+) -> dict[str, str | None]:
+    """The site's ClientUpgradeSettings row, seeded on first use; the piloting deployment
+    exists only while piloting is on."""
+    ids = client_upgrade_ids(site_code)
+    conn.execute(
+        "INSERT OR IGNORE INTO ClientUpgradeSettings (SiteCode, "
+        + ", ".join(ids)
+        + ") VALUES (?, "
+        + ", ".join("?" for _ in ids)
+        + ")",
+        (site_code, *ids.values()),
+    )
+    wanted = piloting_advertisement_id(site_code) if piloting else None
+    conn.execute(
+        "UPDATE ClientUpgradeSettings SET ClientPilotingAdvertisementID = ?, "
+        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
+        "WHERE SiteCode = ? AND ClientPilotingAdvertisementID IS NOT ?",
+        (wanted, site_code, wanted),
+    )
+    row = conn.execute(
+        f"SELECT {', '.join(SETTINGS_COLUMNS)} FROM ClientUpgradeSettings WHERE SiteCode = ?",
+        (site_code,),
+    ).fetchone()
+    return {k: (None if v is None else str(v)) for k, v in zip(SETTINGS_COLUMNS, row, strict=True)}
+
+
+def current_install(conn: sqlite3.Connection) -> tuple[str, int] | None:
+    """The update being installed or last installed at this site: the newest state change
+    among the installation states and INSTALL_SUCCESS (failed installations are left out).
+    This site's own status row counts first: the package's state is a roll-up that lags
+    behind it (and stands still while install steps 5-13 have SMSDBMon's triggers removed)."""
+    states = ", ".join(str(int(s)) for s in (*INSTALLING_STATES, S.INSTALL_SUCCESS))
+    row = conn.execute(
+        "SELECT p.PackageGuid, COALESCE(ss.State, p.State) AS SiteState "
+        "FROM CM_UpdatePackages p LEFT JOIN CM_UpdatePackageSiteStatus ss "
+        "ON ss.PackageGuid = p.PackageGuid AND ss.SiteNumber = ? "
+        f"WHERE SiteState IN ({states}) "
+        "ORDER BY COALESCE(ss.UpdateTime, p.LastUpdateTime) DESC, p.FullVersion DESC LIMIT 1",
+        (local_site_number(conn),),
+    ).fetchone()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
+def find_ccmsetup(source: Path) -> Path:
+    """`CMUClient/ccmsetup.exe` (any case, as on Windows); raises ClientFilesError naming what
+    is wrong with the source folder. Links are never followed."""
+    try:
+        st = os.lstat(source)
+    except FileNotFoundError:
+        raise ClientFilesError(f"{source} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ClientFilesError(f"{source} is not a folder (links are never followed)")
+    found: Path | None = None
+    for dirpath, dirs, files in os.walk(source):
+        for name in dirs + files:
+            path = Path(dirpath, name)
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise ClientFilesError(f"{path} is not a regular file or folder")
+        if Path(dirpath) == source:
+            found = next((source / n for n in files if n.lower() == CCMSETUP), None)
+    if found is None:
+        raise ClientFilesError(f"{source} has no {CCMSETUP}")
+    return found
+
+
+class PostInstallHandlers(Component):
+    """Mixed into HierarchyManager: `196612.ESC`, the client packages after an installation."""
+
+    def __init__(self, ctx: SiteContext) -> None:
+        super().__init__(ctx)
+        # The state last warned about per notification: a retry while the state has not moved
+        # is not written to hman.log again (the engine offers the file every `retry_after`).
+        self._postinstall_warned: dict[str, int] = {}
+
+    async def on_installed(self, path: Path) -> Outcome:
+        found = await self.db.read(current_install)
+        if found is not None and found[1] != S.INSTALL_SUCCESS:
+            if self._postinstall_warned.get(path.name) == found[1]:
+                return Outcome.RETRY
+            self._postinstall_warned[path.name] = found[1]
+        self.say(
+            f"INFO: {INSTALLED_ESC} file was found. Updating client packages. "
+            f"InteropMode = {INTEROP_MODE}"
+        )
+        if found is None:
+            self.say(
+                "INFO: No update package is being installed or installed. "
+                "Nothing to update; the notification is removed."
+            )
+            return Outcome.DONE
+        guid, state = found
+        if state != S.INSTALL_SUCCESS:
+            self.say(
+                f"WARN: The current update package's state ({state}) is not set to installed "
+                "yet. Will retry in next cycle.",
+                level="warning",
+            )
+            return Outcome.RETRY
+        self._postinstall_warned.pop(path.name, None)
+        await self.update_client_packages(guid)
+        return Outcome.DONE
+
+    async def update_client_packages(self, guid: str) -> None:
+        code = self.config.site_code
+        piloting = self.config.client_piloting
+        settings = await self.db.tx(load_client_upgrade_settings, code, piloting)
+        self.say(
+            "Loaded client upgrade settings from DB successfully. "
+            + ", ".join(f"{k}={v if v is not None else '(null)'}" for k, v in settings.items())
+        )
+        self.say("Client piloting is enabled." if piloting else "Client piloting is not enabled.")
+        root = self.paths.root
+        source = root / "CMUClient"
+        try:
+            ccmsetup = await self.in_thread(find_ccmsetup, source)
+        except ClientFilesError as exc:
+            self.say(
+                f"ERROR: Failed to update client packages from {self.show(source)}: {exc}. "
+                "The client packages are unchanged.",
+                level="error",
+            )
+            await self.report_status(guid, SubStage.UPDATE_CLIENT_PACKAGE, IsComplete.FAILURE, 0)
+            raise BadInput(
+                f"the client files to update the client packages from are missing: {exc}"
+            ) from None
+
+        await self.report_status(guid, SubStage.UPDATE_CLIENT_PACKAGE, IsComplete.IN_PROGRESS, 1)
+        if piloting:
+            await self._copy_ccmsetup(ccmsetup, root / "PilotingUpgrade" / ccmsetup.name)
+        await self.report_status(guid, SubStage.UPDATE_CLIENT_PACKAGE, IsComplete.SUCCESS, 100)
+
+        await self.report_status(
+            guid, SubStage.UPDATE_CLIENT_PILOTING_PACKAGE, IsComplete.IN_PROGRESS, 1
+        )
+        await self.report_status(
+            guid, SubStage.UPDATE_CLIENT_UPGRADE_PACKAGE, IsComplete.IN_PROGRESS, 1
+        )
+        client = root / "Client"
+        self.say(f"Copying client binaries from '{self.show(source)}' to '{self.show(client)}'...")
+        await self.in_thread(copy_tree_durable, source, client)
+        crashpoint("hman.postinstall.after_client_copy")
+        await self._copy_ccmsetup(ccmsetup, root / "ClientUpgrade" / ccmsetup.name)
+        await self.report_status(
+            guid, SubStage.UPDATE_CLIENT_PILOTING_PACKAGE, IsComplete.SUCCESS, 100
+        )
+        await self.report_status(
+            guid, SubStage.UPDATE_CLIENT_UPGRADE_PACKAGE, IsComplete.SUCCESS, 100
+        )
+
+    async def _copy_ccmsetup(self, source: Path, dest: Path) -> None:
+        self.say(f"Copying ccmsetup from '{self.show(source)}' to '{self.show(dest)}'...")
+        await self.in_thread(copy_file_durable, source, dest)

@@ -1,0 +1,333 @@
+"""SMS_LAN_SENDER (docs/hierarchy.md, step 4): on `<JobID>.SRQ` from the Scheduler, copies
+the job's package file into the destination site's `inboxes/despoolr.box/receive` (reached at
+its address, `ServerData.SiteFolder`) as `ds_<jobid>.pkg`, and then the instruction as
+`<JobID>.INS`, last: the child's despooler wakes only on `*.INS`, so it never sees half a
+delivery.
+
+The copy is resumable. It is written as `ds_<jobid>.pkg.part`, a name the despooler does not
+match and that the child's start-up sweep of temporaries (names starting `.~cmlab-`) keeps,
+so a retry after a network failure or a crash of either daemon continues from the bytes
+already there. Whatever happened to those bytes, the whole file's SHA-256 decides: a damaged
+part is thrown away and sent again. Only a whole, verified copy is renamed to its real name.
+
+A destination that cannot be reached (no address, folder missing, not a folder, an error while
+writing) is retried every `replication.sender_retry_delay` seconds; after
+`replication.sender_retries` retries the job is Failed and, for a package, the destination's
+content replication with it (CONTENT_REPLICATION_FAILED). The Sender never creates the
+destination's folders: a site folder that is not there is not a site."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import sqlite3
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmlab.core.failpoints import crashpoint
+from cmlab.core.fs import fsync_dir, read_regular_file, remove_path, write_atomic
+from cmlab.site.component import Component
+from cmlab.site.file_replication import (
+    SWD,
+    DamagedPackage,
+    Instruction,
+    SchedulerJob,
+    build_instruction,
+    fail_job,
+    job_of_drop_file,
+    package_file_ok,
+    package_file_path,
+    read_instruction,
+    scheduler_job,
+    verify_package_file,
+)
+from cmlab.site.inbox import BadInput, InboxSpec, Outcome
+from cmlab.site.sitedb import hierarchy
+
+SRQ_MAX = 1024
+CHUNK = 1024 * 1024
+RECEIVE = ("inboxes", "despoolr.box", "receive")
+_RDONLY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Unreachable(Exception):
+    """The destination cannot be written now; a later attempt may succeed."""
+
+
+class SourceDamaged(Exception):
+    """This site's own package file is not what the job says: resending cannot help."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    receive: Path
+    pkg: Path  # ds_<jobid>.pkg
+    part: Path  # ds_<jobid>.pkg.part
+    ins: Path  # <JobID>.INS
+
+
+def delivery_for(receive: Path, job: str) -> Delivery:
+    return Delivery(
+        receive=receive,
+        pkg=receive / f"ds_{job.lower()}.pkg",
+        part=receive / f"ds_{job.lower()}.pkg.part",
+        ins=receive / f"{job.upper()}.INS",
+    )
+
+
+def _read_send_request(path: Path) -> bytes:
+    try:
+        return read_regular_file(path, SRQ_MAX)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def parse_send_request(path: Path, data: bytes) -> int:
+    """The job a `<JobID>.SRQ` names; BadInput for a wrong name or a body that is not the
+    Scheduler's (`Job=<JobID>` and `Instruction=tosend/<JobID>.Idb` lines)."""
+    job_id = job_of_drop_file(path, "SRQ")
+    if len(data) > SRQ_MAX:
+        raise BadInput(f"{path.name}: larger than {SRQ_MAX} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{path.name}: not UTF-8 text") from None
+    pairs: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        key, eq, value = line.partition("=")
+        if not eq or key not in ("Job", "Instruction") or key in pairs:
+            raise BadInput(f"{path.name}: unexpected line {line[:80]!r}")
+        pairs[key] = value
+    name = f"{job_id:08X}"
+    if pairs.get("Job", "").upper() != name:
+        raise BadInput(f"{path.name}: the request names job {pairs.get('Job', '')[:20]!r}")
+    if pairs.get("Instruction", f"tosend/{name}.Idb") != f"tosend/{name}.Idb":
+        raise BadInput(f"{path.name}: the instruction is not tosend/{name}.Idb")
+    return job_id
+
+
+def receive_folder(site_root: Path, address: str) -> Path:
+    """`<address>/inboxes/despoolr.box/receive`, which must exist: Unreachable otherwise. A
+    relative address is taken from this site's folder."""
+    if not address:
+        raise Unreachable("no address (ServerData.SiteFolder) is recorded for it")
+    base = Path(address)
+    if not base.is_absolute():
+        base = site_root / base
+    receive = base.joinpath(*RECEIVE)
+    try:
+        st = os.stat(receive)  # the address itself may be a link (a mounted share)
+    except FileNotFoundError:
+        raise Unreachable(f"{receive} does not exist") from None
+    except OSError as exc:
+        raise Unreachable(f"{receive}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise Unreachable(f"{receive} is not a folder")
+    return receive
+
+
+def resume_offset(d: Delivery, size: int) -> int:
+    """How many bytes of the part file can be kept: its size, unless it is not a regular
+    file or longer than the package (then it goes, and the copy starts over)."""
+    try:
+        st = os.lstat(d.part)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(st.st_mode) or st.st_size > size:
+        remove_path(d.part)
+        fsync_dir(d.receive)
+        return 0
+    return st.st_size
+
+
+def copy_resumable(source: Path, d: Delivery, size: int, sha256: str, offset: int) -> bool:
+    """Append `source[offset:]` to the part file, fsync, and check the whole part's SHA-256.
+    True when it is the package (then renamed to ds_<jobid>.pkg, folder fsynced); False when
+    the kept bytes were damaged (the part is removed: the caller sends again from byte 0).
+    SourceDamaged when this site's package file is not `size` bytes long."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    src = os.open(source, _RDONLY)
+    try:
+        if os.fstat(src).st_size != size:
+            raise SourceDamaged(f"{source.name} is {os.fstat(src).st_size} bytes, not {size}")
+        out = os.open(d.part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            # The kept bytes count in the hash as they are, not as the source has them.
+            kept = 0
+            while kept < offset and (n := os.readv(out, [view[: min(CHUNK, offset - kept)]])):
+                digest.update(view[:n])
+                kept += n
+            os.ftruncate(out, kept)
+            os.lseek(out, kept, os.SEEK_SET)
+            os.lseek(src, kept, os.SEEK_SET)
+            with open(src, "rb", buffering=0, closefd=False) as f:
+                while n := f.readinto(buf):
+                    chunk = view[:n]
+                    digest.update(chunk)
+                    while chunk:
+                        chunk = chunk[os.write(out, chunk) :]
+                    crashpoint("sender.mid_copy")
+            os.fsync(out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
+    if digest.hexdigest().upper() != sha256.upper():
+        remove_path(d.part)
+        fsync_dir(d.receive)
+        return False
+    os.replace(d.part, d.pkg)
+    fsync_dir(d.receive)
+    return True
+
+
+class Sender(Component):
+    component = "SMS_LAN_SENDER"
+    log_file = "sender.log"
+
+    def inboxes(self) -> list[InboxSpec]:
+        specs = super().inboxes()
+        for spec in specs:
+            # A send that failed is offered again after the sender's retry delay.
+            spec.retry_after = self.config.replication.sender_retry_delay
+        return specs
+
+    async def on_send_request(self, path: Path) -> Outcome:
+        job_id = parse_send_request(path, _read_send_request(path))
+        name = f"{job_id:08X}"
+        job = await self.db.read(scheduler_job, job_id)
+        if job is None:
+            self.say(f"~Job {name} is not in the job source; the send request is dropped.")
+            return Outcome.DONE
+        if job.state in ("Complete", "Failed"):
+            self.say(f"~Job {name} is {job.state}; nothing to send.")
+            return Outcome.DONE
+        idb = self.paths.schedule_tosend / f"{name}.Idb"
+        try:
+            source = package_file_path(self.paths.root, job.package_file)
+            instr = read_instruction(idb)
+            self._check(instr, job)
+            data = build_instruction(instr)
+        except (BadInput, ValueError, FileNotFoundError) as exc:
+            return await self._give_up(job, f"the instruction {self.show(idb)} is unusable: {exc}")
+        self.say(f"~Package file = {self.show(source)}")
+        self.say(f"~Instruction file = {self.show(idb)}")
+        site = await self.db.read(hierarchy.site_by_code, job.dest_site)
+        try:
+            if site is None:
+                raise Unreachable("this site database does not know it (ServerData)")
+            receive = receive_folder(self.paths.root, site.folder)
+            d = delivery_for(receive, name)
+            self.say(f"~Sending Started [{self.show(source)}]")
+            await self._deliver(source, d, job, data)
+        except SourceDamaged as exc:
+            return await self._give_up(job, f"the package file is damaged: {exc}")
+        except (Unreachable, OSError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, OSError) and exc.filename:
+                text = f"{exc.filename}: {text}"
+            return await self._retry_or_fail(job, text)
+        if job.job_type == SWD:
+            what = f"SWD package {job.pkg_id} version {job.version}"
+        else:
+            what = f"site recovery package of site {job.pkg_id} (request {job.version})"
+        self.say(f"~Finished sending {what} to site {job.dest_site}")
+        await self.db.tx(_complete, job_id)
+        self.say("~Sending completed successfully")
+        return Outcome.DONE
+
+    @staticmethod
+    def _check(instr: Instruction, job: SchedulerJob) -> None:
+        mine = (job.name, job.job_type, job.dest_site, job.pkg_id, job.version)
+        theirs = (instr.job, instr.job_type, instr.dest_site, instr.package_id, instr.version)
+        if mine != theirs or (instr.file_size, instr.file_hash) != (job.file_size, job.file_hash):
+            raise ValueError("it does not describe the job in the job source")
+
+    async def _deliver(self, source: Path, d: Delivery, job: SchedulerJob, data: bytes) -> None:
+        if os.path.lexists(d.ins):
+            return  # the INS is written last: the delivery was made before a crash
+        if not await self.in_thread(package_file_ok, d.pkg, job.file_size, job.file_hash):
+            if os.path.lexists(d.pkg):
+                await self.in_thread(remove_path, d.pkg)
+            for attempt in range(2):
+                offset = await self.in_thread(resume_offset, d, job.file_size)
+                if offset:
+                    self.say(f"~Resuming sending [{self.show(d.part)}] from byte {offset}")
+                ok = await self.in_thread(
+                    copy_resumable, source, d, job.file_size, job.file_hash, offset
+                )
+                if ok:
+                    break
+                if offset == 0 or attempt == 1:
+                    # A fresh copy does not match: this site's package file changed.
+                    await self.in_thread(self._source_check, source, job)
+                    raise OSError(errno.EIO, "the copy does not match its hash", str(d.part))
+                self.say(
+                    f"~The partly sent file {self.show(d.part)} is damaged (its SHA-256 does "
+                    "not match); sending it again from the start.",
+                    level="warning",
+                )
+        crashpoint("sender.before_ins")
+        write_atomic(d.ins, data)
+
+    @staticmethod
+    def _source_check(source: Path, job: SchedulerJob) -> None:
+        try:
+            verify_package_file(source, job.file_size, job.file_hash)
+        except DamagedPackage as exc:
+            raise SourceDamaged(str(exc)) from None
+
+    async def _retry_or_fail(self, job: SchedulerJob, error: str) -> Outcome:
+        retries = self.config.replication.sender_retries
+        delay = self.config.replication.sender_retry_delay
+        attempts = await self.db.tx(_attempted, job.job_id, error)
+        if attempts <= retries:
+            self.say(
+                f"~Cannot send to site {job.dest_site}: {error}. Will retry in {delay:g} seconds "
+                f"(attempt {attempts} of {retries + 1})",
+                level="warning",
+            )
+            return Outcome.RETRY
+        self.say(
+            f"~Cannot send to site {job.dest_site}: {error}. Giving up after {attempts} attempts.",
+            level="warning",
+        )
+        return await self._give_up(job, f"Cannot send to site {job.dest_site}: {error}")
+
+    async def _give_up(self, job: SchedulerJob, error: str) -> Outcome:
+        await self.db.tx(fail_job, job, error)
+        if job.job_type == SWD:
+            consequence = (
+                f"Content replication of package {job.pkg_id} version {job.version} to site "
+                f"{job.dest_site} failed (CONTENT_REPLICATION_FAILED). Fix the cause, then run "
+                "RetryContentReplication (`cmlab retry-replication`)."
+            )
+        else:
+            consequence = f"The recovery of site {job.pkg_id} was not sent."
+        self.say(f"ERROR: Job {job.name} failed: {error}. {consequence}", level="error")
+        return Outcome.DONE
+
+
+def _attempted(conn: sqlite3.Connection, job_id: int, error: str) -> int:
+    conn.execute(
+        "UPDATE SchedulerJobs SET Attempts = Attempts + 1, LastError = ?, "
+        "Updated = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE JobID = ?",
+        (error, job_id),
+    )
+    row = conn.execute("SELECT Attempts FROM SchedulerJobs WHERE JobID = ?", (job_id,)).fetchone()
+    return int(row[0])
+
+
+def _complete(conn: sqlite3.Connection, job_id: int) -> None:
+    conn.execute(
+        "UPDATE SchedulerJobs SET State = 'Complete', "
+        "Updated = strftime('%Y-%m-%d %H:%M:%f', 'now') "
+        "WHERE JobID = ? AND State NOT IN ('Complete', 'Failed')",
+        (job_id,),
+    )

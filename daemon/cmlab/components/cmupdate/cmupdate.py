@@ -25,7 +25,7 @@ from cmlab.site.component import SiteContext
 from cmlab.site.content_library import ContentLibrary
 from cmlab.site.formats.update_map import UpdateMap, decode_update_map, parse_update_map
 from cmlab.site.inbox import Outcome
-from cmlab.site.prereq.checker import PrereqContext, RuleResult, Status, run_prereq_checks
+from cmlab.site.prereq import PrereqContext, RuleResult, Status, run_prereq_checks
 from cmlab.site.prereq.facts import DEFAULT_FACTS, validate_facts
 from cmlab.site.sitedb import servicing
 from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStage

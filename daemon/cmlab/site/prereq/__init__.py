@@ -4,13 +4,8 @@ CMUpdate calls `run_prereq_checks`; site.toml `[facts]` describe the emulated en
 See docs/prereq.md.
 """
 
-from cmlab.site.prereq.checker import (
-    PrereqContext,
-    PrereqOutcome,
-    RuleResult,
-    Status,
-    run_prereq_checks,
-)
+from cmlab.site.prereq.checker import run_prereq_checks
+from cmlab.site.prereq.context import PrereqContext, PrereqOutcome, RuleResult, Status
 from cmlab.site.prereq.facts import DEFAULT_FACTS, FACT_DOCS, validate_facts
 
 __all__ = [

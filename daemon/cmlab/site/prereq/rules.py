@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cmlab.site.prereq.checker import PrereqContext, Status
+from cmlab.site.prereq.context import PrereqContext, Status
 from cmlab.site.prereq.facts import OS_RE, parse_version
 
 Finding = tuple[Status, str]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import write_atomic
-from cmlab.site.component import Component
+from cmlab.site.component import Component, SiteContext
 from cmlab.site.sitedb import triggers
 
 BATCH = 500
@@ -66,10 +67,11 @@ class SMSDBMon(Component):
     component = "SMS_DATABASE_NOTIFICATION_MONITOR"
     log_file = "SMSDBMon.log"
 
-    def __init__(self, *args: object, **kw: object) -> None:
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
-        self.wake = asyncio.Event()
-        self._observer: object | None = None
+    def __init__(self, ctx: SiteContext) -> None:
+        super().__init__(ctx)
+        # Not `self.wake`: that name is Component.wake(), the sweeps' re-drop of a lost file.
+        self._changed = asyncio.Event()
+        self._observer: BaseObserver | None = None
 
     async def start(self) -> None:
         defs = await self.db.tx(triggers.install_triggers, self.config.site_code)
@@ -83,17 +85,17 @@ class SMSDBMon(Component):
                 )
         loop = asyncio.get_running_loop()
         observer = Observer()
-        observer.schedule(_WalWatcher(loop, self.wake), os.fspath(self.paths.db_dir))
+        observer.schedule(_WalWatcher(loop, self._changed), os.fspath(self.paths.db_dir))
         observer.start()
         self._observer = observer
-        self.wake.set()
+        self._changed.set()
         self.spawn(self._run(), "drain")
 
     async def stop(self) -> None:
         await super().stop()
         if self._observer is not None:
-            self._observer.stop()  # type: ignore[attr-defined]
-            await asyncio.to_thread(self._observer.join, 2.0)  # type: ignore[attr-defined]
+            self._observer.stop()
+            await asyncio.to_thread(self._observer.join, 2.0)
 
     async def _run(self) -> None:
         poll = self.config.intervals.smsdbmon_poll or 1.0
@@ -102,8 +104,8 @@ class SMSDBMon(Component):
             # the wake-up completes, and this loop would then outlive the daemon's stop.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(poll):
-                    await self.wake.wait()
-            self.wake.clear()
+                    await self._changed.wait()
+            self._changed.clear()
             while True:
                 try:
                     handled = await self.drain_once()

@@ -25,6 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmlab.core.errors import WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     READ,
@@ -57,11 +58,11 @@ SRQ_MAX = 1024
 RECEIVE = ("inboxes", "despoolr.box", "receive")
 
 
-class Unreachable(Exception):
+class Unreachable(WorkFailed):
     """The destination cannot be written now; a later attempt may succeed."""
 
 
-class SourceDamaged(Exception):
+class SourceDamaged(WorkFailed):
     """This site's own package file is not what the job says: resending cannot help."""
 
 

@@ -19,6 +19,7 @@ Interface:
   READ, WRITE_NEW, DIR             flag sets for open_nofollow (a flag an OS lacks counts 0)
   open_nofollow(path, flags, mode=0o644, *, dir_fd=None) -> int
   read_regular_file(path, limit) -> bytes;  read_regular_file_stat(...) -> (bytes, stat)
+                                   (UnsafeFile for a link, a special file, over `limit`)
   copy_hashing(src, dst, limit=None, *, hash_all, resume, fsync, on_chunk) -> Copied
   TMP_PREFIX, tmp_name_for, make_tmp_dir, is_stale_tmp, remove_stale_tmp, remove_path
   fsync_dir, write_atomic, atomic_output, move_durable, put_in_place,
@@ -39,6 +40,8 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
+
+from cmlab.core.errors import UnsafeFile
 
 __all__ = [
     "DIR",
@@ -309,8 +312,9 @@ def copy_file_durable(source: Path, dest: Path) -> None:
 
 def read_regular_file(path: Path, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes, never read through a symbolic
-    link (files other sites drop are not trusted to be what their names say). ValueError says
-    why not: a link, not a regular file, or larger than `limit`; other OSErrors pass."""
+    link (files other sites drop are not trusted to be what their names say). UnsafeFile (a
+    BadInput, and a ValueError) says why not: a link, not a regular file, or larger than
+    `limit`; other OSErrors pass."""
     return read_regular_file_stat(path, limit)[0]
 
 
@@ -321,12 +325,12 @@ def read_regular_file_stat(path: Path, limit: int) -> tuple[bytes, os.stat_resul
         fd = open_nofollow(path, READ)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ValueError(f"{path.name}: is a symbolic link; not followed") from None
+            raise UnsafeFile(f"{path.name}: is a symbolic link; not followed") from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path.name}: not a regular file")
+            raise UnsafeFile(f"{path.name}: not a regular file")
         chunks: list[bytes] = []
         total = 0
         while total <= limit and (chunk := os.read(fd, limit + 1 - total)):
@@ -335,7 +339,7 @@ def read_regular_file_stat(path: Path, limit: int) -> tuple[bytes, os.stat_resul
     finally:
         os.close(fd)
     if total > limit:
-        raise ValueError(f"{path.name}: larger than {limit} bytes")
+        raise UnsafeFile(f"{path.name}: larger than {limit} bytes")
     return b"".join(chunks), st
 
 

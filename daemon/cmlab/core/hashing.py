@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from cmlab.core.errors import CabPathError, CmlabError
+from cmlab.core.errors import BadInput, CabPathError, UnsafeFile
 from cmlab.core.fs import READ, copy_hashing, open_nofollow
 
 __all__ = [
@@ -59,7 +59,7 @@ def _walk(root: Path, rel: bytes, records: list[tuple[bytes, bool]]) -> None:
     for child in children:
         name = os.fsencode(child.name)
         if b"\n" in name or b"\r" in name:
-            raise CmlabError(f"{child.path}: a name with a line break cannot be hashed")
+            raise BadInput(f"{child.path}: a name with a line break cannot be hashed")
         child_rel = rel + b"/" + name if rel else name
         st = child.stat(follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
@@ -69,7 +69,7 @@ def _walk(root: Path, rel: bytes, records: list[tuple[bytes, bool]]) -> None:
         elif stat.S_ISREG(st.st_mode):
             records.append((child_rel, True))
         else:
-            raise CmlabError(f"{child.path}: not a regular file or folder")
+            raise UnsafeFile(f"{child.path}: not a regular file or folder")
 
 
 def folder_records(path: Path) -> list[tuple[bytes, bool]]:
@@ -81,7 +81,7 @@ def folder_records(path: Path) -> list[tuple[bytes, bool]]:
     if stat.S_ISLNK(st.st_mode):
         raise CabPathError(f"{root}: is a symbolic link; not followed")
     if not stat.S_ISDIR(st.st_mode):
-        raise CmlabError(f"{root}: not a folder")
+        raise UnsafeFile(f"{root}: not a folder")
     records: list[tuple[bytes, bool]] = []
     _walk(root, b"", records)
     records.sort(key=lambda r: r[0])
@@ -120,7 +120,7 @@ def folder_hash(path: Path, *, exclude: frozenset[bytes] = frozenset()) -> str:
             fd = open_nofollow(os.path.join(root, os.fsdecode(rel)), READ)
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise CmlabError(f"{root / os.fsdecode(rel)}: changed while hashing")
+                    raise UnsafeFile(f"{root / os.fsdecode(rel)}: changed while hashing")
                 digest.update(_record(rel, sha256_fd(fd)))
             finally:
                 os.close(fd)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.commands.payload import MAP_ROOT, InstallStep, sample_binary, sample_build_number
-from cmlab.core.errors import CabPathError, CmlabError
+from cmlab.core.errors import CabPathError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     READ,
@@ -140,7 +140,7 @@ _SERVICE_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.(\d+)\.\d+$")
 
 
-class InstallStepError(CmlabError):
+class InstallStepError(WorkFailed):
     """An install step that failed; the message says what, and how to fix it. `step` is the
     install.map step (None when the failure is not tied to one, e.g. in finish())."""
 

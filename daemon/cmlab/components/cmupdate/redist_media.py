@@ -32,7 +32,7 @@ from cmlab.commands.payload import (
     REDIST_MANIFEST_XML,
     parse_redist_manifest,
 )
-from cmlab.core.errors import CabPathError, CmlabError
+from cmlab.core.errors import CabPathError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     DIR,
@@ -65,7 +65,7 @@ MAX_REDIST_MANIFEST = 16 * 1024 * 1024
 _CHUNK = 1024 * 1024
 
 
-class MediaError(CmlabError):
+class MediaError(WorkFailed):
     """The redist manifest or a media file cannot be trusted or repaired: an untrusted or
     malformed ConfigMgr.Manifest.cab, a link where a file should be, a redist missing from
     both paths, or a file whose hash does not match update.map and that no redist provides."""

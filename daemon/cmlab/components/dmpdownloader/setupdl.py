@@ -22,7 +22,7 @@ from cmlab.commands.payload import (
     RedistManifest,
     parse_redist_manifest,
 )
-from cmlab.core.errors import CabError, CmlabError, ManifestError
+from cmlab.core.errors import CabError, ManifestError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import copy_hashing, make_tmp_dir
 from cmlab.site.smslog import SmsLog
@@ -35,7 +35,7 @@ COMPONENT = "Configuration Manager Setup"
 MAX_MANIFEST_CAB = 16 * 1024 * 1024
 
 
-class RedistError(CmlabError):
+class RedistError(WorkFailed):
     """A redist or redist manifest could not be downloaded or failed verification. `bad` is the
     downloaded file that failed (to quarantine), if any."""
 

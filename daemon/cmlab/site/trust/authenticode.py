@@ -35,7 +35,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from cmlab.core.errors import CabError, CmlabError, SignatureFormatError
+from cmlab.core.errors import BadInput, CabError, SignatureFormatError
 from cmlab.core.fs import fsync_dir
 from cmlab.site.trust.cablayout import (
     CHUNK_SIZE,
@@ -95,11 +95,11 @@ _DECODE_ERRORS = (
 )
 
 
-class SigningError(CmlabError):
+class SigningError(BadInput):
     """A signer (key, certificate, digest) that cannot produce an Authenticode signature."""
 
 
-class TrustStoreError(CmlabError):
+class TrustStoreError(BadInput):
     """A trust-store PEM file that holds no usable certificate."""
 
 

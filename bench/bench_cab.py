@@ -508,12 +508,12 @@ def bench_extract(
         return time.perf_counter() - t0
 
     def run_cmlab_without_flush() -> float:
-        original = cabfiles._make_durable
-        cabfiles._make_durable = lambda *_args: None  # type: ignore[assignment]
+        original = cabfiles.make_durable
+        cabfiles.make_durable = lambda *_args: None  # type: ignore[assignment]
         try:
             return run_cmlab()
         finally:
-            cabfiles._make_durable = original  # type: ignore[assignment]
+            cabfiles.make_durable = original  # type: ignore[assignment]
 
     def run_cabextract(then_sync: bool = False) -> float:
         assert cabextract is not None

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cmlab.core import flush
 from cmlab.core.errors import ContentLibError
 from cmlab.core.fs import remove_stale_tmp
 from cmlab.core.hashing import folder_hash, sha256_bytes
-from cmlab.site import cab as cabfiles
 from cmlab.site.content_library import ContentLibrary, Snapshot
 from sites import temporaries
 
@@ -520,7 +520,7 @@ class Flushes:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, syncfs: bool) -> None:
         self.fsyncs = self.syncfs = 0
         self.per_inode: Counter[tuple[int, int]] = Counter()
-        real_fsync, real_syncfs = os.fsync, cabfiles._syncfs
+        real_fsync, real_syncfs = os.fsync, flush.syncfs
 
         def fsync(fd: int) -> None:
             st = os.fstat(fd)
@@ -535,7 +535,7 @@ class Flushes:
             return real_syncfs(fd)
 
         monkeypatch.setattr(os, "fsync", fsync)
-        monkeypatch.setattr(cabfiles, "_syncfs", flush_fs)
+        monkeypatch.setattr(flush, "syncfs", flush_fs)
 
     def take(self) -> tuple[int, int]:
         counts = (self.fsyncs, self.syncfs)
@@ -549,7 +549,7 @@ def test_a_store_flushes_once_per_phase_whatever_its_file_count(
 ) -> None:
     probe = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if not cabfiles._syncfs(probe):
+        if not flush.syncfs(probe):
             pytest.skip("no syncfs on this system (the fallback is tested below)")
     finally:
         os.close(probe)

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmlab.core.errors import CabPathError, CmlabError, ManifestError, UpdateMapError
-from cmlab.core.fs import tmp_name_for, write_atomic
+from cmlab.core.fs import WRITE_NEW, open_nofollow, put_in_place, tmp_name_for, write_atomic
 from cmlab.core.hashing import sha256_bytes, sha256_file
 from cmlab.core.safexml import parse_xml
-from cmlab.site.cab import _put_in_place, create_cab, normalize_member_name
+from cmlab.site.cab import create_cab, normalize_member_name
 from cmlab.site.formats.update_map import (
     MapComponent,
     MapDirectory,
@@ -458,7 +458,7 @@ def _walk_files(root: Path) -> list[tuple[str, Path]]:
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    fd = open_nofollow(path, WRITE_NEW)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -555,7 +555,7 @@ def build_payload_tree(src: Path, out_dir: Path, *, signer: Signer | None = None
         _cab_to({"update.map": text.encode("utf-8")}, tmp / UPDATE_MAP_CAB, signer)
         os.chmod(tmp, 0o755)
         final = out_dir / info.guid
-        _put_in_place(tmp, final)
+        put_in_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

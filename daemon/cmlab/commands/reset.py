@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import BadInput
 from cmlab.core.fs import remove_path
 from cmlab.site.config import SiteConfig, load_config
 from cmlab.site.formats.manifest import GUID_RE
@@ -132,7 +132,7 @@ class ResetReport:
         }
 
 
-class BadGuid(CmlabError):
+class BadGuid(BadInput):
     """The GUID argument is not a GUID (so it can never name a file outside its folder)."""
 
 

@@ -19,15 +19,23 @@ destination's folders: a site folder that is not there is not a site."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmlab.core.errors import WorkFailed
 from cmlab.core.failpoints import crashpoint
-from cmlab.core.fs import fsync_dir, read_regular_file, remove_path, write_atomic
+from cmlab.core.fs import (
+    READ,
+    copy_hashing,
+    fsync_dir,
+    open_nofollow,
+    read_regular_file,
+    remove_path,
+    write_atomic,
+)
 from cmlab.site.component import Component
 from cmlab.site.file_replication import (
     SWD,
@@ -47,16 +55,14 @@ from cmlab.site.inbox import BadInput, InboxSpec, Outcome
 from cmlab.site.sitedb import hierarchy
 
 SRQ_MAX = 1024
-CHUNK = 1024 * 1024
 RECEIVE = ("inboxes", "despoolr.box", "receive")
-_RDONLY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class Unreachable(Exception):
+class Unreachable(WorkFailed):
     """The destination cannot be written now; a later attempt may succeed."""
 
 
-class SourceDamaged(Exception):
+class SourceDamaged(WorkFailed):
     """This site's own package file is not what the job says: resending cannot help."""
 
 
@@ -149,36 +155,25 @@ def copy_resumable(source: Path, d: Delivery, size: int, sha256: str, offset: in
     True when it is the package (then renamed to ds_<jobid>.pkg, folder fsynced); False when
     the kept bytes were damaged (the part is removed: the caller sends again from byte 0).
     SourceDamaged when this site's package file is not `size` bytes long."""
-    digest = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    src = os.open(source, _RDONLY)
+    src = open_nofollow(source, READ)
     try:
         if os.fstat(src).st_size != size:
             raise SourceDamaged(f"{source.name} is {os.fstat(src).st_size} bytes, not {size}")
-        out = os.open(d.part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        out = open_nofollow(d.part, os.O_RDWR | os.O_CREAT)
         try:
             # The kept bytes count in the hash as they are, not as the source has them.
-            kept = 0
-            while kept < offset and (n := os.readv(out, [view[: min(CHUNK, offset - kept)]])):
-                digest.update(view[:n])
-                kept += n
-            os.ftruncate(out, kept)
-            os.lseek(out, kept, os.SEEK_SET)
-            os.lseek(src, kept, os.SEEK_SET)
-            with open(src, "rb", buffering=0, closefd=False) as f:
-                while n := f.readinto(buf):
-                    chunk = view[:n]
-                    digest.update(chunk)
-                    while chunk:
-                        chunk = chunk[os.write(out, chunk) :]
-                    crashpoint("sender.mid_copy")
-            os.fsync(out)
+            copied = copy_hashing(
+                src,
+                out,
+                resume=offset,
+                fsync=True,
+                on_chunk=lambda _n: crashpoint("sender.mid_copy"),
+            )
         finally:
             os.close(out)
     finally:
         os.close(src)
-    if digest.hexdigest().upper() != sha256.upper():
+    if copied.sha256 != sha256.upper():
         remove_path(d.part)
         fsync_dir(d.receive)
         return False

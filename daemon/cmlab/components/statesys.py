@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import BadInput
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.safexml import parse_xml
 from cmlab.site.component import Component
@@ -20,8 +20,8 @@ from cmlab.site.statecodes import DmpStateMessage
 MAX_SMX_BYTES = 64 * 1024
 
 
-class StateMessageError(CmlabError):
-    pass
+class StateMessageError(BadInput):
+    """A state message (.SMX) that cannot be parsed."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from cmlab.core.errors import CabPathError, CmlabError
+from cmlab.core.errors import BadInput, CabPathError, UnsafeFile
+from cmlab.core.fs import READ, copy_hashing, open_nofollow
 
 __all__ = [
     "EMPTY_SHA256",
@@ -21,37 +22,29 @@ __all__ = [
     "folder_hash_of_records",
     "folder_records",
     "sha256_bytes",
+    "sha256_fd",
     "sha256_file",
     "staging_hash",
 ]
 
 EMPTY_SHA256 = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"
 
-_CHUNK = 1024 * 1024
-_NOFOLLOW_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest().upper()
 
 
-def _sha256_fd(fd: int) -> str:
-    digest = hashlib.sha256()
-    # One reusable buffer: memory stays at 1 MiB whatever the file size, and hashlib
-    # releases the GIL while it digests each chunk.
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(fd, "rb", buffering=0, closefd=False) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest().upper()
+def sha256_fd(fd: int) -> str:
+    """SHA-256 of what is left to read from the descriptor `fd` (cmlab.core.fs.copy_hashing
+    with no destination: one reusable 1 MiB buffer whatever the file size)."""
+    return copy_hashing(fd, None).sha256
 
 
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file's content, streamed in 1 MiB chunks."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        return _sha256_fd(fd)
+        return sha256_fd(fd)
     finally:
         os.close(fd)
 
@@ -66,7 +59,7 @@ def _walk(root: Path, rel: bytes, records: list[tuple[bytes, bool]]) -> None:
     for child in children:
         name = os.fsencode(child.name)
         if b"\n" in name or b"\r" in name:
-            raise CmlabError(f"{child.path}: a name with a line break cannot be hashed")
+            raise BadInput(f"{child.path}: a name with a line break cannot be hashed")
         child_rel = rel + b"/" + name if rel else name
         st = child.stat(follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
@@ -76,7 +69,7 @@ def _walk(root: Path, rel: bytes, records: list[tuple[bytes, bool]]) -> None:
         elif stat.S_ISREG(st.st_mode):
             records.append((child_rel, True))
         else:
-            raise CmlabError(f"{child.path}: not a regular file or folder")
+            raise UnsafeFile(f"{child.path}: not a regular file or folder")
 
 
 def folder_records(path: Path) -> list[tuple[bytes, bool]]:
@@ -88,7 +81,7 @@ def folder_records(path: Path) -> list[tuple[bytes, bool]]:
     if stat.S_ISLNK(st.st_mode):
         raise CabPathError(f"{root}: is a symbolic link; not followed")
     if not stat.S_ISDIR(st.st_mode):
-        raise CmlabError(f"{root}: not a folder")
+        raise UnsafeFile(f"{root}: not a folder")
     records: list[tuple[bytes, bool]] = []
     _walk(root, b"", records)
     records.sort(key=lambda r: r[0])
@@ -124,14 +117,11 @@ def folder_hash(path: Path, *, exclude: frozenset[bytes] = frozenset()) -> str:
         if rel in exclude:
             continue
         if is_file:
-            fd = os.open(
-                os.path.join(root, os.fsdecode(rel)),
-                _NOFOLLOW_READ,
-            )
+            fd = open_nofollow(os.path.join(root, os.fsdecode(rel)), READ)
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise CmlabError(f"{root / os.fsdecode(rel)}: changed while hashing")
-                digest.update(_record(rel, _sha256_fd(fd)))
+                    raise UnsafeFile(f"{root / os.fsdecode(rel)}: changed while hashing")
+                digest.update(_record(rel, sha256_fd(fd)))
             finally:
                 os.close(fd)
         else:

@@ -26,14 +26,22 @@ import os
 import re
 import shutil
 import stat
-import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cmlab.core.errors import CabError, CabLimitError, CabPathError
-from cmlab.core.fs import make_tmp_dir, remove_path, tmp_name_for, write_atomic
+from cmlab.core.flush import make_durable, start_writeback
+from cmlab.core.fs import (
+    READ,
+    fsync_dir,
+    make_tmp_dir,
+    open_nofollow,
+    put_in_place,
+    remove_path,
+    write_atomic,
+)
 
 __all__ = [
     "CAB_MAX_DATA",
@@ -79,8 +87,6 @@ _HDR_PREV_CABINET = 0x01
 _HDR_NEXT_CABINET = 0x02
 _MAX_NAME_COMPONENT = 255
 _MAX_PATH = 4096
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_NOFOLLOW_READ = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 # ---------------------------------------------------------------------------------------
 # Names
@@ -492,7 +498,7 @@ def _open_cab(path: Path):  # type: ignore[no-untyped-def]
     """Open the cabinet without following a link; yields a validated reader."""
     display = str(path)
     try:
-        fd = os.open(path, _NOFOLLOW_READ)
+        fd = open_nofollow(path, READ)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CabPathError(f"{display}: is a symbolic link; not followed") from None
@@ -582,119 +588,12 @@ def _check_limits(members: list[_Member], limits: ExtractLimits, display: str) -
 # Filesystem helpers
 
 
-def _fsync_path(path: Path, *, directory: bool) -> None:
-    flags = os.O_RDONLY | _NOFOLLOW
-    if directory:
-        if os.name == "nt":
-            return  # Windows cannot open a folder for fsync; NTFS journals renames itself
-        flags |= os.O_DIRECTORY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _put_in_place(new: Path, dest: Path) -> None:
-    """Move `new` to `dest`, replacing whatever is there only once `new` is complete."""
-    try:
-        st = os.lstat(dest)
-    except FileNotFoundError:
-        os.rename(new, dest)
-        return
-    if not stat.S_ISDIR(st.st_mode) and not os.path.isdir(new):
-        os.replace(new, dest)  # file over file (or link): atomic
-        return
-    aside = tmp_name_for(dest, "old")
-    os.rename(dest, aside)
-    try:
-        os.rename(new, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.rename(aside, dest)
-        raise
-    _fsync_path(dest.parent, directory=True)
-    remove_path(aside)
-
-
 def _set_mtime(path: Path, when: tuple[int, ...]) -> None:
     try:
         stamp = dt.datetime(*when, tzinfo=dt.UTC).timestamp()  # type: ignore[misc]
     except (ValueError, TypeError, OverflowError):
         return  # an impossible date in the header: keep the extraction time
     os.utime(path, (stamp, stamp), follow_symlinks=False)
-
-
-_syncfs_fn: Callable[[int], int] | None = None
-_syncfs_probed = False
-
-
-def _syncfs(fd: int) -> bool:
-    """Flush the whole filesystem holding `fd` (Linux syncfs); False where unavailable."""
-    global _syncfs_fn, _syncfs_probed
-    if not _syncfs_probed:
-        _syncfs_probed = True
-        if os.name == "posix":
-            with contextlib.suppress(OSError, AttributeError):
-                fn = ctypes.CDLL(None, use_errno=True).syncfs
-                fn.argtypes = [ctypes.c_int]
-                fn.restype = ctypes.c_int
-                _syncfs_fn = fn
-    if _syncfs_fn is None:
-        return False
-    if _syncfs_fn(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syncfs failed: {os.strerror(err)}")
-    return True
-
-
-_sfr_fn: Callable[[int, int, int, int], int] | None = None
-_sfr_probed = False
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(path: Path) -> None:
-    """Ask the kernel to start writing `path` out now, without waiting (Linux
-    sync_file_range). The final syncfs then finds little left to flush, instead of flushing
-    the whole payload at the end (7-15% of a 256 MB extraction, measured in bench_cab)."""
-    global _sfr_fn, _sfr_probed
-    if not _sfr_probed:
-        _sfr_probed = True
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                _sfr_fn = fn
-    if _sfr_fn is None:
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return
-    try:
-        _sfr_fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # advisory: durability comes from syncfs
-    finally:
-        os.close(fd)
-
-
-def _make_durable(root: Path, files: list[Path], folders: list[Path]) -> None:
-    """Get every extracted file and folder to disk before the tree is renamed into place.
-
-    One syncfs covers them all; fsyncing thousands of small files one by one costs a
-    journal commit each (5,000 files: 0.1 s against 1.9 s on ext4).
-    """
-    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        if _syncfs(fd):
-            return
-    finally:
-        os.close(fd)
-    for file in files:
-        _fsync_path(file, directory=False)
-    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
-        _fsync_path(folder, directory=True)
-    _fsync_path(root, directory=True)
 
 
 def _extract_tree(
@@ -722,10 +621,10 @@ def _extract_tree(
         if not stat.S_ISREG(st.st_mode) or st.st_size != m.size:
             raise CabError(f"{m.name!r}: extracted {st.st_size} bytes, header says {m.size}")
         _set_mtime(out, m.when)
-        _start_writeback(out)
+        start_writeback(out)
         if on_file is not None:
             on_file(entries[m.index])
-    _make_durable(root, written, list(made.values()))
+    make_durable(root, written, list(made.values()))
     return entries
 
 
@@ -771,8 +670,8 @@ def extract_cab(
         try:
             entries = _extract_tree(reader, tmp, on_file)
             os.chmod(tmp, 0o755)
-            _put_in_place(tmp, dest)
-            _fsync_path(dest.parent, directory=True)
+            put_in_place(tmp, dest)
+            fsync_dir(dest.parent)
         except BaseException:
             remove_path(tmp)
             raise
@@ -804,8 +703,8 @@ def extract_cab_into(
             for entry in entries:
                 tops.setdefault(entry.path.split("/", 1)[0])
             for top in tops:
-                _put_in_place(tmp / top, dest_dir / top)
-            _fsync_path(dest_dir, directory=True)
+                put_in_place(tmp / top, dest_dir / top)
+            fsync_dir(dest_dir)
         finally:
             remove_path(tmp)
     return entries
@@ -822,7 +721,7 @@ def _source_date() -> dt.datetime:
 
 
 def _read_source(src: Path) -> bytes:
-    fd = os.open(src, _NOFOLLOW_READ)
+    fd = open_nofollow(src, READ)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise CabError(f"{src}: not a regular file")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import stat
@@ -32,9 +31,20 @@ from pathlib import Path
 
 from cmlab.core.errors import CmlabError, ContentLibError
 from cmlab.core.failpoints import crashpoint
-from cmlab.core.fs import fsync_dir, make_tmp_dir, remove_path, tmp_name_for, write_atomic
+from cmlab.core.flush import make_durable, start_writeback
+from cmlab.core.fs import (
+    DIR,
+    READ,
+    WRITE_NEW,
+    copy_hashing,
+    fsync_dir,
+    make_tmp_dir,
+    open_nofollow,
+    remove_path,
+    tmp_name_for,
+    write_atomic,
+)
 from cmlab.core.hashing import folder_hash, folder_hash_of_records, folder_records
-from cmlab.site.cab import _make_durable, _start_writeback
 
 __all__ = ["PKG_ID_RE", "ContentLibrary", "Snapshot"]
 
@@ -43,17 +53,14 @@ _HASH_RE = re.compile(r"[0-9A-F]{64}")
 _CONTENT_ID_RE = re.compile(r"([A-Z0-9]{3}[0-9A-F]{5})\.([1-9][0-9]{0,9})")
 _SIZE_RE = re.compile(r"[0-9]{1,19}")
 _MAX_VERSION = 2**31 - 1  # a SQL int, as SMSPackages.SourceVersion
-_CHUNK = 1024 * 1024
 # Files from this size on are handed to the kernel's writeback as soon as they are written
-# (cabfiles._start_writeback), so the phase's flush finds little left: 200 MB in five files
+# (cmlab.core.flush.start_writeback), so the phase's flush finds little left: 200 MB in five files
 # stored 13-15% faster (extraction: within the noise). Below it, the extra open costs more
 # than it saves (the 24-file sample stored 2-3 ms slower with it).
-_WRITEBACK_MIN = _CHUNK
+_WRITEBACK_MIN = 1024 * 1024
 _INI_MAX = 1024 * 1024  # library INIs are a few lines; a Links list of 60,000 versions fits
 _DEF = b".INI"  # a DataLib tree describes file <name> in <name>.INI
 _NAME_MAX = 255
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,7 @@ def _render_ini(section: str, items: list[tuple[str, str]]) -> bytes:
 
 def _read_small(path: Path | str) -> bytes | None:
     try:
-        fd = os.open(path, _READ)
+        fd = open_nofollow(path, READ)
     except FileNotFoundError:
         return None
     except OSError as exc:  # ELOOP: a symbolic link where a definition should be
@@ -182,42 +189,9 @@ def _hash_value(path: Path | str, value: str) -> str:
     return value
 
 
-# ---------------------------------------------------------------------------------------
-# Byte streaming
-
-
-def _stream(
-    src: int,
-    dst: int | None,
-    on_bytes: Callable[[int], None] | None = None,
-    *,
-    limit: int | None = None,
-) -> tuple[str, int]:
-    """Copy `src` to `dst` (or only read it) in 1 MiB chunks; SHA-256 and size of what was
-    read, i.e. of exactly the bytes written. One reusable buffer: memory does not grow with
-    the file, and hashlib releases the GIL on each chunk. Past `limit` bytes it stops (the
-    size then tells the caller the data is not what was expected): a tampered blob cannot
-    fill the disk."""
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    total = 0
-    with open(src, "rb", buffering=0, closefd=False) as f:
-        while (limit is None or total <= limit) and (n := f.readinto(buf)):
-            chunk = view[:n]
-            digest.update(chunk)
-            if dst is not None:
-                while chunk:
-                    chunk = chunk[os.write(dst, chunk) :]
-            total += n
-            if on_bytes is not None:
-                on_bytes(n)
-    return digest.hexdigest().upper(), total
-
-
 def _write_new(path: Path, data: bytes) -> None:
     """Create `path` with `data`; not flushed (the caller's batch flush does that)."""
-    fd = os.open(path, _CREATE, 0o644)
+    fd = open_nofollow(path, WRITE_NEW)
     try:
         view = memoryview(data)
         while view:
@@ -398,7 +372,7 @@ class ContentLibrary:
         assert entry.sha is not None
         blob = self._blob(entry.sha)
         try:
-            fd = os.open(blob, _READ)
+            fd = open_nofollow(blob, READ)
         except FileNotFoundError:
             raise ContentLibError(
                 f"{info.content_id}: {_show(entry.rel)}: its FileLib data {blob} is missing"
@@ -435,7 +409,7 @@ class ContentLibrary:
                 continue
             fd = self._open_blob(info, entry)
             try:
-                sha, size = _stream(fd, None, limit=entry.size)
+                sha, size = copy_hashing(fd, None, entry.size)
             finally:
                 os.close(fd)
             self._check_blob(info, entry, sha, size)
@@ -487,20 +461,20 @@ class ContentLibrary:
                 os.makedirs(target.parent, exist_ok=True)
                 fd = self._open_blob(info, entry)
                 try:
-                    out = os.open(target, _CREATE, 0o644)
+                    out = open_nofollow(target, WRITE_NEW)
                     try:
-                        sha, size = _stream(fd, out, advance, limit=entry.size)
+                        sha, size = copy_hashing(fd, out, entry.size, on_chunk=advance)
                     finally:
                         os.close(out)
                 finally:
                     os.close(fd)
                 self._check_blob(info, entry, sha, size)
                 if size >= _WRITEBACK_MIN:
-                    _start_writeback(target)
+                    start_writeback(target)
                 written.append(target)
             os.chmod(tmp, 0o755)  # make_tmp_dir's 0700 is for the building only
             # One flush for the whole copy before it appears under its name.
-            _make_durable(
+            make_durable(
                 tmp, written, _folders_of(tmp, ((e.rel, e.sha is not None) for e in entries))
             )
             if os.path.lexists(dest):
@@ -523,7 +497,7 @@ class ContentLibrary:
             if not folder.is_dir():
                 folder.mkdir(exist_ok=True)
                 fsync_dir(self.root)
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(self.root, DIR)  # a link to the library folder is followed
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -616,7 +590,7 @@ class ContentLibrary:
             os.chmod(tree, 0o755)
             # Flush 1: the new data (at its temporary names), every Links file naming this
             # version, the data it reuses, the DataLib tree.
-            _make_durable(
+            make_durable(
                 self.filelib,
                 [*batch.new.values(), *batch.files],
                 [*batch.folders, *_folders_of(tree, records), tree],
@@ -644,7 +618,7 @@ class ContentLibrary:
         `batch.new` for _copy_in to rename into place after the flush."""
         path = source / _show(rel)
         try:
-            src = os.open(path, _READ)
+            src = open_nofollow(path, READ)
         except OSError as exc:
             raise ContentLibError(f"{path}: cannot be read ({exc.strerror})") from exc
         tmp = tmp_name_for(self.filelib / content_id, "blob")
@@ -652,9 +626,9 @@ class ContentLibrary:
         try:
             if not stat.S_ISREG(os.fstat(src).st_mode):
                 raise ContentLibError(f"{path}: no longer a regular file")
-            out = os.open(tmp, _CREATE, 0o644)
+            out = open_nofollow(tmp, WRITE_NEW)
             try:
-                sha, size = _stream(src, out)
+                sha, size = copy_hashing(src, out)
             finally:
                 os.close(out)
             if sha in batch.seen:
@@ -672,7 +646,7 @@ class ContentLibrary:
                 batch.files.append(blob)  # reused; flushed too, in case a crash left it dirty
             else:
                 if size >= _WRITEBACK_MIN:
-                    _start_writeback(tmp)
+                    start_writeback(tmp)
                 batch.new[sha] = tmp
                 kept = True
             batch.seen.add(sha)
@@ -686,7 +660,7 @@ class ContentLibrary:
     @staticmethod
     def _blob_is(blob: Path, sha: str, size: int) -> bool:
         try:
-            fd = os.open(blob, _READ)
+            fd = open_nofollow(blob, READ)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -697,7 +671,7 @@ class ContentLibrary:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ContentLibError(f"{blob}: FileLib data is not a regular file")
-            return st.st_size == size and _stream(fd, None) == (sha, size)
+            return st.st_size == size and copy_hashing(fd, None) == (sha, size)
         finally:
             os.close(fd)
 
@@ -741,7 +715,7 @@ class ContentLibrary:
         os.rename(tree, final)
         # Flush 2: every rename so far (data into FileLib, the tree into DataLib) is on disk
         # before the definition can be.
-        _make_durable(self.datalib, [], [*filelib_folders, self.filelib])
+        make_durable(self.datalib, [], [*filelib_folders, self.filelib])
         crashpoint("contentlib.after_tree")
         write_atomic(
             definition,

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.core.errors import CmlabError
-from cmlab.core.fs import make_tmp_dir, read_regular_file, remove_path
-from cmlab.core.hashing import _sha256_fd, folder_records
+from cmlab.core.fs import READ, make_tmp_dir, open_nofollow, read_regular_file, remove_path
+from cmlab.core.hashing import folder_records, sha256_fd
 from cmlab.core.strictjson import strict_loads
 from cmlab.site.cab import DEFAULT_CAB_MTIME, create_cab
 from cmlab.site.content_library import ContentLibrary
@@ -101,7 +101,6 @@ _KEYS = (
     "ContentHash",
 )
 _RECOVERY_KEYS = ("Build", "Version", "FullVersion", "InstalledUpdates")
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class DamagedPackage(BadInput):
@@ -374,7 +373,7 @@ def build_instruction(instr: Instruction) -> bytes:
 
 def _open_regular(path: Path) -> tuple[int, os.stat_result]:
     try:
-        fd = os.open(path, _READ)
+        fd = open_nofollow(path, READ)
     except FileNotFoundError:
         raise DamagedPackage(f"{path.name}: the package file is missing") from None
     except OSError as exc:
@@ -397,7 +396,7 @@ def verify_package_file(path: Path, size: int, sha256: str) -> None:
             raise DamagedPackage(
                 f"{Path(path).name}: {st.st_size} bytes, the instruction says {size}"
             )
-        digest = _sha256_fd(fd)
+        digest = sha256_fd(fd)
     finally:
         os.close(fd)
     if digest != sha256.upper():
@@ -417,7 +416,7 @@ def package_file_ok(path: Path, size: int, sha256: str) -> bool:
 def file_digest(path: Path) -> PackageFile:
     fd, st = _open_regular(path)
     try:
-        return PackageFile(path=path, size=st.st_size, sha256=_sha256_fd(fd))
+        return PackageFile(path=path, size=st.st_size, sha256=sha256_fd(fd))
     finally:
         os.close(fd)
 

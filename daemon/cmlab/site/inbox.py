@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+# BadInput is cmlab.core.errors' family of bad input, re-exported for the handlers.
+from cmlab.core.errors import BadInput as BadInput
 from cmlab.core.errors import CmlabError
 from cmlab.core.fs import remove_stale_tmp, write_atomic
 from cmlab.site.contract import matches_any
@@ -58,10 +60,6 @@ class Outcome(enum.Enum):
     # Leave the file as a marker (HMAN's <GUID>.CME stays while an update is in progress); it
     # is offered again only once it changes: re-dropped (a new inode) or touched.
     KEEP = "keep"
-
-
-class BadInput(CmlabError):
-    """Raised by a handler for a file that must go to BAD (the message is the reason)."""
 
 
 Handler = Callable[[Path], Awaitable[Outcome | None]]

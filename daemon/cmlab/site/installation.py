@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import os
 import re
@@ -41,17 +40,21 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.commands.payload import MAP_ROOT, InstallStep, sample_binary, sample_build_number
-from cmlab.core.errors import CabPathError, CmlabError
+from cmlab.core.errors import CabPathError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
+    READ,
+    WRITE_NEW,
+    copy_hashing,
     fsync_dir,
     make_tmp_dir,
+    open_nofollow,
     remove_path,
     remove_stale_tmp,
     tmp_name_for,
     write_atomic,
 )
-from cmlab.core.hashing import EMPTY_SHA256, sha256_bytes
+from cmlab.core.hashing import EMPTY_SHA256, sha256_bytes, sha256_fd
 from cmlab.site.cab import ExtractLimits, extract_cab, normalize_member_name
 from cmlab.site.formats.update_map import UpdateMap
 from cmlab.site.sitedb import connect, migrate, split_statements, transaction, triggers
@@ -126,12 +129,6 @@ ACTIONS = (
     "SSB_ON",
 )
 
-_CHUNK = 1024 * 1024
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-# O_NONBLOCK: a FIFO planted under a file's name must not hang the install.
-_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
 # The pre-upgrade scripts CAB holds a few SQL files; refuse anything absurd.
 _SCRIPTS_LIMITS = ExtractLimits(
     max_files=1000, max_file_size=16 * 1024 * 1024, max_total_size=64 * 1024 * 1024
@@ -143,7 +140,7 @@ _SERVICE_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.(\d+)\.\d+$")
 
 
-class InstallStepError(CmlabError):
+class InstallStepError(WorkFailed):
     """An install step that failed; the message says what, and how to fix it. `step` is the
     install.map step (None when the failure is not tied to one, e.g. in finish())."""
 
@@ -230,7 +227,7 @@ def _walk_dir(
 def _open_read(path: Path, show: Callable[[Path], str]) -> int | None:
     """A read descriptor of the regular file `path`; None if it does not exist."""
     try:
-        fd = os.open(path, _READ_FLAGS)
+        fd = open_nofollow(path, READ)  # READ: a planted FIFO must not hang the install
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -246,27 +243,14 @@ def _open_read(path: Path, show: Callable[[Path], str]) -> int | None:
     return fd
 
 
-def _hash_fd(fd: int) -> str:
-    digest = hashlib.sha256()
-    while chunk := os.read(fd, _CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest().upper()
-
-
 def _file_hash(path: Path, show: Callable[[Path], str]) -> str | None:
     fd = _open_read(path, show)
     if fd is None:
         return None
     try:
-        return _hash_fd(fd)
+        return sha256_fd(fd)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _copy_to_tmp(src_fd: int, dst: Path, kind: str, limit: int | None = None) -> tuple[Path, str]:
@@ -274,24 +258,16 @@ def _copy_to_tmp(src_fd: int, dst: Path, kind: str, limit: int | None = None) ->
     SHA-256 of everything read. At most `limit` bytes are written: a longer source cannot be
     the expected file and must not fill the disk."""
     tmp = tmp_name_for(dst, kind)
-    out = os.open(tmp, _WRITE_FLAGS, 0o644)
+    out = open_nofollow(tmp, WRITE_NEW)
     try:
-        digest = hashlib.sha256()
-        written = 0
-        while chunk := os.read(src_fd, _CHUNK):
-            digest.update(chunk)
-            keep = len(chunk) if limit is None else max(0, min(len(chunk), limit - written))
-            if keep:
-                _write_all(out, chunk[:keep])
-                written += keep
-        os.fsync(out)
+        sha256, _ = copy_hashing(src_fd, out, limit, hash_all=True, fsync=True)
     except BaseException:
         os.close(out)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     os.close(out)
-    return tmp, digest.hexdigest().upper()
+    return tmp, sha256
 
 
 def _sweep(folder: Path) -> None:
@@ -1072,9 +1048,8 @@ class SiteInstaller:
         if fd is None:
             raise InstallStepError(f"the site control file {self.show(path)} vanished; retry")
         try:
-            data = b""
-            while chunk := os.read(fd, _CHUNK):
-                data += chunk
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read()
         finally:
             os.close(fd)
         text = data.decode("utf-8", "replace")
@@ -1335,7 +1310,7 @@ class SiteInstaller:
                 if fd is None:
                     continue
                 try:
-                    if _file_hash(dst, self.show) == _hash_fd(fd):
+                    if _file_hash(dst, self.show) == sha256_fd(fd):
                         continue
                     os.lseek(fd, 0, os.SEEK_SET)
                     tmp, _ = _copy_to_tmp(fd, dst, "restore")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmlab.components.cmupdate.install import InstallationHandlers, build_of, continues_to_install
-from cmlab.core.errors import CmlabError, PrereqError
+from cmlab.core.errors import CmlabError, PrereqError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import remove_path
 from cmlab.core.hashing import sha256_file, staging_hash
@@ -44,7 +44,7 @@ RESULT_STATES = {
 }
 
 
-class StageFailed(CmlabError):
+class StageFailed(WorkFailed):
     """The update cannot be checked: the reason goes to the log and the prerequisite table."""
 
     def __init__(self, rule: str, message: str) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from cmlab.commands.payload import INSTALL_MAP, InstallStep, parse_install_map, sample_build_number
 from cmlab.components.cmupdate.redist_media import MediaError, check_media, process_redists
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     atomic_output,
@@ -76,7 +76,7 @@ INSTALLING = frozenset(
 )
 
 
-class InstallFailed(CmlabError):
+class InstallFailed(WorkFailed):
     """The installation cannot go on; `state` is INSTALL_FAILED or INSTALL_CMU_FAILED."""
 
     def __init__(self, message: str, state: PackageState = S.INSTALL_FAILED) -> None:

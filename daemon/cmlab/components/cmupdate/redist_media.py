@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -33,9 +32,18 @@ from cmlab.commands.payload import (
     REDIST_MANIFEST_XML,
     parse_redist_manifest,
 )
-from cmlab.core.errors import CabPathError, CmlabError
+from cmlab.core.errors import CabPathError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
-from cmlab.core.fs import is_stale_tmp, tmp_name_for
+from cmlab.core.fs import (
+    DIR,
+    READ,
+    WRITE_NEW,
+    copy_hashing,
+    is_stale_tmp,
+    open_nofollow,
+    tmp_name_for,
+)
+from cmlab.core.hashing import sha256_fd
 from cmlab.site.cab import ExtractLimits, extract_cab_into, list_cab, normalize_member_name
 from cmlab.site.formats.update_map import MapComponent, UpdateMap
 from cmlab.site.trust import TrustStore, verify_cab
@@ -55,15 +63,9 @@ REDIST_FOLDER = "redist"
 # ConfigMgr.Manifest.cab and the XML inside it are a few KB; refuse anything absurd.
 MAX_REDIST_MANIFEST = 16 * 1024 * 1024
 _CHUNK = 1024 * 1024
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW | _O_CLOEXEC
-# O_NONBLOCK: opening a FIFO planted under a placeholder's name must not hang the install.
-_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
 
 
-class MediaError(CmlabError):
+class MediaError(WorkFailed):
     """The redist manifest or a media file cannot be trusted or repaired: an untrusted or
     malformed ConfigMgr.Manifest.cab, a link where a file should be, a redist missing from
     both paths, or a file whose hash does not match update.map and that no redist provides."""
@@ -133,7 +135,7 @@ def _open_dir(root: Path, parts: Sequence[str]) -> int:
     FileNotFoundError if a component is missing; MediaError if one is a link or not a folder.
     """
     try:
-        fd = os.open(root, _DIR_FLAGS)
+        fd = open_nofollow(root, DIR)
     except OSError as exc:
         if _is_link_error(exc):
             raise MediaError(f"{root} is a symbolic link or not a folder; not followed") from None
@@ -141,7 +143,7 @@ def _open_dir(root: Path, parts: Sequence[str]) -> int:
     try:
         for i, part in enumerate(parts):
             try:
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                child = open_nofollow(part, DIR, dir_fd=fd)
             except OSError as exc:
                 if _is_link_error(exc):
                     where = root.joinpath(*parts[: i + 1])
@@ -169,7 +171,7 @@ def _open_file(dir_fd: int, name: str, where: str) -> int | None:
     if not stat.S_ISREG(st.st_mode):
         raise MediaError(f"{where} is not a regular file")
     try:
-        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+        fd = open_nofollow(name, READ, dir_fd=dir_fd)  # READ: a planted FIFO cannot hang
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -191,42 +193,10 @@ def _closing(fd: int | None) -> Iterator[int | None]:
             os.close(fd)
 
 
-def _hash_fd(fd: int) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    os.lseek(fd, 0, os.SEEK_SET)
-    while n := os.readv(fd, [buf]):
-        digest.update(view[:n])
-    return digest.hexdigest().upper()
-
-
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         written = os.write(fd, data)
         data = data[written:]
-
-
-def _copy_hashing(src: int, dir_fd: int, tmp_name: str, limit: int) -> str:
-    """Copy `src` to the new file `tmp_name` in `dir_fd` (at most `limit` bytes are written:
-    a longer source cannot be the expected file, and must not fill the disk), fsync it, and
-    return the SHA-256 of the whole source."""
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    out = os.open(tmp_name, _WRITE_FLAGS, 0o644, dir_fd=dir_fd)
-    try:
-        written = 0
-        while n := os.readv(src, [buf]):
-            digest.update(view[:n])
-            keep = max(0, min(n, limit - written))
-            if keep:
-                _write_all(out, view[:keep])
-                written += keep
-        os.fsync(out)
-    finally:
-        os.close(out)
-    return digest.hexdigest().upper()
 
 
 def _sweep_stale(dir_fd: int) -> None:
@@ -301,7 +271,7 @@ def process_redists(
                 raise MediaError(f"the redist manifest {show(cab)} does not exist")
             with _closing(src):
                 data = _read_capped(src, MAX_REDIST_MANIFEST, show(cab))
-        fd = os.open(copy, _WRITE_FLAGS, 0o600)
+        fd = open_nofollow(copy, WRITE_NEW, 0o600)
         try:
             _write_all(fd, memoryview(data))
         finally:
@@ -323,7 +293,7 @@ def process_redists(
         extract_cab_into(copy, tmp_dir, limits=limits)
         xml_path = tmp_dir / members[0].path
         say(f"INFO: Extracted file {show(xml_path)}")
-        xml_fd = os.open(xml_path, _READ_FLAGS)
+        xml_fd = open_nofollow(xml_path, READ)
         with _closing(xml_fd):
             manifest = parse_redist_manifest(
                 _read_capped(xml_fd, MAX_REDIST_MANIFEST, str(xml_path))
@@ -412,7 +382,7 @@ class _Checker:
         if fd is None:
             return None
         with _closing(fd):
-            return _hash_fd(fd)
+            return sha256_fd(fd)
 
     def replace(
         self,
@@ -453,7 +423,13 @@ class _Checker:
                 # Copy first, then judge the bytes copied: what is checked is what lands.
                 tmp = tmp_name_for(Path(name), "redist").name
                 try:
-                    got = _copy_hashing(src, dir_fd, tmp, size)
+                    # At most `size` bytes land (a longer source must not fill the disk);
+                    # the hash is the whole source's, as the log line shows it.
+                    out = open_nofollow(tmp, WRITE_NEW, dir_fd=dir_fd)
+                    try:
+                        got = copy_hashing(src, out, size, hash_all=True, fsync=True).sha256
+                    finally:
+                        os.close(out)
                     self.say(f"INFO: Verifying hash for file '{shown}'")
                     if got != expected:
                         self.say(f"Expected hash:{expected}, Actual hash:{got}")
@@ -476,9 +452,9 @@ class _Checker:
                     )
                     self.say(f"This file {shown} will be copied from redist.")
                     crashpoint("redistmedia.after_copy")
-                    check = os.open(tmp, _READ_FLAGS, dir_fd=dir_fd)
+                    check = open_nofollow(tmp, READ, dir_fd=dir_fd)
                     with _closing(check):
-                        copied = _hash_fd(check)
+                        copied = sha256_fd(check)
                     if copied != expected:
                         raise MediaError(
                             f"the copy of {self.show(redist)} over {self.show(staged)} has hash "
@@ -523,7 +499,7 @@ class _Checker:
             if fd is None:
                 return False
             with _closing(fd):
-                if _hash_fd(fd) != expected:
+                if sha256_fd(fd) != expected:
                     return False
                 installed_mtime = os.fstat(fd).st_mtime_ns
         redist_mtime = self.redist_mtime(entry)

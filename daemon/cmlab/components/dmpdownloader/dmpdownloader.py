@@ -23,7 +23,7 @@ from cmlab.components.dmpdownloader.setupdl import COMPONENT as SETUP_COMPONENT
 from cmlab.components.dmpdownloader.setupdl import LOG_FILE as SETUP_LOG
 from cmlab.components.dmpdownloader.setupdl import RedistError, RedistSource, SetupDownloader
 from cmlab.components.statesys import StateMessage, render_state_message
-from cmlab.core.errors import CabError, CmlabError
+from cmlab.core.errors import CabError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     atomic_output,
@@ -46,7 +46,7 @@ COPY_CHUNK = 1024 * 1024
 FSYNC_EVERY = 64 * 1024 * 1024  # bytes: what a power loss can cost a resumed copy
 
 
-class DownloadError(CmlabError):
+class DownloadError(WorkFailed):
     """A package download failed; `bad` is the downloaded file to quarantine, if any, and
     `stage` the staging folder to remove once it is quarantined."""
 

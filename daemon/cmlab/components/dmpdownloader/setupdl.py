@@ -8,7 +8,6 @@ paths in the log are shown as the final `EasySetupPayload\\<GUID>\\redist` ones.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from cmlab.commands.payload import (
     RedistManifest,
     parse_redist_manifest,
 )
-from cmlab.core.errors import CabError, CmlabError, ManifestError
+from cmlab.core.errors import CabError, ManifestError, WorkFailed
 from cmlab.core.failpoints import crashpoint
-from cmlab.core.fs import make_tmp_dir
+from cmlab.core.fs import copy_hashing, make_tmp_dir
 from cmlab.site.smslog import SmsLog
 
 if TYPE_CHECKING:
@@ -33,11 +32,10 @@ if TYPE_CHECKING:
 
 LOG_FILE = "ConfigMgrSetup.log"
 COMPONENT = "Configuration Manager Setup"
-CHUNK = 1024 * 1024
 MAX_MANIFEST_CAB = 16 * 1024 * 1024
 
 
-class RedistError(CmlabError):
+class RedistError(WorkFailed):
     """A redist or redist manifest could not be downloaded or failed verification. `bad` is the
     downloaded file that failed (to quarantine), if any."""
 
@@ -66,19 +64,13 @@ def _inside(base: Path, rel: str, what: str) -> Path:
 
 def copy_checked(src: Path, dst: Path, *, max_size: int) -> str:
     """Stream `src` to `dst`, refusing more than `max_size` bytes; returns the SHA-256."""
-    digest = hashlib.sha256()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    total = 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while chunk := fin.read(CHUNK):
-            total += len(chunk)
-            if total > max_size:
-                # Keep what was read up to the cap: the quarantined file shows what came down.
-                fout.write(chunk[: len(chunk) - (total - max_size)])
-                raise RedistError(f"{src.name} is larger than the {max_size} bytes expected", dst)
-            digest.update(chunk)
-            fout.write(chunk)
-    return digest.hexdigest().upper()
+        # What was read up to the cap is kept: the quarantined file shows what came down.
+        sha256, size = copy_hashing(fin.fileno(), fout.fileno(), max_size)
+    if size > max_size:
+        raise RedistError(f"{src.name} is larger than the {max_size} bytes expected", dst)
+    return sha256
 
 
 class SetupDownloader:

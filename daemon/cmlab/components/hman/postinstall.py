@@ -23,6 +23,7 @@ import sqlite3
 import stat
 from pathlib import Path
 
+from cmlab.core.errors import WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import copy_file_durable, copy_tree_durable
 from cmlab.site.component import Component, SiteContext
@@ -45,7 +46,7 @@ INSTALLING_STATES = tuple(
 )
 
 
-class ClientFilesError(Exception):
+class ClientFilesError(WorkFailed):
     """`SITE/CMUClient` cannot be used as the source of the client packages."""
 
 

@@ -35,7 +35,8 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from cmlab.core.errors import CabError, CmlabError, SignatureFormatError
+from cmlab.core.errors import BadInput, CabError, SignatureFormatError
+from cmlab.core.fs import fsync_dir
 from cmlab.site.trust.cablayout import (
     CHUNK_SIZE,
     SIGNATURE_LENGTH_OFFSET,
@@ -94,11 +95,11 @@ _DECODE_ERRORS = (
 )
 
 
-class SigningError(CmlabError):
+class SigningError(BadInput):
     """A signer (key, certificate, digest) that cannot produce an Authenticode signature."""
 
 
-class TrustStoreError(CmlabError):
+class TrustStoreError(BadInput):
     """A trust-store PEM file that holds no usable certificate."""
 
 
@@ -419,17 +420,9 @@ def sign_cab(
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    _fsync_directory(dst.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
     # Makes the rename durable; some filesystems refuse to open directories, which is fine.
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(dst.parent)
 
 
 # --- Parsing a signature

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import BadInput
 from cmlab.site.trust.authenticode import Signer
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -32,7 +32,7 @@ KEY_TYPES = ("rsa", "ecdsa")
 _BACKDATE = dt.timedelta(hours=1)
 
 
-class LabCAError(CmlabError):
+class LabCAError(BadInput):
     """A lab CA directory that is incomplete or unreadable, or a bad CA parameter."""
 
 

@@ -1,0 +1,145 @@
+"""cmlab.core.errors: one tree in which bad input and a failure of the work are two families."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import cmlab
+from cmlab.core import errors
+from cmlab.core.errors import BadInput, CmlabError, UnsafeFile, WorkFailed
+from cmlab.core.fs import read_regular_file, read_regular_file_stat
+from cmlab.core.hashing import folder_hash
+from cmlab.site.config import load_config
+from cmlab.site.file_replication import parse_instruction
+from cmlab.site.formats.manifest import parse_manifest
+from cmlab.site.formats.update_map import parse_update_map
+
+
+def every_error_class() -> set[type[CmlabError]]:
+    """Every subclass of CmlabError in the package, once every module is imported."""
+    for module in pkgutil.walk_packages(cmlab.__path__, "cmlab."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    found: set[type[CmlabError]] = set()
+    pending: list[type[CmlabError]] = [CmlabError]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                pending.append(sub)
+    return found
+
+
+def by_name(qualified: str) -> type[BaseException]:
+    module, _, name = qualified.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    assert isinstance(cls, type) and issubclass(cls, BaseException)
+    return cls
+
+
+# Every parser's and verifier's error: CAB, signature, manifest, update.map, config, the
+# prerequisite facts, trust stores and signers, the lab CA, state messages, replication
+# instructions and package files, a GUID argument, and read_regular_file's refusal.
+BAD_INPUT = [
+    "cmlab.core.errors.UnsafeFile",
+    "cmlab.core.errors.CabError",
+    "cmlab.core.errors.CabLimitError",
+    "cmlab.core.errors.CabPathError",
+    "cmlab.site.trust.cablayout.NotACabError",
+    "cmlab.core.errors.SignatureFormatError",
+    "cmlab.core.errors.ManifestError",
+    "cmlab.core.errors.UpdateMapError",
+    "cmlab.core.errors.ConfigError",
+    "cmlab.core.errors.PrereqError",
+    "cmlab.site.trust.authenticode.SigningError",
+    "cmlab.site.trust.authenticode.TrustStoreError",
+    "cmlab.site.trust.labca.LabCAError",
+    "cmlab.site.file_replication.DamagedPackage",
+    "cmlab.components.statesys.StateMessageError",
+    "cmlab.commands.reset.BadGuid",
+]
+
+WORK_FAILED = [
+    "cmlab.core.errors.ContentLibError",
+    "cmlab.site.installation.InstallStepError",
+    "cmlab.components.cmupdate.install.InstallFailed",
+    "cmlab.components.cmupdate.cmupdate.StageFailed",
+    "cmlab.components.cmupdate.redist_media.MediaError",
+    "cmlab.components.dmpdownloader.dmpdownloader.DownloadError",
+    "cmlab.components.dmpdownloader.setupdl.RedistError",
+    "cmlab.components.sender.Unreachable",
+    "cmlab.components.sender.SourceDamaged",
+    "cmlab.components.hman.postinstall.ClientFilesError",
+]
+
+
+@pytest.mark.parametrize("name", BAD_INPUT)
+def test_every_parser_and_verifier_error_is_bad_input(name: str) -> None:
+    cls = by_name(name)
+    assert issubclass(cls, BadInput) and not issubclass(cls, WorkFailed)
+
+
+@pytest.mark.parametrize("name", WORK_FAILED)
+def test_every_failure_of_the_work_is_work_failed_and_not_bad_input(name: str) -> None:
+    cls = by_name(name)
+    assert issubclass(cls, WorkFailed) and not issubclass(cls, BadInput)
+
+
+def test_every_error_of_the_package_is_in_exactly_one_family_and_drawn_in_the_docstring() -> None:
+    classes = every_error_class() - {BadInput, WorkFailed}
+    assert {by_name(n) for n in BAD_INPUT + WORK_FAILED} <= classes
+    for cls in classes:
+        assert issubclass(cls, BadInput) != issubclass(cls, WorkFailed), cls
+        assert cls.__name__ in (errors.__doc__ or ""), f"{cls.__name__} is not in the tree drawn"
+    # `except CmlabError` (the inbox engine's, the CLI's) still catches both families.
+    assert issubclass(BadInput, CmlabError) and issubclass(WorkFailed, CmlabError)
+
+
+def test_the_inbox_engine_and_the_handlers_share_the_one_bad_input_class() -> None:
+    from cmlab.site import inbox
+
+    assert inbox.BadInput is BadInput
+
+
+def test_parsers_raise_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(BadInput):
+        parse_manifest(b"<not xml")
+    with pytest.raises(BadInput):
+        parse_update_map("BEGIN_COMPONENT_FILELIST\nnonsense")
+    with pytest.raises(BadInput):
+        parse_instruction(b"{}")
+    with pytest.raises(BadInput):
+        load_config(tmp_path)  # no site.toml
+
+
+def test_read_regular_file_refuses_a_link_a_fifo_and_an_oversized_file_as_unsafe_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "real").write_bytes(b"12345")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    os.mkfifo(tmp_path / "fifo")  # no writer: a blocking open would hang the reader
+    cases = {
+        "link": "link: is a symbolic link; not followed",
+        "fifo": "fifo: not a regular file",
+        "real": "real: larger than 4 bytes",
+    }
+    for name, reason in cases.items():
+        for read in (read_regular_file, read_regular_file_stat):
+            with pytest.raises(UnsafeFile) as caught:
+                read(tmp_path / name, 4)
+            assert str(caught.value) == reason
+            # Still the ValueError its callers have always caught.
+            assert isinstance(caught.value, ValueError)
+    assert read_regular_file(tmp_path / "real", 5) == b"12345"
+
+
+def test_a_folder_hash_refuses_a_special_file_as_unsafe_file(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    os.mkfifo(tmp_path / "tree" / "fifo")
+    with pytest.raises(UnsafeFile, match="not a regular file or folder"):
+        folder_hash(tmp_path / "tree")

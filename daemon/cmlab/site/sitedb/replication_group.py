@@ -479,7 +479,12 @@ def apply_message(conn: sqlite3.Connection, msg: Message) -> Applied:
     for s in msg.sites:
         if not from_parent and s.code == msg.sender and s.parent != local.code:
             raise BadInput(f"the child site {msg.sender} says its parent is {s.parent}")
-    for row in (*msg.site_status, *msg.monitoring, *msg.prereq):
+    rows: tuple[StatusRow | MonitoringRow | PrereqRow, ...] = (
+        *msg.site_status,
+        *msg.monitoring,
+        *msg.prereq,
+    )
+    for row in rows:
         if row.site not in listed:
             raise BadInput(f"the message has rows of site {row.site} but does not list it")
 

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from cmlab.components import rcm
+from cmlab.site.formats import cmupdates_message
 from cmlab.site.inbox import BadInput
-from cmlab.site.sitedb import connect, create_site_db, hierarchy, transaction
+from cmlab.site.sitedb import connect, create_site_db, hierarchy, replication_group, transaction
 from cmlab.site.statecodes import PackageState as S
 from sites import Daemon, inbox_files, log, make_template, query, set_toml
 from waiting import wait_until
@@ -116,18 +117,18 @@ def tree(tmp_path: Path) -> Iterator[dict[str, Site]]:
 def send(sender: Site, to: Site) -> bytes | None:
     """One send on the link, as the component does it (the file written in between)."""
     with transaction(sender.conn):
-        out = rcm.prepare_message(sender.conn, to.code, "2025-01-01T00:00:00")
+        out = replication_group.prepare_message(sender.conn, to.code, "2025-01-01T00:00:00")
     if out is None:
         return None
     with transaction(sender.conn):
-        rcm.record_sent(sender.conn, to.code, out.seq, out.content_hash)
+        replication_group.record_sent(sender.conn, to.code, out.seq, out.content_hash)
     return out.data
 
 
-def deliver(receiver: Site, data: bytes) -> rcm.Applied:
-    msg = rcm.parse_message(data)
+def deliver(receiver: Site, data: bytes) -> replication_group.Applied:
+    msg = cmupdates_message.parse_message(data)
     with transaction(receiver.conn):
-        return rcm.apply_message(receiver.conn, msg)
+        return replication_group.apply_message(receiver.conn, msg)
 
 
 def edit(data: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
@@ -206,17 +207,17 @@ def seed_site_rows(site: Site, about: str, state: int = S.PREREQ_SUCCESS, run: i
 
 def test_links_are_the_parent_and_children_with_an_address(tree: dict[str, Site]) -> None:
     cas, pr1 = tree["CAS"], tree["PR1"]
-    assert [(link.code, link.direction) for link in rcm.links(cas.conn)] == [
-        ("PR1", rcm.DOWN),
-        ("PR2", rcm.DOWN),
+    assert [(link.code, link.direction) for link in replication_group.links(cas.conn)] == [
+        ("PR1", cmupdates_message.DOWN),
+        ("PR2", cmupdates_message.DOWN),
     ]
-    assert [(link.code, link.direction) for link in rcm.links(pr1.conn)] == [
-        ("CAS", rcm.UP),
-        ("SEC", rcm.DOWN),
+    assert [(link.code, link.direction) for link in replication_group.links(pr1.conn)] == [
+        ("CAS", cmupdates_message.UP),
+        ("SEC", cmupdates_message.DOWN),
     ]
     # A site known only through replication has no address: it is no link.
     pr1.sql("UPDATE ServerData SET SiteFolder = '' WHERE SiteCode = 'SEC'")
-    assert [link.code for link in rcm.links(pr1.conn)] == ["CAS"]
+    assert [link.code for link in replication_group.links(pr1.conn)] == ["CAS"]
 
 
 def test_up_carries_the_subtree_and_down_the_rest(tree: dict[str, Site]) -> None:
@@ -234,7 +235,7 @@ def test_up_carries_the_subtree_and_down_the_rest(tree: dict[str, Site]) -> None
         GUID,
     )
 
-    up = rcm.build_content(pr1.conn, "CAS")
+    up = replication_group.build_content(pr1.conn, "CAS")
     assert (up["from"], up["to"]) == ("PR1", "CAS")
     assert [s["code"] for s in up["sites"]] == ["PR1", "SEC"]
     for key in ("site_status", "monitoring", "prereq"):
@@ -251,11 +252,11 @@ def test_up_carries_the_subtree_and_down_the_rest(tree: dict[str, Site]) -> None
         "build": BUILD,
     }
 
-    down = rcm.build_content(pr1.conn, "SEC")
+    down = replication_group.build_content(pr1.conn, "SEC")
     assert [s["code"] for s in down["sites"]] == ["CAS", "PR1", "PR2"]
     assert sorted({r["site"] for r in down["site_status"]}) == ["CAS", "PR1", "PR2"]
 
-    to_pr1 = rcm.build_content(cas.conn, "PR1")
+    to_pr1 = replication_group.build_content(cas.conn, "PR1")
     assert [s["code"] for s in to_pr1["sites"]] == ["CAS", "PR2"]
     assert sorted({r["site"] for r in to_pr1["site_status"]}) == ["CAS", "PR2"]
     assert [p["PackageGuid"] for p in to_pr1["packages"]] == [GUID]
@@ -286,7 +287,7 @@ def test_a_send_interrupted_before_it_was_recorded_goes_again_with_a_new_seq(
     cas, pr1 = tree["CAS"], tree["PR1"]
     add_package(cas)
     with transaction(cas.conn):
-        lost = rcm.prepare_message(cas.conn, "PR1", "now")
+        lost = replication_group.prepare_message(cas.conn, "PR1", "now")
     assert lost is not None and lost.seq == 1
     # Killed after writing the file, before record_sent: the content goes again, seq 2.
     again = send(cas, pr1)
@@ -500,7 +501,7 @@ def test_a_site_the_parent_places_below_this_one_is_not_taken(tree: dict[str, Si
     deliver(pr1, edit(data, place_below))
     # Only PR1's own children speak for the sites below it.
     assert hierarchy.site_by_code(pr1.conn, "PR9") is None
-    assert [link.code for link in rcm.links(pr1.conn)] == ["CAS", "SEC"]
+    assert [link.code for link in replication_group.links(pr1.conn)] == ["CAS", "SEC"]
 
 
 # -- what a receiver refuses ---------------------------------------------------------------------
@@ -572,7 +573,7 @@ def _missing_key(doc: dict[str, Any]) -> None:
 
 
 def _long_text(doc: dict[str, Any]) -> None:
-    doc["sites"][0]["server"] = "x" * (rcm.MAX_TEXT + 1)
+    doc["sites"][0]["server"] = "x" * (cmupdates_message.MAX_TEXT + 1)
 
 
 def _site_type(doc: dict[str, Any]) -> None:
@@ -689,7 +690,7 @@ def test_bad_messages_are_refused_whole(
 )
 def test_what_is_not_a_message_is_refused(data: bytes, reason: str) -> None:
     with pytest.raises(BadInput, match=reason):
-        rcm.parse_message(data)
+        cmupdates_message.parse_message(data)
 
 
 def test_a_child_cannot_send_packages_or_move_itself(tree: dict[str, Site]) -> None:
@@ -721,9 +722,9 @@ def test_a_child_cannot_send_packages_or_move_itself(tree: dict[str, Site]) -> N
 def test_a_huge_file_is_refused_unread(tmp_path: Path) -> None:
     path = tmp_path / "huge.RPL"
     with open(path, "wb") as f:
-        f.truncate(rcm.MAX_MESSAGE_BYTES + 1)
+        f.truncate(cmupdates_message.MAX_MESSAGE_BYTES + 1)
     with pytest.raises(BadInput, match="larger than"):
-        rcm.read_message_file(path)
+        cmupdates_message.read_message_file(path)
 
 
 def test_the_other_sites_folders_are_never_created(tmp_path: Path) -> None:
@@ -828,7 +829,7 @@ def test_two_daemons_exchange_the_group(tmp_path: Path) -> None:
             os.replace(receive / f".{name}.tmp", receive / name)
         huge = receive / ".huge.tmp"
         with open(huge, "wb") as f:
-            f.truncate(rcm.MAX_MESSAGE_BYTES + 1)
+            f.truncate(cmupdates_message.MAX_MESSAGE_BYTES + 1)
         os.replace(huge, receive / "huge.RPL")
         expected = [*bad, "huge.RPL"]
         wait_until(

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from cmlab.components.hman.hman import HierarchyManager
-from cmlab.components.hman.secondary import request_secondary_recovery
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash, sha256_file
 from cmlab.site.cab import list_cab
@@ -28,6 +27,7 @@ from cmlab.site.file_replication import (
 )
 from cmlab.site.installation import create_installation, installed_build
 from cmlab.site.sitedb import connect, hierarchy, transaction
+from cmlab.site.sitedb.recovery import request_secondary_recovery
 from cmlab.site.statecodes import PackageState as S
 from sites import GUID_2509, Daemon, log, query
 from test_despooler import ROOT, bad, make_hierarchy, receive, running

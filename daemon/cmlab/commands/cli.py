@@ -9,15 +9,25 @@ import argparse
 import fcntl
 import json
 import os
+import sqlite3
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from cmlab.core.errors import CmlabError
 from cmlab.site.config import load_config
 from cmlab.site.contract import load_contract, matches_any
-from cmlab.site.sitedb import connect, hierarchy, procs, servicing, transaction
-from cmlab.site.sitedb.functions import tsql_to_sqlite
+from cmlab.site.sitedb import (
+    connected,
+    hierarchy,
+    one_transaction,
+    overview,
+    procs,
+    recovery,
+    scripts,
+    servicing,
+)
 from cmlab.site.statecodes import PackageFlag, PackageState
 
 
@@ -75,55 +85,37 @@ def daemon_running(site_dir: Path) -> bool:
 
 def collect_status(site_dir: Path) -> dict[str, Any]:
     config = load_config(site_dir)
-    conn = connect(config.paths.db_file, config.site_code)
-    try:
+    with connected(config.paths.db_file, config.site_code) as conn:
         packages = [
             {
-                "PackageGuid": r[0],
-                "Name": r[1],
-                "State": r[2],
-                "StateName": PackageState.name_of(r[2]),
-                "Flag": r[3],
+                "PackageGuid": p.guid,
+                "Name": p.name,
+                "State": p.state,
+                "StateName": PackageState.name_of(p.state),
+                "Flag": p.flag,
             }
-            for r in conn.execute(
-                "SELECT PackageGuid, Name, State, Flag FROM CM_UpdatePackages ORDER BY Name"
-            )
+            for p in overview.packages(conn)
         ]
-        version = conn.execute("SELECT fnCurrentSiteVersion()").fetchone()[0]
-        to_download = [
-            r[0] for r in conn.execute("SELECT PackageGuid FROM CM_UpdatePackagesToDownload")
-        ]
-        last_sync = conn.execute(
-            "SELECT ID, Reason, Requested, Finished, Result FROM SyncHistory "
-            "ORDER BY ID DESC LIMIT 1"
-        ).fetchone()
+        version = overview.current_site_version(conn)
+        to_download = overview.packages_to_download(conn)
+        last_sync = overview.last_sync(conn)
         # The hierarchy as this database knows it, each site's version and its state for
         # every update that has site status rows (the guide's query over ServerData).
         sites = [
             {
-                "SiteCode": r[0],
-                "Parent": r[1],
-                "Role": hierarchy.TYPE_NAMES.get(int(r[2]), str(r[2])),
-                "Local": bool(r[3]),
-                "Version": r[4],
-                "Address": r[5] or "",
+                "SiteCode": s.code,
+                "Parent": s.parent,
+                "Role": hierarchy.TYPE_NAMES.get(s.site_type, str(s.site_type)),
+                "Local": s.local,
+                "Version": s.version,
+                "Address": s.folder,
                 "States": {
-                    str(g): {"State": int(st), "StateName": PackageState.name_of(int(st))}
-                    for g, st in conn.execute(
-                        "SELECT PackageGuid, State FROM CM_UpdatePackageSiteStatus "
-                        "WHERE SiteNumber = ? ORDER BY PackageGuid",
-                        (r[6],),
-                    )
+                    guid: {"State": state, "StateName": PackageState.name_of(state)}
+                    for guid, state in s.states.items()
                 },
             }
-            for r in conn.execute(
-                "SELECT sd.SiteCode, sd.ParentSiteCode, sd.SiteType, sd.IsLocal, s.Version, "
-                "sd.SiteFolder, sd.ID FROM ServerData sd "
-                "LEFT JOIN Sites s ON s.SiteCode = sd.SiteCode ORDER BY sd.IsLocal DESC, sd.ID"
-            )
+            for s in overview.hierarchy_states(conn)
         ]
-    finally:
-        conn.close()
     # One row per folder: HMAN's CFD has two contract entries (CMU files; ESC and CME).
     patterns: dict[str, tuple[str, tuple[str, ...]]] = {}
     for entry in load_contract():
@@ -159,11 +151,11 @@ def collect_status(site_dir: Path) -> dict[str, Any]:
         "last_sync": None
         if last_sync is None
         else {
-            "id": last_sync[0],
-            "reason": last_sync[1],
-            "requested": last_sync[2],
-            "finished": last_sync[3],
-            "result": last_sync[4],
+            "id": last_sync.id,
+            "reason": last_sync.reason,
+            "requested": last_sync.requested,
+            "finished": last_sync.finished,
+            "result": last_sync.result,
         },
         "inboxes": inboxes,
     }
@@ -216,30 +208,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_db(site_dir: Path) -> Any:
+def _transaction(site_dir: Path) -> AbstractContextManager[sqlite3.Connection]:
+    """The site's database, for one administrator action in one transaction."""
     config = load_config(site_dir)
-    return config, connect(config.paths.db_file, config.site_code)
+    return one_transaction(config.paths.db_file, config.site_code)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    _, conn = _with_db(Path(args.site_dir))
-    try:
-        with transaction(conn):
-            sync_id = procs.spRequestSync(conn, "admin")
-    finally:
-        conn.close()
+    with _transaction(Path(args.site_dir)) as conn:
+        sync_id = procs.spRequestSync(conn, "admin")
     print(f"Synchronization requested (SyncHistory ID={sync_id}).")
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     """The console's Download: spAddPackageToDownload; SMSDBMon's trigger wakes DMPDownloader."""
-    _, conn = _with_db(Path(args.site_dir))
-    try:
-        with transaction(conn):
-            queued = procs.spAddPackageToDownload(conn, args.guid)
-    finally:
-        conn.close()
+    with _transaction(Path(args.site_dir)) as conn:
+        queued = procs.spAddPackageToDownload(conn, args.guid)
     if queued:
         print(f"Package {args.guid} added to CM_UpdatePackagesToDownload.")
     else:
@@ -248,12 +233,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _initiate_upgrade(site_dir: str, guid: str, flag: PackageFlag) -> None:
-    _, conn = _with_db(Path(site_dir))
-    try:
-        with transaction(conn):
-            was = servicing.InitiateUpgrade(conn, guid, flag)
-    finally:
-        conn.close()
+    with _transaction(Path(site_dir)) as conn:
+        was = servicing.InitiateUpgrade(conn, guid, flag)
     print(
         f"InitiateUpgrade({guid}, Flag={int(flag)} {flag.name}): State "
         f"{PackageState.name_of(was)} ({was}) -> ENABLED (2). SMSDBMon drops 2.ESC for HMAN."
@@ -275,12 +256,8 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 def cmd_retry_replication(args: argparse.Namespace) -> int:
     """SMS_CM_UpdatePackages.RetryContentReplication: update the Easy Setup Package again."""
-    _, conn = _with_db(Path(args.site_dir))
-    try:
-        with transaction(conn):
-            package_id = servicing.RetryContentReplication(conn, args.guid)
-    finally:
-        conn.close()
+    with _transaction(Path(args.site_dir)) as conn:
+        package_id = servicing.RetryContentReplication(conn, args.guid)
     print(
         f"RetryContentReplication({args.guid}): ReturnValue 0. Easy Setup Package {package_id} "
         "will be updated from its source (SMSDBMon drops 2.ESC); follow distmgr.log."
@@ -290,16 +267,12 @@ def cmd_retry_replication(args: argparse.Namespace) -> int:
 
 def cmd_recover_secondary(args: argparse.Namespace) -> int:
     """The console's Recover Secondary Site, at the secondary's parent primary."""
-    from cmlab.components.hman.secondary import request_secondary_recovery
-
-    _, conn = _with_db(Path(args.primary_dir))
+    session = _transaction(Path(args.primary_dir))
     try:
-        with transaction(conn):
-            number = request_secondary_recovery(conn, args.site_code.upper())
+        with session as conn:
+            number = recovery.request_secondary_recovery(conn, args.site_code.upper())
     except LookupError as exc:
         return _fail(str(exc.args[0] if exc.args else exc))
-    finally:
-        conn.close()
     print(
         f"Recover Secondary Site {args.site_code.upper()}: request {number} queued; the primary "
         "site's HMAN reinstalls it with its own files (follow hman.log, sender.log, and the "
@@ -310,13 +283,9 @@ def cmd_recover_secondary(args: argparse.Namespace) -> int:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     """Run one of the guide's queries (T-SQL spellings like dbo. and TOP n are accepted)."""
-    _, conn = _with_db(Path(args.site_dir))
-    try:
-        cur = conn.execute(tsql_to_sqlite(args.query))
-        rows = cur.fetchall()
-        cols = [d[0] for d in cur.description or []]
-    finally:
-        conn.close()
+    config = load_config(Path(args.site_dir))
+    with connected(config.paths.db_file, config.site_code) as conn:
+        cols, rows = scripts.run_query(conn, args.query)
     if args.json:
         print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
     else:

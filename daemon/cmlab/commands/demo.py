@@ -16,7 +16,7 @@ from cmlab.commands.init import InitOptions, init_site
 from cmlab.daemon import SiteDaemon
 from cmlab.site.config import load_config
 from cmlab.site.contract import waiting_drop_files
-from cmlab.site.sitedb import connect, procs, servicing, transaction
+from cmlab.site.sitedb import connect, overview, procs, servicing, transaction
 from cmlab.site.smslog import read_messages
 from cmlab.site.statecodes import PackageFlag, PackageState
 
@@ -88,30 +88,21 @@ class Watcher:
         return f"[{time.monotonic() - self.t0:6.2f}s]"
 
     def poll(self) -> None:
-        for state_id, name, topic in self.conn.execute(
-            "SELECT StateID, StateName, TopicID FROM StateMessages WHERE ID > ? ORDER BY ID",
-            (self.seen_messages,),
-        ).fetchall():
+        for state_id, name, topic in overview.state_messages_after(self.conn, self.seen_messages):
             self.seen_messages += 1
             stage = "Synchronization" if topic.startswith("00000000") else "Download"
             print(
                 f"{self.stamp()} {stage:16} DMPDownloader state message {state_id:>2} {name}"
                 + ("" if topic.startswith("00000000") else f" ({topic})")
             )
-        for guid, pkg_name, state in self.conn.execute(
-            "SELECT PackageGuid, Name, State FROM CM_UpdatePackages ORDER BY Name"
-        ).fetchall():
-            self.names[guid] = pkg_name
-            if self.states.get(guid) != state:
-                self.states[guid] = state
-                print(f"{self.stamp()} {stage_of(state):16} {pkg_name}: {label(state)}")
+        for p in overview.packages(self.conn):
+            self.names[p.guid] = p.name
+            if self.states.get(p.guid) != p.state:
+                self.states[p.guid] = p.state
+                print(f"{self.stamp()} {stage_of(p.state):16} {p.name}: {label(p.state)}")
         # The site's own states: during install steps 5 to 13 SMSDBMon's triggers are gone, so
         # the package's state stands still while the site's moves (the console shows the same).
-        for hist_id, guid, state in self.conn.execute(
-            "SELECT ID, PackageGuid, State FROM CM_UpdatePackageSiteStatus_HIST WHERE ID > ? "
-            "ORDER BY ID",
-            (self.seen_history,),
-        ).fetchall():
+        for hist_id, guid, state in overview.site_history_after(self.conn, self.seen_history):
             self.seen_history = hist_id
             if state >> 16 in (1, 2, 3):  # replication, prerequisite check, installation
                 name = self.names.get(guid, guid)
@@ -129,9 +120,7 @@ class Watcher:
         self.seen_cmupdate = len(lines)
 
     def settled(self) -> bool:
-        sync = self.conn.execute(
-            "SELECT COUNT(*) FROM SyncHistory WHERE Finished IS NULL"
-        ).fetchone()[0]
+        sync = overview.unfinished_syncs(self.conn)
         return (
             sync == 0
             and bool(self.states)

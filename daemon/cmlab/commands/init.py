@@ -171,62 +171,53 @@ def join_hierarchy(
     """Record the child in both site databases (ServerData and Sites, each with the other's
     address) and in the parent's site.toml: what installing a child site under a parent does.
     The parent's daemon may be running: this is one short transaction in its database."""
-    from cmlab.site.sitedb import connect, hierarchy, transaction
+    from cmlab.site.sitedb import hierarchy, one_transaction
 
     child_type = SITE_TYPES[child.role]
-    parent_conn = connect(parent.paths.db_file, parent.site_code)
-    try:
-        with transaction(parent_conn):
-            if hierarchy.site_by_code(parent_conn, child.site_code) is not None:
-                raise ConfigError(f"{parent.site_code} already has a site {child.site_code}")
-            p = hierarchy.local_site(parent_conn)
-            p_sites = parent_conn.execute(
-                "SELECT Version, FullVersion, BuildNumber FROM Sites WHERE SiteCode = ?",
-                (parent.site_code,),
-            ).fetchone()
-            hierarchy.ensure_site(
-                parent_conn,
-                child.site_code,
-                parent=parent.site_code,
-                site_type=child_type,
-                server=child.fqdn,
-                folder=child_address,
-            )
-            hierarchy.set_site_version(
-                parent_conn,
-                child.site_code,
-                version=f"5.00.{child.facts.build}.1000",
-                full_version=f"5.00.{child.facts.build}.10{child.facts.minor_build:02d}",
-                build=child.facts.build,
-                reporting_site=parent.site_code,
-                server=child.fqdn,
-                site_type=child_type,
-            )
-    finally:
-        parent_conn.close()
-    conn = connect(child.paths.db_file, child.site_code)
-    try:
-        with transaction(conn):
-            hierarchy.ensure_site(
-                conn,
-                parent.site_code,
-                parent=p.parent,
-                site_type=p.site_type,
-                server=parent.fqdn,
-                folder=str(parent_address),
-            )
-            hierarchy.set_site_version(
-                conn,
-                parent.site_code,
-                version=str(p_sites[0]),
-                full_version=str(p_sites[1]),
-                build=int(p_sites[2]),
-                reporting_site=p.parent,
-                server=parent.fqdn,
-                site_type=p.site_type,
-            )
-    finally:
-        conn.close()
+    with one_transaction(parent.paths.db_file, parent.site_code) as parent_conn:
+        if hierarchy.site_by_code(parent_conn, child.site_code) is not None:
+            raise ConfigError(f"{parent.site_code} already has a site {child.site_code}")
+        p = hierarchy.local_site(parent_conn)
+        p_version = hierarchy.site_version(parent_conn, parent.site_code)
+        hierarchy.ensure_site(
+            parent_conn,
+            child.site_code,
+            parent=parent.site_code,
+            site_type=child_type,
+            server=child.fqdn,
+            folder=child_address,
+        )
+        hierarchy.set_site_version(
+            parent_conn,
+            child.site_code,
+            version=f"5.00.{child.facts.build}.1000",
+            full_version=f"5.00.{child.facts.build}.10{child.facts.minor_build:02d}",
+            build=child.facts.build,
+            reporting_site=parent.site_code,
+            server=child.fqdn,
+            site_type=child_type,
+        )
+    if p_version is None:
+        raise ConfigError(f"the site database of {parent.site_code} has no Sites row for it")
+    with one_transaction(child.paths.db_file, child.site_code) as conn:
+        hierarchy.ensure_site(
+            conn,
+            parent.site_code,
+            parent=p.parent,
+            site_type=p.site_type,
+            server=parent.fqdn,
+            folder=str(parent_address),
+        )
+        hierarchy.set_site_version(
+            conn,
+            parent.site_code,
+            version=p_version.version,
+            full_version=p_version.full_version,
+            build=p_version.build,
+            reporting_site=p.parent,
+            server=parent.fqdn,
+            site_type=p.site_type,
+        )
     entry = render_toml_array_entry(
         "child_site",
         {"code": child.site_code, "role": child.role, "address": child_address},

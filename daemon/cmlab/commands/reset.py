@@ -25,33 +25,17 @@ from cmlab.core.errors import BadInput
 from cmlab.core.fs import remove_path
 from cmlab.site.config import SiteConfig, load_config
 from cmlab.site.formats.manifest import GUID_RE
-from cmlab.site.sitedb import connect, procs, transaction
+from cmlab.site.sitedb import one_transaction, procs, update_reset
 from cmlab.site.smslog import LogSink, SmsLog
 from cmlab.site.statecodes import PackageState
-
-S = PackageState
 
 LOG_FILE = "CMUpdateReset.log"
 COMPONENT = "CMUpdateReset"
 
 # The states before download success: reset without being forced.
 NOT_DOWNLOADED_STATES = frozenset(
-    {*procs.APPLICABILITY_STATES, S.DOWNLOAD_IN_PROGRESS, S.DOWNLOAD_FAILED}
+    {*procs.APPLICABILITY_STATES, PackageState.DOWNLOAD_IN_PROGRESS, PackageState.DOWNLOAD_FAILED}
 )
-
-# Deleted by PackageGuid, in this order (SMSPackages and EasySetupSettings come first, as
-# SMSPackages is found through EasySetupSettings.PackageID). StateMessages stay: history.
-GUID_TABLES = (
-    "CM_UpdatePackagesToDownload",
-    "CM_UpdatePackageSiteStatus",
-    "CM_UpdatePackage_MonitoringStatus",
-    "CM_UpdatePackagePrereqStatus",
-    "CM_UpdatePackages",
-)
-ALL_TABLES = ("SMSPackages", "EasySetupSettings", "TableChangeNotifications", *GUID_TABLES)
-
-# Drop files SMSDBMon has not written yet that would wake a component for this package.
-NOTIFICATION_EXTENSIONS = (".DMP", ".CME", ".CMU", ".CMI")
 
 
 class Stage(enum.IntEnum):
@@ -167,56 +151,19 @@ def _describe(state: int) -> str:
 def _decide(conn: sqlite3.Connection, report: ResetReport) -> tuple[Stage, int | None, str] | None:
     """Read the package and its per-site states; None when the database has nothing of it."""
     guid = report.guid
-    row = conn.execute(
-        "SELECT PackageGuid, Name, State FROM CM_UpdatePackages WHERE PackageGuid = ?", (guid,)
-    ).fetchone()
+    row = update_reset.package_row(conn, guid)
     candidates: list[tuple[Stage, int, str]] = []
     if row is not None:
-        report.guid, report.name, report.state = str(row[0]).upper(), str(row[1]), int(row[2])
+        report.guid, report.name, report.state = row[0].upper(), row[1], row[2]
         candidates.append((stage_of(report.state), report.state, ""))
-    for state, code in conn.execute(
-        "SELECT s.State, d.SiteCode FROM CM_UpdatePackageSiteStatus s "
-        "LEFT JOIN ServerData d ON d.ID = s.SiteNumber WHERE s.PackageGuid = ?",
-        (guid,),
-    ):
-        candidates.append((stage_of(int(state)), int(state), str(code or "")))
+    for state, code in update_reset.site_states(conn, guid):
+        candidates.append((stage_of(state), state, code))
     if candidates:
         stage, state, site = max(candidates, key=lambda c: (c[0], c[2] == ""))
         return stage, state, site
-    for table in ("EasySetupSettings", *GUID_TABLES):
-        if conn.execute(f"SELECT 1 FROM {table} WHERE PackageGuid = ? LIMIT 1", (guid,)).fetchone():
-            return Stage.NOT_DOWNLOADED, None, ""  # leftovers of an interrupted reset
-    names = [guid.upper() + ext for ext in NOTIFICATION_EXTENSIONS]
-    if conn.execute(
-        f"SELECT 1 FROM TableChangeNotifications WHERE upper(FileName) IN ({_marks(names)})",
-        names,
-    ).fetchone():
-        return Stage.NOT_DOWNLOADED, None, ""
+    if update_reset.has_leftovers(conn, guid):
+        return Stage.NOT_DOWNLOADED, None, ""  # leftovers of an interrupted reset
     return None
-
-
-def _marks(values: list[str]) -> str:
-    return ", ".join("?" for _ in values)
-
-
-def _delete_rows(conn: sqlite3.Connection, guid: str) -> dict[str, int]:
-    rows: dict[str, int] = {}
-    rows["SMSPackages"] = conn.execute(
-        "DELETE FROM SMSPackages WHERE PkgID IN "
-        "(SELECT PackageID FROM EasySetupSettings WHERE PackageGuid = ?)",
-        (guid,),
-    ).rowcount
-    rows["EasySetupSettings"] = conn.execute(
-        "DELETE FROM EasySetupSettings WHERE PackageGuid = ?", (guid,)
-    ).rowcount
-    names = [guid.upper() + ext for ext in NOTIFICATION_EXTENSIONS]
-    rows["TableChangeNotifications"] = conn.execute(
-        f"DELETE FROM TableChangeNotifications WHERE upper(FileName) IN ({_marks(names)})",
-        names,
-    ).rowcount
-    for table in GUID_TABLES:
-        rows[table] = conn.execute(f"DELETE FROM {table} WHERE PackageGuid = ?", (guid,)).rowcount
-    return rows
 
 
 def content_locations(config: SiteConfig, guid: str) -> list[tuple[Path, tuple[str, ...]]]:
@@ -312,16 +259,14 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
 
     # One transaction reads the state it decides on and deletes: no component can move the
     # package on in between, and nothing is deleted when the answer is no.
-    conn = connect(config.paths.db_file, config.site_code, durability=config.durability)
-    try:
-        with transaction(conn):
-            decision = _decide(conn, report)
-            if decision is not None:
-                stage = decision[0]
-                if stage is Stage.NOT_DOWNLOADED or (stage is Stage.DOWNLOADED and report.forced):
-                    report.rows = _delete_rows(conn, guid)
-    finally:
-        conn.close()
+    with one_transaction(
+        config.paths.db_file, config.site_code, durability=config.durability
+    ) as conn:
+        decision = _decide(conn, report)
+        if decision is not None:
+            stage = decision[0]
+            if stage is Stage.NOT_DOWNLOADED or (stage is Stage.DOWNLOADED and report.forced):
+                report.rows = update_reset.delete_package_rows(conn, guid)
 
     what = f"update package {guid}" + (f" ({report.name})" if report.name else "")
     if decision is None:
@@ -336,7 +281,7 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
             )
             return
         log(f"Update package {guid} is not in the site database: removing its leftover content")
-        report.rows = dict.fromkeys(ALL_TABLES, 0)
+        report.rows = dict.fromkeys(update_reset.ALL_TABLES, 0)
     else:
         stage, state, site = decision
         report.deciding_state, report.deciding_site = state, site
@@ -364,7 +309,7 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
                 "tool's -FDELETE).",
             )
             return
-        for table in ALL_TABLES:
+        for table in update_reset.ALL_TABLES:
             if report.rows.get(table):
                 log(f"Deleted {report.rows[table]} row(s) from {table}")
 
@@ -394,7 +339,7 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
     )
     log(report.message)
     report.advice.append(f"cmlab sync {config.root}")
-    if report.state == S.DOWNLOAD_IN_PROGRESS:
+    if report.state == PackageState.DOWNLOAD_IN_PROGRESS:
         report.advice.append(
             "A download was in progress: restart the daemon (`cmlab run`), as the tool's docs "
             "say to restart SMS_Executive, so that no download still in flight writes content."

@@ -24,9 +24,8 @@ already recorded and present in the content library is recognised and not stored
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from cmlab.commands.payload import sample_build_number
@@ -62,18 +61,8 @@ from cmlab.site.installation import (
     installed_build,
     render_site_control,
 )
-from cmlab.site.sitedb import hierarchy, servicing
-from cmlab.site.statecodes import PackageState
-
-# ObjectDistributionState.State, as ConfigMgr numbers them.
-INSTALLED, INSTALL_RETRYING, INSTALL_FAILED = 0, 2, 3
-INSTALL_SUCCESS = int(PackageState.INSTALL_SUCCESS)
-
-
-@dataclass(frozen=True)
-class StoredPackage:
-    version: int
-    hash: str
+from cmlab.site.sitedb import hierarchy, recovery, servicing
+from cmlab.site.sitedb.servicing import DistributionState
 
 
 def package_file_for(ins_path: Path) -> Path:
@@ -83,15 +72,6 @@ def package_file_for(ins_path: Path) -> Path:
 
 def resend_request_name(site_code: str, pkg_id: str, version: int) -> str:
     return f"{site_code.upper()}_{pkg_id.upper()}_{version}.RSQ"
-
-
-def _stored_package(conn: sqlite3.Connection, pkg_id: str) -> StoredPackage:
-    row = conn.execute(
-        "SELECT StoredPkgVersion, StoredPkgHash FROM SMSPackages WHERE PkgID = ?", (pkg_id,)
-    ).fetchone()
-    if row is None:
-        return StoredPackage(0, "")
-    return StoredPackage(int(row[0] or 0), str(row[1] or "").upper())
 
 
 def _library_holds(lib: ContentLibrary, pkg_id: str, version: int, digest: str) -> bool:
@@ -104,106 +84,6 @@ def _library_holds(lib: ContentLibrary, pkg_id: str, version: int, digest: str) 
     except ContentLibError:
         return False
     return info is not None and info.hash == digest
-
-
-def _record_package(conn: sqlite3.Connection, ins: Instruction, site_code: str, digest: str) -> int:
-    """The stored package's rows, in the caller's transaction; returns the version stored
-    before (0 for none), for the guide's "(version <old>) exists" line."""
-    old = _stored_package(conn, ins.package_id).version
-    conn.execute(
-        "INSERT INTO SMSPackages (PkgID, Name, Source, SourceSite, SourceVersion, "
-        "StoredPkgVersion, StoredPkgHash, StorePkgFlag, LastRefresh) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, strftime('%Y-%m-%d %H:%M:%f', 'now')) "
-        "ON CONFLICT (PkgID) DO UPDATE SET Name = excluded.Name, Source = excluded.Source, "
-        "SourceSite = excluded.SourceSite, SourceVersion = excluded.SourceVersion, "
-        "StoredPkgVersion = excluded.StoredPkgVersion, StoredPkgHash = excluded.StoredPkgHash, "
-        "StorePkgFlag = excluded.StorePkgFlag, LastRefresh = excluded.LastRefresh",
-        (
-            ins.package_id,
-            servicing.EASY_SETUP_PACKAGE_NAME,
-            ins.source,
-            ins.source_site,
-            ins.version,
-            ins.version,
-            digest,
-            servicing.EASY_SETUP_FLAG,
-        ),
-    )
-    # PackageHash is the top-level site's (CMUpdates replication): never written here, so a
-    # replicated one stays, and a new row has none until replication brings it. An unchanged
-    # row is not touched (its update trigger would wake HMAN for nothing).
-    conn.execute(
-        "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageHash) VALUES (?, ?, NULL) "
-        "ON CONFLICT (PackageID) DO UPDATE SET PackageGuid = excluded.PackageGuid, "
-        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE PackageGuid IS NOT excluded.PackageGuid",
-        (ins.package_id, ins.package_guid),
-    )
-    servicing.set_distribution_state(
-        conn, ins.package_id, site_code, INSTALLED, ins.version, "Package stored"
-    )
-    servicing.child_run_progress(conn)
-    return old
-
-
-def _record_recovery(
-    conn: sqlite3.Connection,
-    site_code: str,
-    build: int,
-    version: str,
-    full_version: str,
-    guids: tuple[str, ...],
-) -> None:
-    """A reinstalled secondary's rows, in the caller's transaction: its version (Sites, the
-    services and the registry values that carry the build, where they exist) and every update
-    its parent has installed, as INSTALL_SUCCESS for this site."""
-    conn.execute(
-        "UPDATE Sites SET Version = ?, FullVersion = ?, BuildNumber = ? WHERE SiteCode = ?",
-        (version, full_version, build, site_code),
-    )
-    conn.execute("UPDATE SiteServices SET Build = ? WHERE Build IS NOT ?", (build, build))
-    for key in (SETUP_KEY, RCM_KEY):
-        conn.execute(
-            "UPDATE SiteRegistry SET Value = ? WHERE KeyPath = ? AND Name = 'Full Version'",
-            (full_version, key),
-        )
-        conn.execute(
-            "UPDATE SiteRegistry SET Value = ? WHERE KeyPath = ? AND Name = 'Build Number'",
-            (str(build), key),
-        )
-    site = hierarchy.local_site(conn).number
-    for guid in guids:
-        # An update this site has not heard of yet (replication brings the full row later).
-        conn.execute(
-            "INSERT INTO CM_UpdatePackages (PackageGuid, Name) VALUES (?, ?) "
-            "ON CONFLICT (PackageGuid) DO NOTHING",
-            (guid, guid),
-        )
-        conn.execute(
-            "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, Flag, "
-            "RunNumber) SELECT PackageGuid, ?, ?, Flag, RunNumber FROM CM_UpdatePackages "
-            "WHERE PackageGuid = ? ON CONFLICT (PackageGuid, SiteNumber) DO UPDATE SET "
-            "State = excluded.State, UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-            "WHERE State <> excluded.State",
-            (site, INSTALL_SUCCESS, guid),
-        )
-
-
-def _recovery_recorded(
-    conn: sqlite3.Connection, site_code: str, build: int, guids: tuple[str, ...]
-) -> bool:
-    row = conn.execute("SELECT BuildNumber FROM Sites WHERE SiteCode = ?", (site_code,)).fetchone()
-    if row is None or int(row[0]) != build:
-        return False
-    site = hierarchy.local_site(conn).number
-    for guid in guids:
-        got = conn.execute(
-            "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ? AND SiteNumber = ?",
-            (guid, site),
-        ).fetchone()
-        if got is None or int(got[0]) != INSTALL_SUCCESS:
-            return False
-    return True
 
 
 class Despooler(Component):
@@ -317,7 +197,7 @@ class Despooler(Component):
         pkg_id, version = ins.package_id, ins.version
         temp = self.paths.smspkg / f"{pkg_id}.PCK.temp"
         lib = self.library
-        stored = await self.db.read(_stored_package, pkg_id)
+        stored = await self.db.read(servicing.stored_package, pkg_id)
         if version <= stored.version and await self.in_thread(
             _library_holds, lib, pkg_id, stored.version, stored.hash
         ):
@@ -352,7 +232,18 @@ class Despooler(Component):
                 return await self._not_stored(ins_path, pkg, temp, ins, site_code, str(exc))
             crashpoint("despooler.after_store")
             self.say(f"Writing package definition for {pkg_id}")
-            old = await self.db.tx(_record_package, ins, site_code, snap.hash)
+            old = await self.db.tx(
+                partial(
+                    servicing.record_despooled_package,
+                    pkg_id=ins.package_id,
+                    guid=ins.package_guid,
+                    source=ins.source,
+                    source_site=ins.source_site,
+                    version=ins.version,
+                    digest=snap.hash,
+                    site_code=site_code,
+                )
+            )
             crashpoint("despooler.after_record")
             self.say(
                 f"Package {pkg_id} (version {old}) exists in the distribution source, save the "
@@ -399,7 +290,7 @@ class Despooler(Component):
             servicing.set_distribution_state,
             pkg_id,
             site_code,
-            INSTALL_RETRYING,
+            DistributionState.INSTALL_RETRYING,
             version,
             f"Damaged package, re-requested: {reason}",
         )
@@ -427,7 +318,7 @@ class Despooler(Component):
             servicing.set_distribution_state,
             ins.package_id,
             site_code,
-            INSTALL_FAILED,
+            DistributionState.INSTALL_FAILED,
             ins.version,
             f"Content library: {reason}",
         )
@@ -490,7 +381,7 @@ class Despooler(Component):
         )
         if not os.path.lexists(pkg) and not os.path.lexists(temp):
             done = await self.db.read(
-                _recovery_recorded, site_code, rec.build, rec.installed_updates
+                recovery.recovery_recorded, site_code, rec.build, rec.installed_updates
             )
             if done and await self.in_thread(installed_build, self.paths.root) == rec.build:
                 # A replay after the reinstallation completed: its package is gone already.
@@ -535,12 +426,15 @@ class Despooler(Component):
                 f"Full Version {rec.full_version}."
             )
             await self.db.tx(
-                _record_recovery,
-                site_code,
-                rec.build,
-                rec.version,
-                rec.full_version,
-                rec.installed_updates,
+                partial(
+                    recovery.record_recovery,
+                    site_code=site_code,
+                    build=rec.build,
+                    version=rec.version,
+                    full_version=rec.full_version,
+                    guids=rec.installed_updates,
+                    registry_keys=(SETUP_KEY, RCM_KEY),
+                )
             )
             for guid in rec.installed_updates:
                 self.say(f"Update {guid} is installed at site {site_code} (INSTALL_SUCCESS).")

@@ -17,7 +17,7 @@ import contextlib
 import os
 import re
 import sqlite3
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PureWindowsPath
 
 from cmlab.core.errors import CmlabError
@@ -34,42 +34,17 @@ from cmlab.site.file_replication import (
 )
 from cmlab.site.formats.manifest import GUID_RE
 from cmlab.site.inbox import BadInput, Outcome
-from cmlab.site.sitedb import hierarchy, servicing
+from cmlab.site.sitedb import hierarchy, scheduler_jobs, servicing
+from cmlab.site.sitedb.scheduler_jobs import JobState, SwdJob
+from cmlab.site.sitedb.servicing import DistributionState
 from cmlab.site.statecodes import PackageState
 
 S = PackageState
 PKG_ID_RE = re.compile(r"^[A-Z0-9]{3}[0-9A-F]{5}$", re.IGNORECASE)
 
-# ObjectDistributionState.State, as ConfigMgr numbers them.
-INSTALLED, INSTALL_PENDING, INSTALL_FAILED = 0, 1, 3
 REPLICATING = (S.CONTENT_REPLICATING,)
 RSQ_RE = re.compile(r"([A-Z0-9]{3})_([A-Z0-9]{3}[0-9A-F]{5})_([1-9][0-9]{0,9})\.RSQ", re.I)
 RSQ_MAX = 4096  # the reason a child's despooler gives; more is not a resend request
-IN_FLIGHT = ("Pending", "Sending")
-
-
-@dataclass(frozen=True)
-class _Job:
-    job_id: int
-    dest: str
-    state: str
-    package_file: str
-    file_size: int
-    file_hash: str
-    last_error: str
-
-
-def _swd_jobs(conn: sqlite3.Connection, pkg_id: str, version: int) -> list[_Job]:
-    """Every SWD job of one package version, oldest first."""
-    return [
-        _Job(int(r[0]), str(r[1]).upper(), str(r[2]), str(r[3]), int(r[4]), str(r[5]), r[6] or "")
-        for r in conn.execute(
-            "SELECT JobID, DestSite, State, PackageFile, FileSize, FileHash, LastError "
-            "FROM SchedulerJobs WHERE JobType = 'SWD' AND PkgID = ? AND Version = ? "
-            "ORDER BY JobID",
-            (pkg_id, version),
-        )
-    ]
 
 
 class DistributionManager(Component):
@@ -119,7 +94,7 @@ class DistributionManager(Component):
             servicing.set_distribution_state,
             pkg_id,
             self.config.site_code,
-            INSTALL_PENDING,
+            DistributionState.INSTALL_PENDING,
             version,
             "Taking package snapshot",
         )
@@ -155,7 +130,12 @@ class DistributionManager(Component):
     ) -> None:
         servicing.record_stored_package(conn, esp.package_id, version, digest)
         servicing.set_distribution_state(
-            conn, esp.package_id, self.config.site_code, INSTALLED, version, "Package stored"
+            conn,
+            esp.package_id,
+            self.config.site_code,
+            DistributionState.INSTALLED,
+            version,
+            "Package stored",
         )
         servicing.spCMUSetSiteState(
             conn, esp.package_guid, S.CONTENT_REPLICATION_SUCCESS, only_from=REPLICATING
@@ -166,7 +146,12 @@ class DistributionManager(Component):
 
         def record(conn: sqlite3.Connection) -> None:
             servicing.set_distribution_state(
-                conn, esp.package_id, self.config.site_code, INSTALL_FAILED, version, reason
+                conn,
+                esp.package_id,
+                self.config.site_code,
+                DistributionState.INSTALL_FAILED,
+                version,
+                reason,
             )
             servicing.spCMUSetSiteState(
                 conn, esp.package_guid, S.CONTENT_REPLICATION_FAILED, only_from=REPLICATING
@@ -190,8 +175,8 @@ class DistributionManager(Component):
             return
         pkg_id = esp.package_id
         async with self.pck_lock:
-            jobs = await self.db.read(_swd_jobs, pkg_id, version)
-            have = {j.dest for j in jobs if j.state != "Failed"}
+            jobs = await self.db.read(scheduler_jobs.swd_jobs, pkg_id, version)
+            have = {j.dest for j in jobs if j.state != JobState.FAILED}
             todo = [c.code for c in children if c.code not in have]
             if not todo:
                 return
@@ -199,7 +184,7 @@ class DistributionManager(Component):
             for child in todo:
                 await self._create_job(esp, version, digest, child, pck, request=None)
 
-    async def _ensure_pck(self, pkg_id: str, version: int, jobs: list[_Job]) -> PackageFile:
+    async def _ensure_pck(self, pkg_id: str, version: int, jobs: list[SwdJob]) -> PackageFile:
         """`SMSPKG/<PkgID>.PCK.<V>`, whole: kept when it still matches the last job's size and
         hash, else (missing, damaged, or no job yet to compare with) built again from the
         content library. Builds are byte-identical, so a rebuild keeps the FileHash."""
@@ -222,20 +207,10 @@ class DistributionManager(Component):
     async def _remove_old_pcks(self, pkg_id: str, version: int) -> None:
         """Older compressed copies go once no job still sends them."""
 
-        def busy(conn: sqlite3.Connection) -> set[int]:
-            return {
-                int(r[0])
-                for r in conn.execute(
-                    "SELECT DISTINCT Version FROM SchedulerJobs WHERE JobType = 'SWD' "
-                    "AND PkgID = ? AND State IN ('Pending', 'Sending')",
-                    (pkg_id,),
-                )
-            }
-
         old = [(n, p) for n, p in old_pck_versions(self.paths.smspkg, pkg_id) if n < version]
         if not old:
             return
-        sending = await self.db.read(busy)
+        sending = await self.db.read(scheduler_jobs.versions_in_flight, pkg_id)
         for n, p in old:
             if n not in sending:
                 with contextlib.suppress(FileNotFoundError):
@@ -255,32 +230,19 @@ class DistributionManager(Component):
         rel = f"SMSPKG/{pck.path.name}"
         self.say(f"Setting CMiniJob transfer root to {shown}")
 
-        def insert(conn: sqlite3.Connection) -> int | None:
-            # Checked again inside the transaction: the decision and the row are one step.
-            for job in _swd_jobs(conn, esp.package_id, version):
-                if job.dest != child:
-                    continue
-                if request is None and job.state != "Failed":
-                    return None
-                if request is not None and request in job.last_error:
-                    return None  # this very request was answered before a crash
-            cur = conn.execute(
-                "INSERT INTO SchedulerJobs (JobType, PkgID, Version, DestSite, PackageFile, "
-                "FileSize, FileHash, ContentHash, LastError) "
-                "VALUES ('SWD', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (esp.package_id, version, child, rel, pck.size, pck.sha256, digest, request),
+        job_id = await self.db.tx(
+            partial(
+                scheduler_jobs.add_swd_job,
+                pkg_id=esp.package_id,
+                version=version,
+                dest=child,
+                package_file=rel,
+                file_size=pck.size,
+                file_hash=pck.sha256,
+                content_hash=digest,
+                request=request,
             )
-            servicing.set_distribution_state(
-                conn,
-                esp.package_id,
-                child,
-                INSTALL_PENDING,
-                version,
-                f"Sending compressed copy to site {child}",
-            )
-            return int(cur.lastrowid or 0)
-
-        job_id = await self.db.tx(insert)
+        )
         if job_id is not None:
             self.say(
                 f"Created minijob to send compressed copy of package {esp.package_id} to site "
@@ -314,10 +276,14 @@ class DistributionManager(Component):
             )
             return Outcome.DONE
         async with self.pck_lock:
-            jobs = [j for j in await self.db.read(_swd_jobs, pkg_id, version) if j.dest == child]
+            jobs = [
+                j
+                for j in await self.db.read(scheduler_jobs.swd_jobs, pkg_id, version)
+                if j.dest == child
+            ]
             if any(request in j.last_error for j in jobs):
                 return Outcome.DONE  # answered before a crash: the new job exists
-            if any(j.state in IN_FLIGHT for j in jobs):
+            if any(j.state in scheduler_jobs.OPEN_STATES for j in jobs):
                 # The damaged delivery can report before its job is marked Complete; a send
                 # in progress may also deliver a good copy. Answer once it is over.
                 return Outcome.RETRY
@@ -325,7 +291,7 @@ class DistributionManager(Component):
             if len(jobs) > retries:
                 await self._give_up(esp, version, child, len(jobs) - 1)
                 return Outcome.DONE
-            all_jobs = await self.db.read(_swd_jobs, pkg_id, version)
+            all_jobs = await self.db.read(scheduler_jobs.swd_jobs, pkg_id, version)
             pck = await self._ensure_pck(pkg_id, version, all_jobs)
             await self._create_job(esp, version, esp.stored_pkg_hash, child, pck, request=request)
         return Outcome.DONE
@@ -360,7 +326,7 @@ class DistributionManager(Component):
                 conn, esp.package_guid, S.CONTENT_REPLICATION_FAILED, site_code=child
             )
             servicing.set_distribution_state(
-                conn, esp.package_id, child, INSTALL_FAILED, version, reason
+                conn, esp.package_id, child, DistributionState.INSTALL_FAILED, version, reason
             )
 
         await self.db.tx(record)

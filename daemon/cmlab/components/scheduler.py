@@ -27,17 +27,14 @@ from cmlab.site.file_replication import (
     SITE_RECOVERY,
     SWD,
     Instruction,
-    SchedulerJob,
     build_instruction,
-    fail_job,
     job_of_drop_file,
-    open_job_count,
     package_file_path,
     read_recovery_sidecar,
-    scheduler_job,
 )
 from cmlab.site.inbox import BadInput, Outcome
-from cmlab.site.sitedb import servicing
+from cmlab.site.sitedb import scheduler_jobs, servicing
+from cmlab.site.sitedb.scheduler_jobs import JobState, SchedulerJob
 
 RECOVERY_NAME = "Secondary Site Recovery"
 
@@ -50,11 +47,11 @@ class _JobView:
 
 
 def _view(conn: sqlite3.Connection, job_id: int) -> _JobView | None:
-    job = scheduler_job(conn, job_id)
+    job = scheduler_jobs.scheduler_job(conn, job_id)
     if job is None:
         return None
     esp = servicing.easy_setup_package_by_id(conn, job.pkg_id) if job.job_type == SWD else None
-    return _JobView(job, open_job_count(conn), esp)
+    return _JobView(job, scheduler_jobs.open_job_count(conn), esp)
 
 
 def _unnoticed_jobs(conn: sqlite3.Connection, tosend: Path) -> list[str]:
@@ -62,13 +59,10 @@ def _unnoticed_jobs(conn: sqlite3.Connection, tosend: Path) -> list[str]:
     its instruction still there. Only those left so for a while: a fresh change's own
     notification is normally on its way."""
     out = []
-    for job_id, state in conn.execute(
-        "SELECT JobID, State FROM SchedulerJobs WHERE State IN ('Pending', 'Complete', 'Failed') "
-        "AND Updated < strftime('%Y-%m-%d %H:%M:%f', 'now', '-2 seconds')"
-    ):
-        name = f"{int(job_id):08X}"
+    for job_id, state in scheduler_jobs.jobs_at_rest(conn):
+        name = f"{job_id:08X}"
         has_idb = (tosend / f"{name}.Idb").exists()
-        if (state == "Pending") != has_idb:
+        if (state == JobState.PENDING) != has_idb:
             out.append(name)
     return out
 
@@ -103,11 +97,11 @@ class Scheduler(Component):
             self.say(f"Job {name} is not in the job source; nothing to do.")
             return Outcome.DONE
         job = view.job
-        if job.state == "Complete":
+        if job.state == JobState.COMPLETE:
             self.say("<JOB STATUS - COMPLETE>~")
             self._remove(self.idb_path(name))
             return Outcome.DONE
-        if job.state == "Failed":
+        if job.state == JobState.FAILED:
             self.say("<JOB STATUS - FAILED>~")
             self.say(
                 f"ERROR: Job {name} ({self._describe(job)}) to site {job.dest_site} failed: "
@@ -117,7 +111,7 @@ class Scheduler(Component):
             self._remove(self.idb_path(name))
             self._remove(self.srq_path(name))
             return Outcome.DONE
-        if job.state not in ("Pending", "Sending"):
+        if job.state not in scheduler_jobs.OPEN_STATES:
             raise BadInput(f"{path.name}: job {name} has an unknown State {job.state[:40]!r}")
         self.say(f"1 jobs found in memory, {view.open_jobs} jobs found in job source.")
         try:
@@ -125,7 +119,9 @@ class Scheduler(Component):
         except ValueError as exc:
             # The job cannot be described (its package is gone, a column is damaged): it ends
             # here, and SMSDBMon's JOB for the Failed row reports it.
-            await self.db.tx(fail_job, job, f"Cannot write the instruction for job {name}: {exc}")
+            await self.db.tx(
+                scheduler_jobs.fail_job, job, f"Cannot write the instruction for job {name}: {exc}"
+            )
             return Outcome.DONE
         idb = self.idb_path(name)
         self.say(f"~Instruction file = {self.show(idb)}")
@@ -136,7 +132,7 @@ class Scheduler(Component):
         srq.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(srq, f"Job={name}\nInstruction=tosend/{name}.Idb\n")
         crashpoint("scheduler.after_srq")
-        await self.db.tx(_sending, job_id)
+        await self.db.tx(scheduler_jobs.mark_sending, job_id)
         self.say(f"<Updating JOB {name}> [{self._describe(job)}]~")
         return Outcome.DONE
 
@@ -186,11 +182,3 @@ class Scheduler(Component):
     def _remove(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-def _sending(conn: sqlite3.Connection, job_id: int) -> None:
-    conn.execute(
-        "UPDATE SchedulerJobs SET State = 'Sending', "
-        "Updated = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE JobID = ? AND State = 'Pending'",
-        (job_id,),
-    )

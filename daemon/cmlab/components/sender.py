@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,18 +40,16 @@ from cmlab.site.file_replication import (
     SWD,
     DamagedPackage,
     Instruction,
-    SchedulerJob,
     build_instruction,
-    fail_job,
     job_of_drop_file,
     package_file_ok,
     package_file_path,
     read_instruction,
-    scheduler_job,
     verify_package_file,
 )
 from cmlab.site.inbox import BadInput, InboxSpec, Outcome
-from cmlab.site.sitedb import hierarchy
+from cmlab.site.sitedb import hierarchy, scheduler_jobs
+from cmlab.site.sitedb.scheduler_jobs import SchedulerJob
 
 SRQ_MAX = 1024
 RECEIVE = ("inboxes", "despoolr.box", "receive")
@@ -196,11 +193,11 @@ class Sender(Component):
     async def on_send_request(self, path: Path) -> Outcome:
         job_id = parse_send_request(path, _read_send_request(path))
         name = f"{job_id:08X}"
-        job = await self.db.read(scheduler_job, job_id)
+        job = await self.db.read(scheduler_jobs.scheduler_job, job_id)
         if job is None:
             self.say(f"~Job {name} is not in the job source; the send request is dropped.")
             return Outcome.DONE
-        if job.state in ("Complete", "Failed"):
+        if job.state in scheduler_jobs.ENDED_STATES:
             self.say(f"~Job {name} is {job.state}; nothing to send.")
             return Outcome.DONE
         idb = self.paths.schedule_tosend / f"{name}.Idb"
@@ -233,7 +230,7 @@ class Sender(Component):
         else:
             what = f"site recovery package of site {job.pkg_id} (request {job.version})"
         self.say(f"~Finished sending {what} to site {job.dest_site}")
-        await self.db.tx(_complete, job_id)
+        await self.db.tx(scheduler_jobs.complete_job, job_id)
         self.say("~Sending completed successfully")
         return Outcome.DONE
 
@@ -281,7 +278,7 @@ class Sender(Component):
     async def _retry_or_fail(self, job: SchedulerJob, error: str) -> Outcome:
         retries = self.config.replication.sender_retries
         delay = self.config.replication.sender_retry_delay
-        attempts = await self.db.tx(_attempted, job.job_id, error)
+        attempts = await self.db.tx(scheduler_jobs.count_attempt, job.job_id, error)
         if attempts <= retries:
             self.say(
                 f"~Cannot send to site {job.dest_site}: {error}. Will retry in {delay:g} seconds "
@@ -296,7 +293,7 @@ class Sender(Component):
         return await self._give_up(job, f"Cannot send to site {job.dest_site}: {error}")
 
     async def _give_up(self, job: SchedulerJob, error: str) -> Outcome:
-        await self.db.tx(fail_job, job, error)
+        await self.db.tx(scheduler_jobs.fail_job, job, error)
         if job.job_type == SWD:
             consequence = (
                 f"Content replication of package {job.pkg_id} version {job.version} to site "
@@ -307,22 +304,3 @@ class Sender(Component):
             consequence = f"The recovery of site {job.pkg_id} was not sent."
         self.say(f"ERROR: Job {job.name} failed: {error}. {consequence}", level="error")
         return Outcome.DONE
-
-
-def _attempted(conn: sqlite3.Connection, job_id: int, error: str) -> int:
-    conn.execute(
-        "UPDATE SchedulerJobs SET Attempts = Attempts + 1, LastError = ?, "
-        "Updated = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE JobID = ?",
-        (error, job_id),
-    )
-    row = conn.execute("SELECT Attempts FROM SchedulerJobs WHERE JobID = ?", (job_id,)).fetchone()
-    return int(row[0])
-
-
-def _complete(conn: sqlite3.Connection, job_id: int) -> None:
-    conn.execute(
-        "UPDATE SchedulerJobs SET State = 'Complete', "
-        "Updated = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE JobID = ? AND State NOT IN ('Complete', 'Failed')",
-        (job_id,),
-    )

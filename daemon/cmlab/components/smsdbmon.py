@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -22,19 +21,9 @@ from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import write_atomic
 from cmlab.site.component import Component, SiteContext
 from cmlab.site.sitedb import triggers
+from cmlab.site.sitedb.triggers import Notification
 
 BATCH = 500
-
-
-@dataclass(frozen=True)
-class Notification:
-    id: int
-    trigger: str
-    table: str
-    action: str
-    key: str
-    file_name: str
-    directory: str
 
 
 class _WalWatcher(FileSystemEventHandler):
@@ -45,22 +34,6 @@ class _WalWatcher(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if os.fsdecode(event.src_path).endswith(("-wal", ".db")):
             self.loop.call_soon_threadsafe(self.wake.set)
-
-
-def _fetch(conn: sqlite3.Connection) -> list[Notification]:
-    rows = conn.execute(
-        "SELECT ID, TriggerName, TableName, Action, KeyValue, FileName, Directory "
-        "FROM TableChangeNotifications ORDER BY ID LIMIT ?",
-        (BATCH,),
-    ).fetchall()
-    return [
-        Notification(r[0], r[1], r[2], r[3], "" if r[4] is None else str(r[4]), r[5], r[6])
-        for r in rows
-    ]
-
-
-def _delete(conn: sqlite3.Connection, ids: list[int]) -> None:
-    conn.executemany("DELETE FROM TableChangeNotifications WHERE ID = ?", [(i,) for i in ids])
 
 
 class SMSDBMon(Component):
@@ -118,12 +91,12 @@ class SMSDBMon(Component):
                     break
 
     async def drain_once(self) -> int:
-        rows = await self.db.read(_fetch)
+        rows = await self.db.read(triggers.pending_notifications, BATCH)
         if not rows:
             return 0
         done = await self.in_thread(self._drop_all, rows)
         crashpoint("smsdbmon.after_drop")
-        await self.db.tx(_delete, done)
+        await self.db.tx(triggers.delete_notifications, done)
         return len(rows)
 
     def _target(self, n: Notification) -> Path | None:

@@ -29,12 +29,10 @@ Public API (the despooler imports the first two; keep their names and signatures
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import re
-import sqlite3
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +45,6 @@ from cmlab.core.strictjson import strict_loads
 from cmlab.site.cab import DEFAULT_CAB_MTIME, create_cab
 from cmlab.site.content_library import ContentLibrary
 from cmlab.site.inbox import BadInput
-from cmlab.site.sitedb import servicing
-from cmlab.site.statecodes import PackageState
 
 __all__ = [
     "INSTRUCTION_MAX",
@@ -466,66 +462,6 @@ def old_pck_versions(smspkg: Path, pkg_id: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-# -- SchedulerJobs -----------------------------------------------------------------------------
-
-OPEN_STATES = ("Pending", "Sending")
-INSTALL_FAILED = 3  # ObjectDistributionState.State
-
-
-@dataclass(frozen=True)
-class SchedulerJob:
-    """A SchedulerJobs row."""
-
-    job_id: int
-    job_type: str
-    pkg_id: str
-    version: int
-    dest_site: str
-    package_file: str  # site-relative: SMSPKG/CAS10001.PCK.1
-    file_size: int
-    file_hash: str
-    content_hash: str
-    state: str
-    attempts: int
-    last_error: str
-
-    @property
-    def name(self) -> str:
-        return job_name(self.job_id)
-
-
-def scheduler_job(conn: sqlite3.Connection, job_id: int) -> SchedulerJob | None:
-    r = conn.execute(
-        "SELECT JobID, JobType, PkgID, Version, DestSite, PackageFile, FileSize, FileHash, "
-        "ContentHash, State, Attempts, LastError FROM SchedulerJobs WHERE JobID = ?",
-        (job_id,),
-    ).fetchone()
-    if r is None:
-        return None
-    return SchedulerJob(
-        job_id=int(r[0]),
-        job_type=str(r[1]),
-        pkg_id=str(r[2]).upper(),
-        version=int(r[3]),
-        dest_site=str(r[4]).upper(),
-        package_file=str(r[5]),
-        file_size=int(r[6]),
-        file_hash=str(r[7]).upper(),
-        content_hash=str(r[8] or "").upper(),
-        state=str(r[9]),
-        attempts=int(r[10]),
-        last_error=str(r[11] or ""),
-    )
-
-
-def open_job_count(conn: sqlite3.Connection) -> int:
-    """Jobs neither Complete nor Failed: the Scheduler's "jobs found in job source"."""
-    row = conn.execute(
-        "SELECT count(*) FROM SchedulerJobs WHERE State NOT IN ('Complete', 'Failed')"
-    ).fetchone()
-    return int(row[0])
-
-
 def package_file_path(site_root: Path, package_file: str) -> Path:
     """A job's site-relative PackageFile as a path under the site; ValueError for anything
     that would leave SMSPKG (the column is ours, but a path is never taken on trust)."""
@@ -533,35 +469,6 @@ def package_file_path(site_root: Path, package_file: str) -> Path:
     if len(parts) != 2 or parts[0] != "SMSPKG" or parts[1] in ("", ".", ".."):
         raise ValueError(f"PackageFile {package_file[:80]!r} is not SMSPKG/<file>")
     return site_root / "SMSPKG" / parts[1]
-
-
-def fail_job(conn: sqlite3.Connection, job: SchedulerJob, error: str) -> bool:
-    """The job is Failed with `error` (SMSDBMon then drops its JOB for the Scheduler). For a
-    SWD job the destination site's content replication failed too: CONTENT_REPLICATION_FAILED
-    in its status row here and INSTALL_FAILED (3) in ObjectDistributionState. False when the
-    job had ended already."""
-    cur = conn.execute(
-        "UPDATE SchedulerJobs SET State = 'Failed', LastError = ?, "
-        "Updated = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE JobID = ? AND State NOT IN ('Complete', 'Failed')",
-        (error, job.job_id),
-    )
-    if cur.rowcount == 0:
-        return False
-    if job.job_type == SWD:
-        esp = servicing.easy_setup_package_by_id(conn, job.pkg_id)
-        if esp is not None and esp.package_guid:
-            with contextlib.suppress(LookupError):  # a site this database does not know
-                servicing.spCMUSetSiteState(
-                    conn,
-                    esp.package_guid,
-                    PackageState.CONTENT_REPLICATION_FAILED,
-                    site_code=job.dest_site,
-                )
-        servicing.set_distribution_state(
-            conn, job.pkg_id, job.dest_site, INSTALL_FAILED, job.version, error[:500]
-        )
-    return True
 
 
 def read_recovery_sidecar(package: Path) -> Recovery:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 
 from cmlab.components.cmupdate.install import InstallationHandlers, build_of, continues_to_install
@@ -27,7 +26,7 @@ from cmlab.site.formats.update_map import UpdateMap, decode_update_map, parse_up
 from cmlab.site.inbox import Outcome
 from cmlab.site.prereq import PrereqContext, RuleResult, Status, run_prereq_checks
 from cmlab.site.prereq.facts import DEFAULT_FACTS, validate_facts
-from cmlab.site.sitedb import servicing
+from cmlab.site.sitedb import hierarchy, servicing
 from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStage
 
 S = PackageState
@@ -50,26 +49,6 @@ class StageFailed(WorkFailed):
     def __init__(self, rule: str, message: str) -> None:
         super().__init__(message)
         self.rule = rule
-
-
-@dataclass(frozen=True)
-class SiteFacts:
-    """What CMUpdate reads of the site itself (the database), not of `[facts]`."""
-
-    build: int
-    version: str
-    top_level: bool
-
-
-def _site_facts(conn: sqlite3.Connection, site_code: str) -> SiteFacts:
-    row = conn.execute(
-        "SELECT s.BuildNumber, s.Version, sd.ParentSiteCode FROM Sites s "
-        "JOIN ServerData sd ON sd.SiteCode = s.SiteCode WHERE s.SiteCode = ?",
-        (site_code,),
-    ).fetchone()
-    if row is None:
-        raise CmlabError(f"the site database has no Sites row for {site_code}")
-    return SiteFacts(build=int(row[0]), version=str(row[1]), top_level=not row[2])
 
 
 class CMUpdate(InstallationHandlers):
@@ -127,7 +106,9 @@ class CMUpdate(InstallationHandlers):
     # -- the prerequisite check ----------------------------------------------------------------
 
     async def check_prerequisites(self, package: servicing.PendingPackage) -> None:
-        site = await self.db.read(_site_facts, self.config.site_code)
+        site = await self.db.read(hierarchy.site_version, self.config.site_code)
+        if site is None:
+            raise CmlabError(f"the site database has no Sites row for {self.config.site_code}")
         self.say(f"INFO: setup type: {SETUP_TYPE_UPGRADE}, top level: {int(site.top_level)}.")
         self.say(
             "Content replication succeeded. Start extracting the package to run prereq check..."
@@ -268,7 +249,7 @@ class CMUpdate(InstallationHandlers):
     async def run_checker(
         self,
         package: servicing.PendingPackage,
-        site: SiteFacts,
+        site: hierarchy.SiteVersion,
         staging: Path,
         update_map: UpdateMap,
     ) -> None:

@@ -24,7 +24,6 @@ rollback instead of resuming the install.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,7 +50,7 @@ from cmlab.site.installation import (
     SiteInstaller,
 )
 from cmlab.site.service_windows import is_open, next_opening
-from cmlab.site.sitedb import hierarchy, servicing
+from cmlab.site.sitedb import hierarchy, servicing, site_server
 from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStage
 
 S = PackageState
@@ -118,52 +117,6 @@ def map_file(update_map: UpdateMap, component: str, name: str) -> tuple[str, Map
             if f.name.lower() == name.lower():
                 return d.path, f
     return None
-
-
-def _service_build(conn: sqlite3.Connection, name: str) -> int | None:
-    row = conn.execute("SELECT Build FROM SiteServices WHERE ServiceName = ?", (name,)).fetchone()
-    return None if row is None or row[0] is None else int(row[0])
-
-
-def _set_service_build(conn: sqlite3.Connection, name: str, build: int) -> None:
-    conn.execute(
-        "INSERT INTO SiteServices (ServiceName, State, Build) VALUES (?, 'Running', ?) "
-        "ON CONFLICT (ServiceName) DO UPDATE SET State = 'Running', Build = excluded.Build, "
-        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE SiteServices.State <> 'Running' OR SiteServices.Build IS NOT excluded.Build",
-        (name, build),
-    )
-
-
-def _set_registry(conn: sqlite3.Connection, key: str, name: str, value: str) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO SiteRegistry (KeyPath, Name, Value) VALUES (?, ?, ?)",
-        (key, name, value),
-    )
-
-
-def _post_install_facts(conn: sqlite3.Connection, site_code: str) -> dict[str, object]:
-    services = dict(conn.execute("SELECT ServiceName, State || ':' || Build FROM SiteServices"))
-    rcm = conn.execute(
-        "SELECT Value FROM SiteRegistry WHERE KeyPath = ? AND Name = 'Build Number'", (RCM_KEY,)
-    ).fetchone()
-    triggers = conn.execute(
-        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE '%\\_HMAN' "
-        "ESCAPE '\\'"
-    ).fetchone()[0]
-    children = [
-        str(r[0])
-        for r in conn.execute(
-            "SELECT SiteCode FROM ServerData WHERE ParentSiteCode = ? ORDER BY SiteCode",
-            (site_code,),
-        )
-    ]
-    return {
-        "services": services,
-        "rcm_build": None if rcm is None else str(rcm[0]),
-        "hman_triggers": int(triggers),
-        "children": children,
-    }
 
 
 class InstallationHandlers(Component):
@@ -332,7 +285,7 @@ class InstallationHandlers(Component):
     async def self_upgrade(self, guid: str, staging: Path, target_build: int) -> bool:
         """CMUpdate replaces its own binary with the package's and restarts. True when it did
         (the caller ends the pass); False when it already runs the package's build."""
-        running = await self.db.read(_service_build, CMU_SERVICE)
+        running = await self.db.read(site_server.service_build, CMU_SERVICE)
         if running == target_build:
             self.say(f"{CMU_SERVICE} is already running build {target_build}.")
             return False
@@ -359,7 +312,7 @@ class InstallationHandlers(Component):
         await self.set_state(guid, S.INSTALL_CMU_STARTED)
         self.say(f"{CMU_SERVICE} service is starting...")
         self.say(f"Microsoft Microsoft Configuration Manager v5.00 (Build {build})")
-        await self.db.tx(_set_service_build, CMU_SERVICE, build)
+        await self.db.tx(site_server.set_service_build, CMU_SERVICE, build)
         await self.set_state(guid, S.INSTALL_CMU_SUCCESS)
         return True
 
@@ -496,7 +449,9 @@ class InstallationHandlers(Component):
             f"Copying contents of update package from {self.show(staging)} to {self.show(dest)}"
         )
         await self.in_thread(copy_tree_durable, staging, dest)
-        await self.db.tx(_set_registry, SETUP_KEY, EXTERNAL_FILES, self.show(dest / "redist"))
+        await self.db.tx(
+            site_server.set_registry_value, SETUP_KEY, EXTERNAL_FILES, self.show(dest / "redist")
+        )
         self.say(
             "successfully updated setup registry to have new external files stored at "
             f"{self.show(dest / 'redist')}"
@@ -516,7 +471,7 @@ class InstallationHandlers(Component):
         await self.in_thread(copy_tree_durable, source, dest)
 
     async def post_install_checks(self, target_build: int) -> None:
-        facts = await self.db.read(_post_install_facts, self.config.site_code)
+        facts = await self.db.read(site_server.post_install_facts, self.config.site_code, RCM_KEY)
         services: dict[str, str] = facts["services"]  # type: ignore[assignment]
         x64 = self.paths.root / "bin" / "x64"
 

@@ -179,7 +179,7 @@ class EasySetupHandlers(Component):
         states = {
             k.upper(): v for k, v in (await self.db.tx(servicing.spProcessCMUPackages)).items()
         }
-        row = await self.db.read(_state_and_flag, guid)
+        row = await self.db.read(servicing.package_state_and_flag, guid)
         if row is None:
             return Outcome.DONE  # the update is gone (reset): nothing to watch
         parent = await self.db.read(hierarchy.parent_site)
@@ -220,10 +220,3 @@ class EasySetupHandlers(Component):
         write_atomic(box / name, b"")
         self.say(f"Created notification file ({name}) for {CMUPDATE}")
         self.say("There are update package in progress. Cleanup will skip this time.")
-
-
-def _state_and_flag(conn: sqlite3.Connection, guid: str) -> tuple[int, int] | None:
-    row = conn.execute(
-        "SELECT State, Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", (guid,)
-    ).fetchone()
-    return None if row is None else (int(row[0]), int(row[1]))

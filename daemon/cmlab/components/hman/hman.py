@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,8 +27,7 @@ from cmlab.site.formats.manifest import (
     parse_manifest,
 )
 from cmlab.site.inbox import BadInput, Outcome, quarantine
-from cmlab.site.sitedb import connect, procs, split_statements
-from cmlab.site.sitedb.functions import tsql_to_sqlite
+from cmlab.site.sitedb import procs, scripts
 from cmlab.site.statecodes import PackageState
 
 MANIFEST_CAB_NAME = "ConfigMgr.Update.Manifest.CAB"
@@ -353,18 +351,16 @@ class HierarchyManager(EasySetupHandlers, PostInstallHandlers, SecondarySiteHand
         """Run a package's applicability script read-only against the site database. The last
         statement's first column says: 1 applicable, 0 not applicable, 2 hidden (superseded)."""
         messages: list[str] = []
-        conn = connect(self.paths.db_file, self.config.site_code, print_sink=messages.append)
-        deadline = time.monotonic() + APPLICABILITY_TIMEOUT
-        conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+        conn = scripts.connect_for_script(
+            self.paths.db_file,
+            self.config.site_code,
+            timeout=APPLICABILITY_TIMEOUT,
+            print_sink=messages.append,
+        )
         try:
-            conn.execute("PRAGMA query_only = 1")
-            value: object = None
-            statements = split_statements(sql)
+            statements, value = scripts.run_script(conn, sql)
             if not statements:
                 return Applicability(PackageState.APPLICABILITY_FAILED, (), "the script is empty")
-            for stmt in statements:
-                row = conn.execute(tsql_to_sqlite(stmt)).fetchone()
-                value = None if row is None or len(row) == 0 else row[0]
         except sqlite3.Error as exc:
             return Applicability(
                 PackageState.APPLICABILITY_FAILED, tuple(messages), f"SQL error: {exc}"

@@ -19,7 +19,6 @@ ends the same.
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 from pathlib import Path
 
@@ -28,8 +27,7 @@ from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import copy_file_durable, copy_tree_durable
 from cmlab.site.component import Component, SiteContext
 from cmlab.site.inbox import BadInput, Outcome
-from cmlab.site.sitedb import servicing
-from cmlab.site.sitedb.procs import local_site_number
+from cmlab.site.sitedb import servicing, site_server
 from cmlab.site.statecodes import IsComplete, PackageState, SubStage
 
 S = PackageState
@@ -37,87 +35,9 @@ INSTALLED_ESC = "196612.ESC"
 INTEROP_MODE = 0
 CCMSETUP = "ccmsetup.exe"
 
-# The installation stage's states (0x3xxxx) but its failures: an update in one of these is
-# being installed, so a 196612.ESC that arrives now is early.
-INSTALLING_STATES = tuple(
-    s
-    for s in PackageState
-    if s >> 16 == 3 and s != S.INSTALL_SUCCESS and s not in servicing.FAILED_STATES
-)
-
 
 class ClientFilesError(WorkFailed):
     """`SITE/CMUClient` cannot be used as the source of the client packages."""
-
-
-def client_upgrade_ids(site_code: str) -> dict[str, str]:
-    """The IDs of the client packages and deployments a site creates at its installation."""
-    return {
-        "FullClientPackageID": f"{site_code}00004",
-        "StagingClientPackageID": f"{site_code}00008",
-        "ClientUpgradePackageID": f"{site_code}00005",
-        "PilotingUpgradePackageID": f"{site_code}00009",
-        "ClientUpgradeAdvertisementID": f"{site_code}20000",
-    }
-
-
-def piloting_advertisement_id(site_code: str) -> str:
-    return f"{site_code}20001"
-
-
-SETTINGS_COLUMNS = (
-    "FullClientPackageID",
-    "StagingClientPackageID",
-    "ClientUpgradePackageID",
-    "PilotingUpgradePackageID",
-    "ClientUpgradeAdvertisementID",
-    "ClientPilotingAdvertisementID",
-)
-
-
-def load_client_upgrade_settings(
-    conn: sqlite3.Connection, site_code: str, piloting: bool
-) -> dict[str, str | None]:
-    """The site's ClientUpgradeSettings row, seeded on first use; the piloting deployment
-    exists only while piloting is on."""
-    ids = client_upgrade_ids(site_code)
-    conn.execute(
-        "INSERT OR IGNORE INTO ClientUpgradeSettings (SiteCode, "
-        + ", ".join(ids)
-        + ") VALUES (?, "
-        + ", ".join("?" for _ in ids)
-        + ")",
-        (site_code, *ids.values()),
-    )
-    wanted = piloting_advertisement_id(site_code) if piloting else None
-    conn.execute(
-        "UPDATE ClientUpgradeSettings SET ClientPilotingAdvertisementID = ?, "
-        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE SiteCode = ? AND ClientPilotingAdvertisementID IS NOT ?",
-        (wanted, site_code, wanted),
-    )
-    row = conn.execute(
-        f"SELECT {', '.join(SETTINGS_COLUMNS)} FROM ClientUpgradeSettings WHERE SiteCode = ?",
-        (site_code,),
-    ).fetchone()
-    return {k: (None if v is None else str(v)) for k, v in zip(SETTINGS_COLUMNS, row, strict=True)}
-
-
-def current_install(conn: sqlite3.Connection) -> tuple[str, int] | None:
-    """The update being installed or last installed at this site: the newest state change
-    among the installation states and INSTALL_SUCCESS (failed installations are left out).
-    This site's own status row counts first: the package's state is a roll-up that lags
-    behind it (and stands still while install steps 5-13 have SMSDBMon's triggers removed)."""
-    states = ", ".join(str(int(s)) for s in (*INSTALLING_STATES, S.INSTALL_SUCCESS))
-    row = conn.execute(
-        "SELECT p.PackageGuid, COALESCE(ss.State, p.State) AS SiteState "
-        "FROM CM_UpdatePackages p LEFT JOIN CM_UpdatePackageSiteStatus ss "
-        "ON ss.PackageGuid = p.PackageGuid AND ss.SiteNumber = ? "
-        f"WHERE SiteState IN ({states}) "
-        "ORDER BY COALESCE(ss.UpdateTime, p.LastUpdateTime) DESC, p.FullVersion DESC LIMIT 1",
-        (local_site_number(conn),),
-    ).fetchone()
-    return None if row is None else (str(row[0]), int(row[1]))
 
 
 def find_ccmsetup(source: Path) -> Path:
@@ -153,7 +73,7 @@ class PostInstallHandlers(Component):
         self._postinstall_warned: dict[str, int] = {}
 
     async def on_installed(self, path: Path) -> Outcome:
-        found = await self.db.read(current_install)
+        found = await self.db.read(servicing.current_install)
         if found is not None and found[1] != S.INSTALL_SUCCESS:
             if self._postinstall_warned.get(path.name) == found[1]:
                 return Outcome.RETRY
@@ -183,7 +103,7 @@ class PostInstallHandlers(Component):
     async def update_client_packages(self, guid: str) -> None:
         code = self.config.site_code
         piloting = self.config.client_piloting
-        settings = await self.db.tx(load_client_upgrade_settings, code, piloting)
+        settings = await self.db.tx(site_server.load_client_upgrade_settings, code, piloting)
         self.say(
             "Loaded client upgrade settings from DB successfully. "
             + ", ".join(f"{k}={v if v is not None else '(null)'}" for k, v in settings.items())

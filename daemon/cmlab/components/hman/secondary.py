@@ -2,10 +2,11 @@
 
 Secondary sites are never updated automatically: after a primary site installs an update, the
 administrator runs Recover Secondary Site (`cmlab recover-secondary PRIMARY_DIR SITECODE`,
-`request_secondary_recovery` below), which raises SecondarySiteRecovery.RequestNumber at the
-primary. SMSDBMon drops `<SiteCode>.RSS` into hman.box; HMAN packs the primary's `bin/x64`
-files as `SMSPKG/<SiteCode>.RCV.<n>` and adds a SiteRecovery job for the Scheduler and Sender,
-which deliver it to the secondary's despooler (cmlab.components.despooler reinstalls the site).
+`request_secondary_recovery` in cmlab.site.sitedb.recovery, which also holds this handler's
+queries), which raises SecondarySiteRecovery.RequestNumber at the primary. SMSDBMon drops
+`<SiteCode>.RSS` into hman.box; HMAN packs the primary's `bin/x64` files as
+`SMSPKG/<SiteCode>.RCV.<n>` and adds a SiteRecovery job for the Scheduler and Sender, which
+deliver it to the secondary's despooler (cmlab.components.despooler reinstalls the site).
 
 The instruction carries the version the secondary is reinstalled at and the updates the
 primary has installed (`Recovery`). The job row has no column for them, so HMAN writes them
@@ -20,8 +21,8 @@ so that a crash before the transaction leaves only files the next run rewrites.
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from cmlab.core.errors import CmlabError
@@ -29,122 +30,15 @@ from cmlab.core.fs import make_tmp_dir, remove_path, write_atomic
 from cmlab.core.hashing import folder_hash
 from cmlab.site.cab import extract_cab
 from cmlab.site.component import Component
-from cmlab.site.file_replication import SITE_RECOVERY, build_package_file, job_name
+from cmlab.site.file_replication import build_package_file, job_name
 from cmlab.site.inbox import BadInput, Outcome
 from cmlab.site.installation import INSTALL_DIR, installed_build
-from cmlab.site.sitedb import hierarchy
-from cmlab.site.statecodes import PackageState
-
-INSTALL_SUCCESS = int(PackageState.INSTALL_SUCCESS)
-REQUESTED, SENT, FAILED = "Requested", "Sent", "Failed"
-
-
-@dataclass(frozen=True)
-class RecoveryRequest:
-    site_code: str
-    number: int
-    state: str
-
-
-@dataclass(frozen=True)
-class LocalVersion:
-    version: str
-    full_version: str
-    build: int  # the Sites row's
-    installed_updates: tuple[str, ...]
+from cmlab.site.sitedb import recovery, scheduler_jobs
 
 
 def rcv_name(site_code: str, number: int) -> str:
     """`SEC.RCV.1`: the package of a secondary site's recovery request, in SMSPKG."""
     return f"{site_code.upper()}.RCV.{number}"
-
-
-def secondary_problem(conn: sqlite3.Connection, site_code: str) -> str | None:
-    """Why this site cannot recover `site_code` (None when it can): only a primary site
-    recovers, and only its own direct secondary sites."""
-    code = site_code.upper()
-    local = hierarchy.local_site(conn)
-    if local.site_type != hierarchy.PRIMARY:
-        return (
-            f"{local.code} is a {local.role} site; Recover Secondary Site runs at the secondary "
-            "site's parent primary site"
-        )
-    site = hierarchy.site_by_code(conn, code)
-    if site is None:
-        return f"site {code} is not known at {local.code} (no ServerData row)"
-    if site.site_type != hierarchy.SECONDARY:
-        return f"site {code} is a {site.role} site, not a secondary site"
-    if site.parent != local.code:
-        return f"secondary site {code} is a child of {site.parent}, not of {local.code}"
-    return None
-
-
-def request_secondary_recovery(conn: sqlite3.Connection, site_code: str) -> int:
-    """The console's Recover Secondary Site, inside the caller's transaction at the primary:
-    a new request number for `site_code` (whose change makes SMSDBMon drop `<SiteCode>.RSS`).
-    Returns the request number; LookupError when `site_code` is not a secondary site of this
-    primary site."""
-    code = site_code.upper()
-    problem = secondary_problem(conn, code)
-    if problem is not None:
-        raise LookupError(f"Cannot recover secondary site {code}: {problem}")
-    conn.execute(
-        "INSERT INTO SecondarySiteRecovery (SiteCode, RequestNumber, State, Detail) "
-        "VALUES (?, 1, ?, NULL) ON CONFLICT (SiteCode) DO UPDATE SET "
-        "RequestNumber = RequestNumber + 1, State = excluded.State, Detail = NULL, "
-        "RequestTime = strftime('%Y-%m-%d %H:%M:%f', 'now')",
-        (code, REQUESTED),
-    )
-    row = conn.execute(
-        "SELECT RequestNumber FROM SecondarySiteRecovery WHERE SiteCode = ?", (code,)
-    ).fetchone()
-    return int(row[0])
-
-
-def _request(conn: sqlite3.Connection, site_code: str) -> RecoveryRequest | None:
-    row = conn.execute(
-        "SELECT SiteCode, RequestNumber, State FROM SecondarySiteRecovery WHERE SiteCode = ?",
-        (site_code,),
-    ).fetchone()
-    return None if row is None else RecoveryRequest(str(row[0]).upper(), int(row[1]), str(row[2]))
-
-
-def _job_of(conn: sqlite3.Connection, site_code: str, number: int) -> int | None:
-    row = conn.execute(
-        "SELECT JobID FROM SchedulerJobs WHERE JobType = ? AND PkgID = ? AND Version = ? "
-        "ORDER BY JobID LIMIT 1",
-        (SITE_RECOVERY, site_code, number),
-    ).fetchone()
-    return None if row is None else int(row[0])
-
-
-def _local_version(conn: sqlite3.Connection) -> LocalVersion:
-    local = hierarchy.local_site(conn)
-    row = conn.execute(
-        "SELECT Version, FullVersion, BuildNumber FROM Sites WHERE SiteCode = ?", (local.code,)
-    ).fetchone()
-    if row is None:
-        raise CmlabError(f"the site database has no Sites row for this site {local.code}")
-    guids = tuple(
-        str(r[0]).upper()
-        for r in conn.execute(
-            "SELECT PackageGuid FROM CM_UpdatePackageSiteStatus WHERE SiteNumber = ? AND "
-            "State = ? ORDER BY upper(PackageGuid)",
-            (local.number, INSTALL_SUCCESS),
-        )
-    )
-    return LocalVersion(str(row[0]), str(row[1]), int(row[2]), guids)
-
-
-def _set_state(
-    conn: sqlite3.Connection, site_code: str, number: int, state: str, detail: str
-) -> None:
-    # Only the request this run handled: a newer request (a new RSS) keeps its own state.
-    conn.execute(
-        "UPDATE SecondarySiteRecovery SET State = ?, Detail = ? "
-        "WHERE SiteCode = ? AND RequestNumber = ?",
-        (state, detail, site_code, number),
-    )
 
 
 @dataclass(frozen=True)
@@ -168,50 +62,6 @@ def _pack(bin_dir: Path, rcv: Path) -> _Packed:
     return _Packed(packed.size, packed.sha256, digest)
 
 
-def _add_job(
-    conn: sqlite3.Connection,
-    site_code: str,
-    number: int,
-    package_file: str,
-    packed: _Packed,
-) -> tuple[int, bool]:
-    """The SiteRecovery job (unless the request has one) and the request's state, in one
-    transaction. Returns (JobID, whether it is new)."""
-    existing = _job_of(conn, site_code, number)
-    if existing is not None:
-        return existing, False
-    cur = conn.execute(
-        "INSERT INTO SchedulerJobs (JobType, PkgID, Version, DestSite, PackageFile, FileSize, "
-        "FileHash, ContentHash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            SITE_RECOVERY,
-            site_code,
-            number,
-            site_code,
-            package_file,
-            packed.size,
-            packed.sha256,
-            packed.content_hash,
-        ),
-    )
-    _set_state(conn, site_code, number, SENT, f"job {job_name(int(cur.lastrowid or 0))}")
-    return int(cur.lastrowid or 0), True
-
-
-def _unnoticed_requests(conn: sqlite3.Connection) -> list[str]:
-    """Requests still Requested a while after they were made: their `.RSS` normally comes
-    within a second; one made while this site's installation had SMSDBMon's triggers removed
-    (install steps 5 to 13) never does."""
-    return [
-        str(r[0]).upper()
-        for r in conn.execute(
-            "SELECT SiteCode FROM SecondarySiteRecovery WHERE State = ? "
-            "AND RequestTime < strftime('%Y-%m-%d %H:%M:%f', 'now', '-2 seconds')",
-            (REQUESTED,),
-        )
-    ]
-
-
 class SecondarySiteHandlers(Component):
     """Mixed into HierarchyManager."""
 
@@ -220,7 +70,7 @@ class SecondarySiteHandlers(Component):
         self.every(self.config.intervals.rescan, self._sweep_requests, "read the recovery requests")
 
     async def _sweep_requests(self) -> None:
-        for code in await self.db.read(_unnoticed_requests):
+        for code in await self.db.read(recovery.unnoticed_requests):
             self.wake(
                 self.paths.hman_box / f"{code}.RSS",
                 f"Recover secondary site {code}: request found without a notification.",
@@ -230,7 +80,7 @@ class SecondarySiteHandlers(Component):
         code = path.name[: -len(".RSS")].upper()
         if len(code) != 3 or not code.isalnum() or not code.isascii():
             raise BadInput(f"{path.name}: the file name is not <SiteCode>.RSS")
-        request = await self.db.read(_request, code)
+        request = await self.db.read(recovery.recovery_request, code)
         if request is None:
             self.say(
                 f"ERROR: Recover secondary site {code}: no recovery was requested for it "
@@ -239,10 +89,10 @@ class SecondarySiteHandlers(Component):
             )
             return Outcome.DONE
         number = request.number
-        problem = await self.db.read(secondary_problem, code)
+        problem = await self.db.read(recovery.secondary_problem, code)
         if problem is not None:
             return await self._refuse(code, number, problem)
-        job = await self.db.read(_job_of, code, number)
+        job = await self.db.read(scheduler_jobs.recovery_job, code, number)
         if job is not None:
             # A replayed notification: the request is packed and queued already.
             self.say(
@@ -250,7 +100,7 @@ class SecondarySiteHandlers(Component):
                 f"{job_name(job)}."
             )
             return Outcome.DONE
-        local = await self.db.read(_local_version)
+        local = await self.db.read(recovery.local_version)
         build = await self.in_thread(installed_build, self.paths.root)
         if build != local.build:
             return await self._refuse(
@@ -266,7 +116,7 @@ class SecondarySiteHandlers(Component):
         )
         rcv = self.paths.smspkg / rcv_name(code, number)
         bin_dir = self.paths.root.joinpath(*INSTALL_DIR)
-        recovery = {
+        sidecar = {
             "Build": build,
             "Version": local.version,
             "FullVersion": local.full_version,
@@ -279,7 +129,7 @@ class SecondarySiteHandlers(Component):
             await self.in_thread(
                 write_atomic,
                 rcv.with_name(rcv.name + ".json"),
-                json.dumps(recovery, indent=1) + "\n",
+                json.dumps(sidecar, indent=1) + "\n",
             )
         except CmlabError as exc:
             return await self._refuse(code, number, f"cannot pack {self.show(bin_dir)}: {exc}")
@@ -288,15 +138,27 @@ class SecondarySiteHandlers(Component):
             f"{self.show(bin_dir)}; content hash {packed.content_hash}."
         )
         package_file = f"SMSPKG/{rcv.name}"
-        job, new = await self.db.tx(_add_job, code, number, package_file, packed)
+        job_id, new = await self.db.tx(
+            partial(
+                recovery.queue_recovery_job,
+                site_code=code,
+                number=number,
+                package_file=package_file,
+                file_size=packed.size,
+                file_hash=packed.sha256,
+                content_hash=packed.content_hash,
+            )
+        )
         if new:
             self.say(
-                f"Created site recovery job {job_name(job)} to send {self.show(rcv)} to site "
+                f"Created site recovery job {job_name(job_id)} to send {self.show(rcv)} to site "
                 f"{code} (request {number}, {len(local.installed_updates)} installed updates)."
             )
         return Outcome.DONE
 
     async def _refuse(self, code: str, number: int, problem: str) -> Outcome:
         self.say(f"ERROR: Recover secondary site {code}: {problem}.", level="error")
-        await self.db.tx(_set_state, code, number, FAILED, problem)
+        await self.db.tx(
+            recovery.set_recovery_state, code, number, recovery.RecoveryState.FAILED, problem
+        )
         return Outcome.DONE

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,28 @@ class transaction:
             self.conn.execute("COMMIT")
         else:
             self.conn.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def connected(
+    db_file: Path, site_code: str, *, durability: str = "process"
+) -> Iterator[sqlite3.Connection]:
+    """A connection for one command (`connect`), closed on every path."""
+    conn = connect(db_file, site_code, durability=durability)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def one_transaction(
+    db_file: Path, site_code: str, *, durability: str = "process"
+) -> Iterator[sqlite3.Connection]:
+    """connect, BEGIN IMMEDIATE ... COMMIT (ROLLBACK when the block raises), close: an
+    administrator's action as one transaction, as the commands run them."""
+    with connected(db_file, site_code, durability=durability) as conn, transaction(conn):
+        yield conn
 
 
 def create_site_db(

@@ -164,3 +164,25 @@ def set_site_version(
         ),
     )
     return cur.rowcount > 0
+
+
+@dataclass(frozen=True)
+class SiteVersion:
+    """A site's version as its Sites row says, and whether it is a top-level site."""
+
+    version: str
+    full_version: str
+    build: int
+    top_level: bool  # it has no parent site
+
+
+def site_version(conn: sqlite3.Connection, code: str) -> SiteVersion | None:
+    """None when the site has no Sites (or no ServerData) row."""
+    row = conn.execute(
+        "SELECT s.Version, s.FullVersion, s.BuildNumber, sd.ParentSiteCode FROM Sites s "
+        "JOIN ServerData sd ON sd.SiteCode = s.SiteCode WHERE s.SiteCode = ?",
+        (code,),
+    ).fetchone()
+    if row is None:
+        return None
+    return SiteVersion(str(row[0]), str(row[1]), int(row[2]), top_level=not row[3])

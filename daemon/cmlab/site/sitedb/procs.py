@@ -12,16 +12,14 @@ from dataclasses import dataclass
 
 from cmlab.site.statecodes import IsComplete, PackageState, SubStage
 
-S = PackageState
-
 # States the applicability check may (re)write: a package that went further is left alone.
 APPLICABILITY_STATES = (
-    S.UNKNOWN,
-    S.APPLICABILITY_CHECKING,
-    S.APPLICABILITY_SUCCESS,
-    S.APPLICABILITY_HIDE,
-    S.APPLICABILITY_NA,
-    S.APPLICABILITY_FAILED,
+    PackageState.UNKNOWN,
+    PackageState.APPLICABILITY_CHECKING,
+    PackageState.APPLICABILITY_SUCCESS,
+    PackageState.APPLICABILITY_HIDE,
+    PackageState.APPLICABILITY_NA,
+    PackageState.APPLICABILITY_FAILED,
 )
 
 
@@ -88,7 +86,7 @@ def spCMUUpsertManifestPackage(conn: sqlite3.Connection, p: ManifestPackageRow) 
             "ContentHash, PayloadHash, RedistManifestUrl, LanguagePackManifestUrl, "
             "ApplicabilityCheck, ApplicabilityHash, DateReleased, State) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (p.guid, *values, int(S.APPLICABILITY_CHECKING)),
+            (p.guid, *values, int(PackageState.APPLICABILITY_CHECKING)),
         )
         return True
     if int(row[0]) not in APPLICABILITY_STATES:
@@ -100,7 +98,7 @@ def spCMUUpsertManifestPackage(conn: sqlite3.Connection, p: ManifestPackageRow) 
         "LanguagePackManifestUrl = ?, "
         "ApplicabilityCheck = ?, ApplicabilityHash = ?, DateReleased = ?, State = ?, "
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
-        (*values, int(S.APPLICABILITY_CHECKING), p.guid),
+        (*values, int(PackageState.APPLICABILITY_CHECKING), p.guid),
     )
     return True
 
@@ -132,14 +130,18 @@ def spCMUSetUpdatePackageState(conn: sqlite3.Connection, guid: str, state: int) 
         "UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now')",
         (guid, site, int(state)),
     )
-    if int(state) in (S.DOWNLOAD_SUCCESS, S.DOWNLOAD_FAILED):
+    if int(state) in (PackageState.DOWNLOAD_SUCCESS, PackageState.DOWNLOAD_FAILED):
         conn.execute("DELETE FROM CM_UpdatePackagesToDownload WHERE PackageGuid = ?", (guid,))
     return True
 
 
 # States from which an administrator (or auto-download) may start a download: "Available to
 # download", a failed download to retry, or one in progress to re-request (a no-op).
-DOWNLOADABLE_STATES = (S.APPLICABILITY_SUCCESS, S.DOWNLOAD_FAILED, S.DOWNLOAD_IN_PROGRESS)
+DOWNLOADABLE_STATES = (
+    PackageState.APPLICABILITY_SUCCESS,
+    PackageState.DOWNLOAD_FAILED,
+    PackageState.DOWNLOAD_IN_PROGRESS,
+)
 
 
 class NotDownloadable(LookupError):
@@ -173,7 +175,7 @@ def newest_applicable(conn: sqlite3.Connection, guids: Iterable[str]) -> str | N
     for guid in guids:
         row = conn.execute(
             "SELECT FullVersion FROM CM_UpdatePackages WHERE PackageGuid = ? AND State = ?",
-            (guid, int(S.APPLICABILITY_SUCCESS)),
+            (guid, int(PackageState.APPLICABILITY_SUCCESS)),
         ).fetchone()
         if row is None:
             continue

@@ -2,10 +2,15 @@
 names: InitiateUpgrade, sp_UpdateEasySetupSettings, spCMUGetPendingUpdatePackage,
 spCMUAddPrereqMessage, spProcessCMUPackages / spProcessCMU, RetryContentReplication.
 
+Beside them, the rows these stages share with the components that do the work: the Easy
+Setup Package's distribution (SMSPackages, EasySetupSettings, ObjectDistributionState, at the
+top-level site and at a child site's despooler) and the update being installed.
+
 Like `procs`, each runs inside the caller's transaction and is safe to replay."""
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 from dataclasses import dataclass
 
@@ -13,58 +18,70 @@ from cmlab.site.sitedb import hierarchy
 from cmlab.site.sitedb.procs import local_site_number
 from cmlab.site.statecodes import PackageFlag, PackageState
 
-S = PackageState
-
 EASY_SETUP_PACKAGE_NAME = "Configuration Manager Easy Setup Package"
 EASY_SETUP_FLAG = 2  # StorePkgFlag: "set to replicate to site servers only"
+
+
+class DistributionState(enum.IntEnum):
+    """ObjectDistributionState.State, as ConfigMgr numbers them."""
+
+    INSTALLED = 0
+    INSTALL_PENDING = 1
+    INSTALL_RETRYING = 2
+    INSTALL_FAILED = 3
+
 
 # InitiateUpgrade (Install, Run prerequisite check) is offered for a package that is ready to
 # install, or whose last replication, check or installation ended, so it can be run again.
 INITIATE_STATES = (
-    S.DOWNLOAD_SUCCESS,
-    S.ENABLED,
-    S.CONTENT_REPLICATION_FAILED,
-    S.PREREQ_SUCCESS,
-    S.PREREQ_WARNING,
-    S.PREREQ_ERROR,
-    S.INSTALL_FAILED,
-    S.INSTALL_CMU_FAILED,
+    PackageState.DOWNLOAD_SUCCESS,
+    PackageState.ENABLED,
+    PackageState.CONTENT_REPLICATION_FAILED,
+    PackageState.PREREQ_SUCCESS,
+    PackageState.PREREQ_WARNING,
+    PackageState.PREREQ_ERROR,
+    PackageState.INSTALL_FAILED,
+    PackageState.INSTALL_CMU_FAILED,
 )
 
 # An update in one of these states is "in progress": ConfigMgr runs one at a time.
 IN_PROGRESS_STATES = (
-    S.ENABLED,
-    S.CONTENT_REPLICATING,
-    S.CONTENT_REPLICATION_SUCCESS,
-    S.PREREQ_IN_PROGRESS,
-    S.INSTALL_IN_PROGRESS,
-    S.INSTALL_WAITING_SERVICE_WINDOW,
-    S.INSTALL_WAITING_PARENT,
-    S.INSTALL_CMU_VALIDATING,
-    S.INSTALL_CMU_STOPPED,
-    S.INSTALL_CMU_INSTALLFILES,
-    S.INSTALL_CMU_STARTED,
-    S.INSTALL_CMU_SUCCESS,
-    S.INSTALL_WAITING_CMU,
-    S.INSTALL_INSTALLFILES,
-    S.INSTALL_UPGRADESITECTRLIMAGE,
-    S.INSTALL_CONFIGURESERVICEBROKER,
-    S.INSTALL_INSTALLSYSTEM,
-    S.INSTALL_CONSOLE,
-    S.INSTALL_INSTALLBASESERVICES,
-    S.INSTALL_UPDATE_SITES,
-    S.INSTALL_SSB_ACTIVATION_ON,
-    S.INSTALL_UPGRADEDATABASE,
-    S.INSTALL_UPDATEADMINCONSOLE,
+    PackageState.ENABLED,
+    PackageState.CONTENT_REPLICATING,
+    PackageState.CONTENT_REPLICATION_SUCCESS,
+    PackageState.PREREQ_IN_PROGRESS,
+    PackageState.INSTALL_IN_PROGRESS,
+    PackageState.INSTALL_WAITING_SERVICE_WINDOW,
+    PackageState.INSTALL_WAITING_PARENT,
+    PackageState.INSTALL_CMU_VALIDATING,
+    PackageState.INSTALL_CMU_STOPPED,
+    PackageState.INSTALL_CMU_INSTALLFILES,
+    PackageState.INSTALL_CMU_STARTED,
+    PackageState.INSTALL_CMU_SUCCESS,
+    PackageState.INSTALL_WAITING_CMU,
+    PackageState.INSTALL_INSTALLFILES,
+    PackageState.INSTALL_UPGRADESITECTRLIMAGE,
+    PackageState.INSTALL_CONFIGURESERVICEBROKER,
+    PackageState.INSTALL_INSTALLSYSTEM,
+    PackageState.INSTALL_CONSOLE,
+    PackageState.INSTALL_INSTALLBASESERVICES,
+    PackageState.INSTALL_UPDATE_SITES,
+    PackageState.INSTALL_SSB_ACTIVATION_ON,
+    PackageState.INSTALL_UPGRADEDATABASE,
+    PackageState.INSTALL_UPDATEADMINCONSOLE,
 )
 
 FAILED_STATES = (
-    S.CONTENT_REPLICATION_FAILED,
-    S.PREREQ_ERROR,
-    S.INSTALL_FAILED,
-    S.INSTALL_CMU_FAILED,
+    PackageState.CONTENT_REPLICATION_FAILED,
+    PackageState.PREREQ_ERROR,
+    PackageState.INSTALL_FAILED,
+    PackageState.INSTALL_CMU_FAILED,
 )
-PREREQ_RESULTS = (S.PREREQ_SUCCESS, S.PREREQ_WARNING, S.PREREQ_ERROR)
+PREREQ_RESULTS = (
+    PackageState.PREREQ_SUCCESS,
+    PackageState.PREREQ_WARNING,
+    PackageState.PREREQ_ERROR,
+)
 
 
 def _in(states: tuple[PackageState, ...]) -> str:
@@ -76,8 +93,8 @@ def _in(states: tuple[PackageState, ...]) -> str:
 # the installation is starting or the roll-up has not caught up with the sites yet.
 def _goes_on_to_install(state: str, flag: str) -> str:
     return (
-        f"(({state} = {int(S.PREREQ_SUCCESS)} AND {flag} IN (0, 2)) "
-        f"OR ({state} = {int(S.PREREQ_WARNING)} AND {flag} = 2))"
+        f"(({state} = {int(PackageState.PREREQ_SUCCESS)} AND {flag} IN (0, 2)) "
+        f"OR ({state} = {int(PackageState.PREREQ_WARNING)} AND {flag} = 2))"
     )
 
 
@@ -157,7 +174,7 @@ def _start_run(conn: sqlite3.Connection, guid: str) -> None:
     conn.execute(
         "UPDATE CM_UpdatePackages SET State = ?, RunNumber = RunNumber + 1, "
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PackageGuid = ?",
-        (int(S.ENABLED), guid),
+        (int(PackageState.ENABLED), guid),
     )
     _restart_sites(conn, guid)
 
@@ -172,13 +189,13 @@ def _restart_sites(conn: sqlite3.Connection, guid: str) -> None:
         "RunNumber = p.RunNumber, UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
         "FROM (SELECT Flag, RunNumber FROM CM_UpdatePackages WHERE PackageGuid = ?) AS p "
         "WHERE PackageGuid = ? AND State <> ?",
-        (int(S.ENABLED), guid, guid, int(S.INSTALL_SUCCESS)),
+        (int(PackageState.ENABLED), guid, guid, int(PackageState.INSTALL_SUCCESS)),
     )
     conn.execute(
         "UPDATE CM_UpdatePackageSiteStatus SET RunNumber = "
         "(SELECT RunNumber FROM CM_UpdatePackages WHERE PackageGuid = ?) "
         "WHERE PackageGuid = ? AND State = ?",
-        (guid, guid, int(S.INSTALL_SUCCESS)),
+        (guid, guid, int(PackageState.INSTALL_SUCCESS)),
     )
     conn.execute(
         "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, Flag, RunNumber) "
@@ -186,7 +203,7 @@ def _restart_sites(conn: sqlite3.Connection, guid: str) -> None:
         "ServerData sd WHERE p.PackageGuid = ? AND sd.SiteType IN (?, ?) "
         "AND sd.ID <> (SELECT ID FROM ServerData WHERE IsLocal = 1) "
         "ON CONFLICT (PackageGuid, SiteNumber) DO NOTHING",
-        (int(S.ENABLED), guid, hierarchy.CAS, hierarchy.PRIMARY),
+        (int(PackageState.ENABLED), guid, hierarchy.CAS, hierarchy.PRIMARY),
     )
 
 
@@ -333,7 +350,7 @@ def spCMUSetSiteState(
         "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ? AND SiteNumber = ?",
         (guid, site),
     ).fetchone()
-    if row is not None and int(row[0]) in (int(state), int(S.INSTALL_SUCCESS)):
+    if row is not None and int(row[0]) in (int(state), int(PackageState.INSTALL_SUCCESS)):
         return False
     if only_from and (row is None or int(row[0]) not in only_from):
         return False
@@ -356,6 +373,14 @@ def set_package_state(conn: sqlite3.Connection, guid: str, state: PackageState) 
         "WHERE PackageGuid = ? AND State <> ?",
         (int(state), guid, int(state)),
     )
+
+
+def package_state_and_flag(conn: sqlite3.Connection, guid: str) -> tuple[int, int] | None:
+    """CM_UpdatePackages' State and Flag of an update; None when it has no row."""
+    row = conn.execute(
+        "SELECT State, Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", (guid,)
+    ).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
 
 
 def set_distribution_state(
@@ -386,6 +411,74 @@ def record_stored_package(
         "LastRefresh = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE PkgID = ?",
         (version, stored_hash, package_id),
     )
+
+
+@dataclass(frozen=True)
+class StoredPackage:
+    version: int
+    hash: str
+
+
+def stored_package(conn: sqlite3.Connection, pkg_id: str) -> StoredPackage:
+    """The version and hash SMSPackages records as stored here (0 and "" for none)."""
+    row = conn.execute(
+        "SELECT StoredPkgVersion, StoredPkgHash FROM SMSPackages WHERE PkgID = ?", (pkg_id,)
+    ).fetchone()
+    if row is None:
+        return StoredPackage(0, "")
+    return StoredPackage(int(row[0] or 0), str(row[1] or "").upper())
+
+
+def record_despooled_package(
+    conn: sqlite3.Connection,
+    *,
+    pkg_id: str,
+    guid: str,
+    source: str,
+    source_site: str,
+    version: int,
+    digest: str,
+    site_code: str,
+) -> int:
+    """A child site's despooler stored version `version` of the Easy Setup Package `pkg_id`
+    (of update `guid`) with content hash `digest`: its SMSPackages, EasySetupSettings and
+    ObjectDistributionState rows, and the run's progress here (child_run_progress). Returns
+    the version stored before (0 for none), for the guide's "(version <old>) exists" line."""
+    old = stored_package(conn, pkg_id).version
+    conn.execute(
+        "INSERT INTO SMSPackages (PkgID, Name, Source, SourceSite, SourceVersion, "
+        "StoredPkgVersion, StoredPkgHash, StorePkgFlag, LastRefresh) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, strftime('%Y-%m-%d %H:%M:%f', 'now')) "
+        "ON CONFLICT (PkgID) DO UPDATE SET Name = excluded.Name, Source = excluded.Source, "
+        "SourceSite = excluded.SourceSite, SourceVersion = excluded.SourceVersion, "
+        "StoredPkgVersion = excluded.StoredPkgVersion, StoredPkgHash = excluded.StoredPkgHash, "
+        "StorePkgFlag = excluded.StorePkgFlag, LastRefresh = excluded.LastRefresh",
+        (
+            pkg_id,
+            EASY_SETUP_PACKAGE_NAME,
+            source,
+            source_site,
+            version,
+            version,
+            digest,
+            EASY_SETUP_FLAG,
+        ),
+    )
+    # PackageHash is the top-level site's (CMUpdates replication): never written here, so a
+    # replicated one stays, and a new row has none until replication brings it. An unchanged
+    # row is not touched (its update trigger would wake HMAN for nothing).
+    conn.execute(
+        "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageHash) VALUES (?, ?, NULL) "
+        "ON CONFLICT (PackageID) DO UPDATE SET PackageGuid = excluded.PackageGuid, "
+        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
+        "WHERE PackageGuid IS NOT excluded.PackageGuid",
+        (pkg_id, guid),
+    )
+    set_distribution_state(
+        conn, pkg_id, site_code, DistributionState.INSTALLED, version, "Package stored"
+    )
+    child_run_progress(conn)
+    return old
 
 
 @dataclass(frozen=True)
@@ -485,33 +578,33 @@ def _overall(states: list[int]) -> int:
 # How far a site has got, in the order a run goes through the states (the INSTALL_* codes are
 # not numbered in that order: the steps follow install.map).
 PROGRESS_ORDER = (
-    S.ENABLED,
-    S.CONTENT_REPLICATING,
-    S.CONTENT_REPLICATION_SUCCESS,
-    S.PREREQ_IN_PROGRESS,
-    S.PREREQ_SUCCESS,
-    S.PREREQ_WARNING,
-    S.INSTALL_WAITING_PARENT,
-    S.INSTALL_WAITING_SERVICE_WINDOW,
-    S.INSTALL_IN_PROGRESS,
-    S.INSTALL_WAITING_CMU,
-    S.INSTALL_CMU_VALIDATING,
-    S.INSTALL_CMU_STOPPED,
-    S.INSTALL_CMU_INSTALLFILES,
-    S.INSTALL_CMU_STARTED,
-    S.INSTALL_CMU_SUCCESS,
-    S.INSTALL_UPGRADEDATABASE,
-    S.INSTALL_INSTALLSYSTEM,
-    S.INSTALL_INSTALLFILES,
-    S.INSTALL_UPGRADESITECTRLIMAGE,
-    S.INSTALL_CONFIGURESERVICEBROKER,
-    S.INSTALL_INSTALLBASESERVICES,
-    S.INSTALL_UPDATE_SITES,
-    S.INSTALL_UPDATEADMINCONSOLE,
-    S.INSTALL_CONSOLE,
-    S.INSTALL_SSB_ACTIVATION_ON,
-    S.INSTALL_PENDING_REBOOT,
-    S.INSTALL_SUCCESS,
+    PackageState.ENABLED,
+    PackageState.CONTENT_REPLICATING,
+    PackageState.CONTENT_REPLICATION_SUCCESS,
+    PackageState.PREREQ_IN_PROGRESS,
+    PackageState.PREREQ_SUCCESS,
+    PackageState.PREREQ_WARNING,
+    PackageState.INSTALL_WAITING_PARENT,
+    PackageState.INSTALL_WAITING_SERVICE_WINDOW,
+    PackageState.INSTALL_IN_PROGRESS,
+    PackageState.INSTALL_WAITING_CMU,
+    PackageState.INSTALL_CMU_VALIDATING,
+    PackageState.INSTALL_CMU_STOPPED,
+    PackageState.INSTALL_CMU_INSTALLFILES,
+    PackageState.INSTALL_CMU_STARTED,
+    PackageState.INSTALL_CMU_SUCCESS,
+    PackageState.INSTALL_UPGRADEDATABASE,
+    PackageState.INSTALL_INSTALLSYSTEM,
+    PackageState.INSTALL_INSTALLFILES,
+    PackageState.INSTALL_UPGRADESITECTRLIMAGE,
+    PackageState.INSTALL_CONFIGURESERVICEBROKER,
+    PackageState.INSTALL_INSTALLBASESERVICES,
+    PackageState.INSTALL_UPDATE_SITES,
+    PackageState.INSTALL_UPDATEADMINCONSOLE,
+    PackageState.INSTALL_CONSOLE,
+    PackageState.INSTALL_SSB_ACTIVATION_ON,
+    PackageState.INSTALL_PENDING_REBOOT,
+    PackageState.INSTALL_SUCCESS,
 )
 _PROGRESS = {int(state): i for i, state in enumerate(PROGRESS_ORDER)}
 
@@ -536,7 +629,12 @@ def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:
             "JOIN ServerData sd ON sd.ID = ss.SiteNumber "
             "WHERE ss.PackageGuid = ? AND sd.SiteType IN (2, 4) "
             "AND (ss.State BETWEEN 65537 AND 262143 OR (ss.State = ? AND sd.IsLocal = 0))",
-            (int(S.ENABLED), int(S.CONTENT_REPLICATING), guid, int(S.ENABLED)),
+            (
+                int(PackageState.ENABLED),
+                int(PackageState.CONTENT_REPLICATING),
+                guid,
+                int(PackageState.ENABLED),
+            ),
         )
     ]
     row = conn.execute(
@@ -547,7 +645,7 @@ def spProcessCMU(conn: sqlite3.Connection, guid: str) -> int | None:
     current = int(row[0])
     if not states or current not in IN_PROGRESS_STATES + PREREQ_RESULTS + FAILED_STATES:
         return current
-    if current == S.ENABLED:
+    if current == PackageState.ENABLED:
         # The run waits for HMAN to take its 2.ESC (HMAN moves it on): rolling it up now
         # would take it off ENABLED before HMAN finds it there.
         return current
@@ -603,7 +701,11 @@ def RetryContentReplication(conn: sqlite3.Connection, guid: str) -> str:
         )
     # Any state where the Easy Setup Package is not in use by a check or an installation: the
     # guide retries after a failed replication, and after a bad package was found (Issue 1).
-    allowed = (*INITIATE_STATES, S.CONTENT_REPLICATING, S.CONTENT_REPLICATION_SUCCESS)
+    allowed = (
+        *INITIATE_STATES,
+        PackageState.CONTENT_REPLICATING,
+        PackageState.CONTENT_REPLICATION_SUCCESS,
+    )
     if state not in allowed:
         raise NotInitiable(
             f"{name} ({guid}) is {PackageState.name_of(state)} ({state}); content replication "
@@ -639,7 +741,7 @@ def start_replicated_runs(conn: sqlite3.Connection) -> list[str]:
     ).fetchall()
     started = []
     for guid, run, state in rows:
-        if state is not None and int(state) == S.INSTALL_SUCCESS:
+        if state is not None and int(state) == PackageState.INSTALL_SUCCESS:
             conn.execute(
                 "UPDATE CM_UpdatePackageSiteStatus SET RunNumber = ? "
                 "WHERE PackageGuid = ? AND SiteNumber = ?",
@@ -652,7 +754,7 @@ def start_replicated_runs(conn: sqlite3.Connection) -> list[str]:
             "WHERE PackageGuid = ? ON CONFLICT (PackageGuid, SiteNumber) DO UPDATE SET "
             "State = excluded.State, Flag = excluded.Flag, RunNumber = excluded.RunNumber, "
             "UpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now')",
-            (local.number, int(S.ENABLED), guid),
+            (local.number, int(PackageState.ENABLED), guid),
         )
         started.append(str(guid))
     return started
@@ -672,12 +774,14 @@ def mark_replicated_content(conn: sqlite3.Connection) -> list[tuple[str, int]]:
         "LEFT JOIN EasySetupSettings e ON e.PackageGuid = ss.PackageGuid "
         "LEFT JOIN SMSPackages sp ON sp.PkgID = e.PackageID "
         "WHERE ss.SiteNumber = ? AND ss.State IN (?, ?)",
-        (local.number, int(S.ENABLED), int(S.CONTENT_REPLICATING)),
+        (local.number, int(PackageState.ENABLED), int(PackageState.CONTENT_REPLICATING)),
     ).fetchall()
     changes = []
     for guid, state, wanted, stored in rows:
         ready = bool(wanted) and bool(stored) and str(wanted).upper() == str(stored).upper()
-        new = S.CONTENT_REPLICATION_SUCCESS if ready else S.CONTENT_REPLICATING
+        new = (
+            PackageState.CONTENT_REPLICATION_SUCCESS if ready else PackageState.CONTENT_REPLICATING
+        )
         if int(state) != new and spCMUSetSiteState(conn, str(guid), new):
             changes.append((str(guid), int(new)))
     return changes
@@ -699,3 +803,29 @@ def site_state(conn: sqlite3.Connection, guid: str, site_code: str) -> int | Non
         (guid, site_code),
     ).fetchone()
     return None if row is None else int(row[0])
+
+
+# The installation stage's states (0x3xxxx) but its failures: an update in one of these is
+# being installed (so a 196612.ESC that reaches HMAN now is early).
+INSTALLING_STATES = tuple(
+    s
+    for s in PackageState
+    if s >> 16 == 3 and s != PackageState.INSTALL_SUCCESS and s not in FAILED_STATES
+)
+
+
+def current_install(conn: sqlite3.Connection) -> tuple[str, int] | None:
+    """The update being installed or last installed at this site: the newest state change
+    among the installation states and INSTALL_SUCCESS (failed installations are left out).
+    This site's own status row counts first: the package's state is a roll-up that lags
+    behind it (and stands still while install steps 5-13 have SMSDBMon's triggers removed)."""
+    states = ", ".join(str(int(s)) for s in (*INSTALLING_STATES, PackageState.INSTALL_SUCCESS))
+    row = conn.execute(
+        "SELECT p.PackageGuid, COALESCE(ss.State, p.State) AS SiteState "
+        "FROM CM_UpdatePackages p LEFT JOIN CM_UpdatePackageSiteStatus ss "
+        "ON ss.PackageGuid = p.PackageGuid AND ss.SiteNumber = ? "
+        f"WHERE SiteState IN ({states}) "
+        "ORDER BY COALESCE(ss.UpdateTime, p.LastUpdateTime) DESC, p.FullVersion DESC LIMIT 1",
+        (local_site_number(conn),),
+    ).fetchone()
+    return None if row is None else (str(row[0]), int(row[1]))

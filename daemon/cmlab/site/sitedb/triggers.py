@@ -235,3 +235,37 @@ def install_triggers(conn: sqlite3.Connection, site_code: str) -> tuple[TriggerD
     for t in defs:
         conn.execute(_create_sql(t))
     return defs
+
+
+# -- what SMSDBMon drains -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A TableChangeNotifications row: the drop file one trigger asks SMSDBMon for."""
+
+    id: int
+    trigger: str
+    table: str
+    action: str
+    key: str
+    file_name: str
+    directory: str
+
+
+def pending_notifications(conn: sqlite3.Connection, limit: int) -> list[Notification]:
+    """The oldest `limit` notifications, in the order the triggers wrote them."""
+    rows = conn.execute(
+        "SELECT ID, TriggerName, TableName, Action, KeyValue, FileName, Directory "
+        "FROM TableChangeNotifications ORDER BY ID LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [
+        Notification(r[0], r[1], r[2], r[3], "" if r[4] is None else str(r[4]), r[5], r[6])
+        for r in rows
+    ]
+
+
+def delete_notifications(conn: sqlite3.Connection, ids: list[int]) -> None:
+    """The notifications whose files are durable."""
+    conn.executemany("DELETE FROM TableChangeNotifications WHERE ID = ?", [(i,) for i in ids])

@@ -27,6 +27,7 @@ from cmlab.core.fs import tmp_name_for, write_atomic
 from cmlab.core.hashing import sha256_bytes, sha256_file
 from cmlab.core.safexml import parse_xml
 from cmlab.site.cab import _put_in_place, create_cab, normalize_member_name
+from cmlab.site.formats.ids import is_guid
 from cmlab.site.formats.update_map import (
     MapComponent,
     MapDirectory,
@@ -70,7 +71,6 @@ UPDATE_MAP_CAB = "SMSSetup/update.map.cab"
 INSTALL_MAP = "SMSSetup/install.map"
 MAP_ROOT = "SMSSetup"  # update.map directory paths are relative to this folder
 
-_GUID_RE = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 
 
@@ -206,7 +206,7 @@ def load_package(src: Path) -> PackageInfo:
     if not isinstance(pkg, dict):
         raise CmlabError(f"{where}: missing [package]")
     guid = _get(pkg, "guid", str, where).upper()
-    if not _GUID_RE.match(guid):
+    if not is_guid(guid):
         raise CmlabError(f"{where}: guid {guid!r} is not a GUID")
     version = _get(pkg, "full_version", str, where)
     build = _get(pkg, "build", int, where)

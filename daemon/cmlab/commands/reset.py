@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from cmlab.core.errors import CmlabError
 from cmlab.core.fs import remove_path
 from cmlab.site.config import SiteConfig, load_config
-from cmlab.site.formats.manifest import GUID_RE
+from cmlab.site.formats.ids import is_guid
 from cmlab.site.sitedb import connect, procs, transaction
 from cmlab.site.smslog import LogSink, SmsLog
 from cmlab.site.statecodes import PackageState
@@ -141,7 +141,7 @@ def normalize_guid(text: str) -> str:
     guid = text.strip()
     if guid.startswith("{") and guid.endswith("}"):
         guid = guid[1:-1]
-    if not GUID_RE.fullmatch(guid):
+    if not is_guid(guid):
         raise BadGuid(
             f"{text!r} is not an update package GUID (like 420E3E18-73C5-4BE9-88B0-6F1E30A012CA)"
         )

@@ -32,13 +32,12 @@ from cmlab.site.file_replication import (
     package_file_ok,
     pck_name,
 )
-from cmlab.site.formats.manifest import GUID_RE
+from cmlab.site.formats.ids import is_guid, is_package_id
 from cmlab.site.inbox import BadInput, Outcome
 from cmlab.site.sitedb import hierarchy, servicing
 from cmlab.site.statecodes import PackageState
 
 S = PackageState
-PKG_ID_RE = re.compile(r"^[A-Z0-9]{3}[0-9A-F]{5}$", re.IGNORECASE)
 
 # ObjectDistributionState.State, as ConfigMgr numbers them.
 INSTALLED, INSTALL_PENDING, INSTALL_FAILED = 0, 1, 3
@@ -90,7 +89,7 @@ class DistributionManager(Component):
         share. Any other server's is refused (DistMgr here cannot reach it)."""
         parts = PureWindowsPath(share).parts
         # ('\\\\server\\EasySetupPayLoad\\', 'GUID')
-        if len(parts) != 2 or not GUID_RE.match(parts[1]):
+        if len(parts) != 2 or not is_guid(parts[1]):
             raise CmlabError(f"{share} is not an EasySetupPayLoad share path")
         anchor = parts[0].strip("\\").split("\\")
         if len(anchor) != 2 or anchor[1].lower() != "easysetuppayload":
@@ -101,7 +100,7 @@ class DistributionManager(Component):
 
     async def on_pkn(self, path: Path) -> Outcome:
         pkg_id = path.name[: -len(".PKN")].upper()
-        if not PKG_ID_RE.match(pkg_id):
+        if not is_package_id(pkg_id):
             raise BadInput(f"{path.name}: the file name is not <PackageID>.PKN")
         self.say(f"Found package properties updated notification for package '{pkg_id}'")
         esp = await self.db.read(servicing.easy_setup_package_by_id, pkg_id)

@@ -12,7 +12,7 @@ from cmlab.core.errors import CmlabError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.safexml import parse_xml
 from cmlab.site.component import Component
-from cmlab.site.formats.manifest import GUID_RE
+from cmlab.site.formats.ids import is_guid
 from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import procs
 from cmlab.site.statecodes import DmpStateMessage
@@ -60,7 +60,7 @@ def parse_state_message(data: bytes) -> StateMessage:
         max_bytes=MAX_SMX_BYTES,
     )
     topic = el.get("TopicID", "")
-    if not GUID_RE.match(topic):
+    if not is_guid(topic):
         raise StateMessageError(f"TopicID {topic!r} is not a GUID")
     try:
         state_id = int(el.get("StateID", ""))

@@ -46,6 +46,15 @@ from cmlab.core.hashing import _sha256_fd, folder_records
 from cmlab.core.strictjson import strict_loads
 from cmlab.site.cab import DEFAULT_CAB_MTIME, create_cab
 from cmlab.site.content_library import ContentLibrary
+from cmlab.site.formats.ids import (
+    GUID_RE,
+    JOB_ID_RE,
+    PACKAGE_ID_RE,
+    SITE_CODE_RE,
+    UPPER_SHA256_RE,
+    is_job_id,
+    is_package_id,
+)
 from cmlab.site.inbox import BadInput
 from cmlab.site.sitedb import servicing
 from cmlab.site.statecodes import PackageState
@@ -73,11 +82,6 @@ INSTRUCTION_MAX = 64 * 1024
 JOB_TYPES = ("SWD", "SiteRecovery")
 SWD, SITE_RECOVERY = JOB_TYPES
 
-JOB_RE = re.compile(r"[0-9A-F]{8}")
-PKG_ID_RE = re.compile(r"[A-Z0-9]{3}[0-9A-F]{5}")
-SITE_RE = re.compile(r"[A-Z0-9]{3}")
-HASH_RE = re.compile(r"[0-9A-F]{64}")
-GUID_RE = re.compile(r"[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}", re.I)
 VERSION_TEXT_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,3}")
 
 MAX_VERSION = 2**31 - 1  # a SQL int, as SMSPackages.SourceVersion
@@ -160,7 +164,7 @@ def job_name(job_id: int) -> str:
 def parse_job_name(text: str) -> int:
     """`00000391` -> 0x391; BadInput for anything but 8 hex digits (either case) naming a
     job above 0."""
-    if not JOB_RE.fullmatch(text.upper()) or not text.isascii():
+    if not is_job_id(text.upper()) or not text.isascii():
         raise BadInput(f"{text[:80]!r} is not a job ID (8 hex digits)")
     value = int(text, 16)
     if value == 0:
@@ -183,7 +187,7 @@ def job_of_drop_file(path: Path, ext: str) -> int:
 def pck_name(pkg_id: str, version: int) -> str:
     """The compressed copy of a package version in SMSPKG: `CAS10001.PCK.1`."""
     pkg = pkg_id.upper()
-    if not PKG_ID_RE.fullmatch(pkg):
+    if not is_package_id(pkg):
         raise ValueError(f"{pkg_id!r} is not a PackageID")
     _check_version(version, "version")
     return f"{pkg}.PCK.{version}"
@@ -259,18 +263,18 @@ def _validate(obj: dict[str, Any]) -> Instruction:
         raise ValueError(f"JobType {shown!r} is not SWD or SiteRecovery")
     keys = (*_KEYS, "Recovery") if job_type == SITE_RECOVERY else _KEYS
     _exact_keys(obj, keys, "the instruction")
-    job = _matching(obj["Job"], "Job", JOB_RE, "8 upper-case hex digits")
+    job = _matching(obj["Job"], "Job", JOB_ID_RE, "8 upper-case hex digits")
     if int(job, 16) == 0:
         raise ValueError("Job 00000000 is not a job ID")
-    source_site = _matching(obj["SourceSite"], "SourceSite", SITE_RE, "a site code")
-    dest_site = _matching(obj["DestSite"], "DestSite", SITE_RE, "a site code")
+    source_site = _matching(obj["SourceSite"], "SourceSite", SITE_CODE_RE, "a site code")
+    dest_site = _matching(obj["DestSite"], "DestSite", SITE_CODE_RE, "a site code")
     if source_site == dest_site:
         raise ValueError(f"SourceSite and DestSite are both {source_site}")
     if job_type == SWD:
-        package_id = _matching(obj["PackageID"], "PackageID", PKG_ID_RE, "a PackageID")
+        package_id = _matching(obj["PackageID"], "PackageID", PACKAGE_ID_RE, "a PackageID")
         guid = _matching(obj["PackageGuid"], "PackageGuid", GUID_RE, "a GUID")
     else:
-        package_id = _matching(obj["PackageID"], "PackageID", SITE_RE, "a site code")
+        package_id = _matching(obj["PackageID"], "PackageID", SITE_CODE_RE, "a site code")
         guid = obj["PackageGuid"]
         if guid != "":
             guid = _matching(guid, "PackageGuid", GUID_RE, "a GUID")
@@ -289,9 +293,11 @@ def _validate(obj: dict[str, Any]) -> Instruction:
         source=_text(obj["Source"], "Source", empty=job_type != SWD),
         package_file=_text(obj["PackageFile"], "PackageFile"),
         file_size=_integer(obj["FileSize"], "FileSize", 0, MAX_FILE_SIZE),
-        file_hash=_matching(obj["FileHash"], "FileHash", HASH_RE, "64 upper-case hex digits"),
+        file_hash=_matching(
+            obj["FileHash"], "FileHash", UPPER_SHA256_RE, "64 upper-case hex digits"
+        ),
         content_hash=_matching(
-            obj["ContentHash"], "ContentHash", HASH_RE, "64 upper-case hex digits"
+            obj["ContentHash"], "ContentHash", UPPER_SHA256_RE, "64 upper-case hex digits"
         ),
         recovery=_recovery(obj["Recovery"]) if job_type == SITE_RECOVERY else None,
     )

@@ -21,7 +21,7 @@ from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash
 from cmlab.site.component import Component
-from cmlab.site.formats.manifest import GUID_RE
+from cmlab.site.formats.ids import is_guid
 from cmlab.site.inbox import BadInput, Outcome
 from cmlab.site.sitedb import hierarchy, procs, servicing
 from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStage
@@ -172,7 +172,7 @@ class EasySetupHandlers(Component):
 
     async def on_cme(self, path: Path) -> Outcome:
         guid = path.name[: -len(".CME")]
-        if not GUID_RE.match(guid):
+        if not is_guid(guid):
             raise BadInput(f"{path.name}: the file name is not <PackageGuid>.CME")
         self.say("Check CMU status...")
         # Only the top-level site rolls up (an empty result below it).

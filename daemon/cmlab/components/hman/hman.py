@@ -20,8 +20,8 @@ from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import move_durable
 from cmlab.core.hashing import sha256_file
 from cmlab.core.safexml import parse_xml
+from cmlab.site.formats.ids import is_guid
 from cmlab.site.formats.manifest import (
-    GUID_RE,
     Manifest,
     ManifestPackage,
     applicability_path,
@@ -84,7 +84,7 @@ def parse_cmu(name: str, data: bytes) -> tuple[str, int]:
     `<guid>.CMU`: the GUID (as written) and the state. Raises BadInput
     naming what is wrong."""
     stem = name[: -len(".CMU")] if name.upper().endswith(".CMU") else name
-    if not GUID_RE.match(stem):
+    if not is_guid(stem):
         raise BadInput(f"{name}: the file name is not <PackageGuid>.CMU")
     root = parse_xml(
         data,
@@ -94,7 +94,7 @@ def parse_cmu(name: str, data: bytes) -> tuple[str, int]:
         max_bytes=MAX_CMU_BYTES,
     )
     guid = root.get("Guid", "")
-    if not GUID_RE.match(guid):
+    if not is_guid(guid):
         raise BadInput(f"{name}: Guid {guid!r} is not a GUID")
     if guid.upper() != stem.upper():
         raise BadInput(f"{name}: the file names package {stem} but its Guid is {guid}")
@@ -128,7 +128,7 @@ class HierarchyManager(EasySetupHandlers, PostInstallHandlers, SecondarySiteHand
             target = self.paths.hman_cfd / f"{stem}.CAB"
         elif upper.startswith("___CMU") and upper.endswith(".MCM"):
             guid = path.name[len("___CMU") : -len(".MCM")]
-            if not GUID_RE.match(guid):
+            if not is_guid(guid):
                 raise BadInput(f"{path.name} does not carry an update package GUID")
             target = self.paths.hman_cfd / f"{guid}.CMU"
         else:

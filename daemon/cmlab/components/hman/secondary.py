@@ -30,6 +30,7 @@ from cmlab.core.hashing import folder_hash
 from cmlab.site.cab import extract_cab
 from cmlab.site.component import Component
 from cmlab.site.file_replication import SITE_RECOVERY, build_package_file, job_name
+from cmlab.site.formats.ids import is_site_code
 from cmlab.site.inbox import BadInput, Outcome
 from cmlab.site.installation import INSTALL_DIR, installed_build
 from cmlab.site.sitedb import hierarchy
@@ -228,7 +229,7 @@ class SecondarySiteHandlers(Component):
 
     async def on_recover_secondary(self, path: Path) -> Outcome:
         code = path.name[: -len(".RSS")].upper()
-        if len(code) != 3 or not code.isalnum() or not code.isascii():
+        if not is_site_code(code):
             raise BadInput(f"{path.name}: the file name is not <SiteCode>.RSS")
         request = await self.db.read(_request, code)
         if request is None:

@@ -3,6 +3,7 @@ parser gives back what was written (a malformed input raises the format's own er
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ from cmlab.site.formats.ids import (
     is_sha256,
     is_site_code,
     is_upper_sha256,
+)
+from cmlab.site.formats.state_message import (
+    StateMessage,
+    StateMessageError,
+    parse_state_message,
+    random_smx_name,
+    render_state_message,
 )
 
 GUID = "3B1E0A8D-5C2F-4E6A-9D7B-B3C1F2E6A9D0"
@@ -74,3 +82,35 @@ def test_no_module_keeps_its_own_guid_pattern() -> None:
         if "{8}-" in path.read_text(encoding="utf-8")
     )
     assert owners == ["site/formats/ids.py"]
+
+
+# -- .SMX state message ------------------------------------------------------------------------
+
+
+def test_a_state_message_name_is_cmu_and_eight_random_characters() -> None:
+    names = {random_smx_name() for _ in range(50)}
+    assert len(names) == 50
+    assert all(re.fullmatch(r"___CMU[a-z0-9]{8}\.SMX", n) for n in names)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "empty"),
+        (b"<StateMessage Component='C' TopicID='x' StateID='1'/>", "TopicID 'x' is not a GUID"),
+        (f"<StateMessage Component='C' TopicID='{GUID}' StateID='one'/>".encode(), "StateID"),
+        (f"<StateMessage TopicID='{GUID}' StateID='1'/>".encode(), "Component is missing"),
+        (f"<Other Component='C' TopicID='{GUID}' StateID='1'/>".encode(), "StateMessage"),
+    ],
+)
+def test_a_malformed_state_message_raises_state_message_error(body: bytes, reason: str) -> None:
+    with pytest.raises(StateMessageError, match=reason):
+        parse_state_message(body)
+
+
+def test_a_state_message_round_trips_with_its_topic_in_lower_case() -> None:
+    msg = StateMessage("SMS_DMP_DOWNLOADER", "cas.lab", GUID, 25, "", "2026-11-21T00:00:00")
+    back = parse_state_message(render_state_message(msg))
+    assert back == StateMessage(
+        "SMS_DMP_DOWNLOADER", "cas.lab", GUID.lower(), 25, "", "2026-11-21T00:00:00"
+    )

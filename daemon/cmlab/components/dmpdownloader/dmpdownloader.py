@@ -22,7 +22,6 @@ from pathlib import Path
 from cmlab.components.dmpdownloader.setupdl import COMPONENT as SETUP_COMPONENT
 from cmlab.components.dmpdownloader.setupdl import LOG_FILE as SETUP_LOG
 from cmlab.components.dmpdownloader.setupdl import RedistError, RedistSource, SetupDownloader
-from cmlab.components.statesys import StateMessage, render_state_message
 from cmlab.core.errors import CabError, CmlabError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
@@ -34,7 +33,8 @@ from cmlab.core.fs import (
     write_atomic,
 )
 from cmlab.core.hashing import folder_hash, sha256_file
-from cmlab.site.component import Component, random_smx_name, utc_now_iso
+from cmlab.site.component import Component, utc_now_iso
+from cmlab.site.formats.state_message import StateMessage, random_smx_name, render_state_message
 from cmlab.site.inbox import Outcome, quarantine
 from cmlab.site.sitedb import procs
 from cmlab.site.statecodes import NULL_PACKAGE_GUID, DmpStateMessage, PackageState

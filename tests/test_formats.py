@@ -9,6 +9,16 @@ from pathlib import Path
 import pytest
 
 import cmlab
+from cmlab.site.formats.cmu import (
+    MANIFEST_MCM,
+    CmuError,
+    CmuNotification,
+    cmu_mcm_name,
+    forwarded_name,
+    is_manifest_mcm,
+    parse_cmu,
+    render_cmu,
+)
 from cmlab.site.formats.ids import (
     is_guid,
     is_job_id,
@@ -17,6 +27,12 @@ from cmlab.site.formats.ids import (
     is_site_code,
     is_upper_sha256,
 )
+from cmlab.site.formats.notifications import (
+    NotificationError,
+    cme_name,
+    cme_package_guid,
+    cmi_name,
+)
 from cmlab.site.formats.state_message import (
     StateMessage,
     StateMessageError,
@@ -24,6 +40,7 @@ from cmlab.site.formats.state_message import (
     random_smx_name,
     render_state_message,
 )
+from cmlab.site.statecodes import PackageState
 
 GUID = "3B1E0A8D-5C2F-4E6A-9D7B-B3C1F2E6A9D0"
 HASH = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"
@@ -114,3 +131,75 @@ def test_a_state_message_round_trips_with_its_topic_in_lower_case() -> None:
     assert back == StateMessage(
         "SMS_DMP_DOWNLOADER", "cas.lab", GUID.lower(), 25, "", "2026-11-21T00:00:00"
     )
+
+
+# -- CMU notification and forwarding messages --------------------------------------------------
+
+
+@pytest.mark.parametrize("state", sorted(PackageState(s) for s in (262145, 262146, 327679)))
+def test_a_cmu_notification_round_trips_through_its_forwarding_message(
+    state: PackageState,
+) -> None:
+    note = CmuNotification(GUID.lower(), int(state), "2026-11-21T13:15:08")
+    cmu = forwarded_name(cmu_mcm_name(note.guid))
+    assert cmu == f"{GUID.lower()}.CMU"
+    assert parse_cmu(cmu, render_cmu(note).encode()) == note
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "reason"),
+    [
+        ("x.CMU", b"<a/>", "the file name is not <PackageGuid>.CMU"),
+        (f"{GUID}.CMU", b"", "CMU file"),
+        (f"{GUID}.CMU", b"<Other/>", "ConfigurationManagerUpdateContent"),
+        (
+            f"{GUID}.CMU",
+            b'<ConfigurationManagerUpdateContent Guid="x" State="262146"/>',
+            "Guid 'x' is not a GUID",
+        ),
+        (
+            f"{GUID}.CMU",
+            f'<ConfigurationManagerUpdateContent Guid="{GUID[:-1]}1" State="262146"/>'.encode(),
+            "the file names package",
+        ),
+        (
+            f"{GUID}.CMU",
+            f'<ConfigurationManagerUpdateContent Guid="{GUID}" State="196612"/>'.encode(),
+            "is not a download state",
+        ),
+        (
+            f"{GUID}.CMU",
+            b"<ConfigurationManagerUpdateContent " + b" " * 70000 + b"/>",
+            "the limit is 65536",
+        ),
+    ],
+)
+def test_a_malformed_cmu_notification_raises_cmu_error(name: str, body: bytes, reason: str) -> None:
+    with pytest.raises(CmuError, match=re.escape(reason)):
+        parse_cmu(name, body)
+
+
+def test_forwarding_message_names() -> None:
+    assert is_manifest_mcm(MANIFEST_MCM) and is_manifest_mcm("___cabX.MCM")
+    assert not is_manifest_mcm(cmu_mcm_name(GUID))
+    assert forwarded_name(MANIFEST_MCM) == "ConfigMgr.Update.Manifest.CAB"
+    assert forwarded_name(f"___cmu{GUID}.mcm") == f"{GUID}.CMU"
+    for bad, reason in (
+        ("___CAB.mcm", "does not name a CAB"),
+        ("___CAB.hidden.mcm", "does not name a CAB"),
+        ("___CMUnot-a-guid.MCM", "does not carry an update package GUID"),
+        ("other.MCM", "is not a forwarding message HMAN knows"),
+    ):
+        with pytest.raises(CmuError, match=reason):
+            forwarded_name(bad)
+
+
+def test_notification_names() -> None:
+    assert cme_package_guid(cme_name(GUID)) == GUID
+    assert cme_package_guid(f"{GUID.lower()}.cme") == GUID.lower()
+    assert cmi_name(GUID) == f"{GUID}.CMI"
+    for bad in ("x.CME", f"{GUID}.CMI", f"{GUID}\n.CME"):
+        with pytest.raises(
+            NotificationError, match=re.escape("the file name is not <PackageGuid>.CME")
+        ):
+            cme_package_guid(bad)

@@ -42,6 +42,7 @@ from cmlab.core.fs import (
 )
 from cmlab.core.hashing import sha256_bytes, sha256_file
 from cmlab.site.component import Component, SiteContext
+from cmlab.site.formats.notifications import INSTALLED_ESC
 from cmlab.site.formats.update_map import MapFile, UpdateMap, decode_update_map, parse_update_map
 from cmlab.site.installation import (
     RCM_KEY,
@@ -57,7 +58,6 @@ from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStag
 S = PackageState
 CMU_SERVICE = "CONFIGURATION_MANAGER_UPDATE"
 CMU_EXE = "cmupdate.exe"
-INSTALLED_ESC = "196612.ESC"
 CD_LATEST = "cd.latest"
 CLIENT_FOLDER = "CMUClient"
 EXTERNAL_FILES = "CD.Latest External Files"  # SiteRegistry value under the Setup key

@@ -26,13 +26,13 @@ from pathlib import Path
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import copy_file_durable, copy_tree_durable
 from cmlab.site.component import Component, SiteContext
+from cmlab.site.formats.notifications import INSTALLED_ESC
 from cmlab.site.inbox import BadInput, Outcome
 from cmlab.site.sitedb import servicing
 from cmlab.site.sitedb.procs import local_site_number
 from cmlab.site.statecodes import IsComplete, PackageState, SubStage
 
 S = PackageState
-INSTALLED_ESC = "196612.ESC"
 INTEROP_MODE = 0
 CCMSETUP = "ccmsetup.exe"
 

@@ -33,6 +33,24 @@ from cmlab.site.formats.notifications import (
     cme_package_guid,
     cmi_name,
 )
+from cmlab.site.formats.replication import (
+    Recovery,
+    ReplicationFormatError,
+    delivered_package_name,
+    ins_name,
+    parse_resend_reason,
+    parse_resend_request_name,
+    parse_send_request,
+    pck_name,
+    pck_version,
+    read_recovery_sidecar,
+    recovery_sidecar_path,
+    render_recovery_sidecar,
+    render_resend_request,
+    render_send_request,
+    resend_request_name,
+    srq_name,
+)
 from cmlab.site.formats.state_message import (
     StateMessage,
     StateMessageError,
@@ -203,3 +221,68 @@ def test_notification_names() -> None:
             NotificationError, match=re.escape("the file name is not <PackageGuid>.CME")
         ):
             cme_package_guid(bad)
+
+
+# -- replication: send and resend requests, names, the recovery sidecar -----------------------
+
+
+def test_a_send_request_round_trips() -> None:
+    for job_id in (1, 0x391, 0xFFFFFFFF):
+        name = srq_name(f"{job_id:08X}")
+        assert parse_send_request(name, render_send_request(job_id).encode()) == job_id
+    assert render_send_request(0x391) == "Job=00000391\nInstruction=tosend/00000391.Idb\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "reason"),
+    [
+        ("00000391.JOB", b"Job=00000391\n", "the file name is not <JobID>.SRQ"),
+        ("00000000.SRQ", b"Job=00000000\n", "job IDs start at 1"),
+        ("00000391.SRQ", b"Job=00000391\n" * 100, "larger than 1024 bytes"),
+        ("00000391.SRQ", b"Job=\xff\n", "not UTF-8 text"),
+        ("00000391.SRQ", b"Job=00000391\nJob=00000391\n", "unexpected line"),
+        ("00000391.SRQ", b"Other=1\n", "unexpected line"),
+        ("00000391.SRQ", b"Job=00000392\n", "the request names job '00000392'"),
+        ("00000391.SRQ", b"Job=00000391\nInstruction=../x.Idb\n", "not tosend/00000391.Idb"),
+    ],
+)
+def test_a_malformed_send_request_raises_replication_format_error(
+    name: str, body: bytes, reason: str
+) -> None:
+    with pytest.raises(ReplicationFormatError, match=re.escape(reason)):
+        parse_send_request(name, body)
+
+
+def test_a_resend_request_round_trips() -> None:
+    name = resend_request_name("pr1", "cas10001", 12)
+    assert name == "PR1_CAS10001_12.RSQ"
+    assert parse_resend_request_name(name) == ("PR1", "CAS10001", 12)
+    assert parse_resend_request_name(name.lower()) == ("PR1", "CAS10001", 12)
+    reason = "ds_00000391.pkg: SHA-256 1234, the instruction says 5678"
+    assert parse_resend_reason(name, render_resend_request(reason).encode()) == reason
+    assert parse_resend_reason(name, b"a\tb\x00\r\n c\n") == "a b c"
+    for bad in ("PR1_CAS10001_0.RSQ", "PR1_CAS1000G_1.RSQ", "P1_CAS10001_1.RSQ", "x.RSQ"):
+        with pytest.raises(ReplicationFormatError, match=r"<ChildSite>_<PkgID>_<Version>\.RSQ"):
+            parse_resend_request_name(bad)
+    with pytest.raises(ReplicationFormatError, match="not UTF-8"):
+        parse_resend_reason(name, b"\xff")
+
+
+def test_delivery_and_pck_names() -> None:
+    assert ins_name("0000abcd") == "0000ABCD.INS"
+    assert delivered_package_name("0000ABCD") == "ds_0000abcd.pkg"
+    assert pck_version(pck_name("cas10001", 7), "CAS10001") == 7
+    assert pck_version("CAS10001.PCK.7", "cas10001") == 7
+    for other in ("CAS10001.PCK.0", "CAS10001.PCK.temp", "CAS10002.PCK.7", "cas10001.PCK.7"):
+        assert pck_version(other, "CAS10001") is None
+
+
+def test_the_recovery_sidecar_round_trips(tmp_path: Path) -> None:
+    package = tmp_path / "SEC.RCV.1"
+    recovery = Recovery(9135, "5.00.9135.1000", "5.00.9135.1000", (GUID,))
+    assert recovery_sidecar_path(package) == tmp_path / "SEC.RCV.1.json"
+    recovery_sidecar_path(package).write_text(render_recovery_sidecar(recovery))
+    assert read_recovery_sidecar(package) == recovery
+    recovery_sidecar_path(package).write_text('{"Build": 1}')
+    with pytest.raises(ValueError, match=r"SEC\.RCV\.1\.json: Recovery has no Version"):
+        read_recovery_sidecar(package)

@@ -19,7 +19,7 @@ from cmlab.components.hman.secondary import request_secondary_recovery
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash, sha256_file
 from cmlab.site.cab import list_cab
-from cmlab.site.file_replication import (
+from cmlab.site.formats.replication import (
     Instruction,
     Recovery,
     build_instruction,

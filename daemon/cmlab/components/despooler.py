@@ -1,7 +1,7 @@
 """SMS_DESPOOLER (despool.log): the receiving end of file-based replication (docs/hierarchy.md).
 
 The parent's Sender delivers `ds_<jobid>.pkg` into `despoolr.box/receive` and then, last,
-`<JobID>.INS` (the instruction, cmlab.site.file_replication). The INS wakes the despooler:
+`<JobID>.INS` (the instruction, cmlab.site.formats.replication). The INS wakes the despooler:
 
 - JobType SWD (at a child primary): the Easy Setup Package. Verified (size, SHA-256, CAB,
   content hash), stored in this site's content library, recorded in SMSPackages,
@@ -44,14 +44,16 @@ from cmlab.core.hashing import folder_hash, folder_records
 from cmlab.site.cab import extract_cab
 from cmlab.site.component import Component
 from cmlab.site.content_library import ContentLibrary
-from cmlab.site.file_replication import (
+from cmlab.site.file_replication import DamagedPackage, package_file_ok, verify_package_file
+from cmlab.site.formats.replication import (
     SITE_RECOVERY,
     SWD,
-    DamagedPackage,
     Instruction,
-    package_file_ok,
+    ReplicationFormatError,
+    delivered_package_name,
     read_instruction,
-    verify_package_file,
+    render_resend_request,
+    resend_request_name,
 )
 from cmlab.site.inbox import BadInput, Outcome, quarantine
 from cmlab.site.installation import (
@@ -78,11 +80,7 @@ class StoredPackage:
 
 def package_file_for(ins_path: Path) -> Path:
     """`<JobID>.INS` -> `ds_<jobid lower>.pkg` beside it (the Sender's name for the package)."""
-    return ins_path.with_name(f"ds_{ins_path.name[: -len('.INS')].lower()}.pkg")
-
-
-def resend_request_name(site_code: str, pkg_id: str, version: int) -> str:
-    return f"{site_code.upper()}_{pkg_id.upper()}_{version}.RSQ"
+    return ins_path.with_name(delivered_package_name(ins_path.name[: -len(".INS")]))
 
 
 def _stored_package(conn: sqlite3.Connection, pkg_id: str) -> StoredPackage:
@@ -222,7 +220,7 @@ class Despooler(Component):
             ins = await self.in_thread(read_instruction, path)
             local = await self.db.read(hierarchy.local_site)
             self._check_addressed_here(ins, local, path.name)
-        except BadInput as exc:
+        except (BadInput, ReplicationFormatError) as exc:
             # The engine moves the INS to BAD; its package goes with it, or it would lie in
             # receive/ forever.
             self._quarantine(pkg, f"its instruction {path.name} was refused: {exc}")
@@ -473,7 +471,7 @@ class Despooler(Component):
         # unmounted share), and creating it would hide that.
         if not box.is_dir():
             raise FileNotFoundError(f"{box} is not a folder")
-        write_atomic(box / name, reason + "\n")
+        write_atomic(box / name, render_resend_request(reason))
 
     # -- SiteRecovery: Recover Secondary Site ------------------------------------------------
 

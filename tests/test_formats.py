@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import cmlab
+from cmlab.core.errors import CmlabError, ManifestError
 from cmlab.site.formats.cmu import (
     MANIFEST_MCM,
     CmuError,
@@ -33,6 +34,13 @@ from cmlab.site.formats.notifications import (
     cme_package_guid,
     cmi_name,
 )
+from cmlab.site.formats.redist_manifest import (
+    RedistFile,
+    RedistGroup,
+    RedistManifest,
+    parse_redist_manifest,
+    render_redist_manifest,
+)
 from cmlab.site.formats.replication import (
     Recovery,
     ReplicationFormatError,
@@ -50,6 +58,12 @@ from cmlab.site.formats.replication import (
     render_send_request,
     resend_request_name,
     srq_name,
+)
+from cmlab.site.formats.sample_binary import (
+    read_sample_header,
+    sample_binary,
+    sample_build_number,
+    sample_redist,
 )
 from cmlab.site.formats.state_message import (
     StateMessage,
@@ -286,3 +300,67 @@ def test_the_recovery_sidecar_round_trips(tmp_path: Path) -> None:
     recovery_sidecar_path(package).write_text('{"Build": 1}')
     with pytest.raises(ValueError, match=r"SEC\.RCV\.1\.json: Recovery has no Version"):
         read_recovery_sidecar(package)
+
+
+# -- the payload: redist manifests, sample binaries --------------------------------------------
+
+
+def _redist(name: str, url: str, digest: str = HASH) -> RedistFile:
+    return RedistFile(name, "a redist", url, "https://example/x", name, 8192, "SHA256", digest)
+
+
+def test_a_redist_manifest_round_trips() -> None:
+    manifest = RedistManifest(
+        "Redist",
+        9141,
+        (
+            RedistGroup("Dot_Net_Framework", (_redist("ndp.exe", "ndp.exe"),)),
+            RedistGroup(
+                "LanguagePack",
+                (
+                    _redist("a.msi", "LanguagePack/X64/a.msi"),
+                    _redist("b.msi", "LanguagePack/X64/b.msi"),
+                ),
+            ),
+            RedistGroup("Empty", ()),
+        ),
+    )
+    assert parse_redist_manifest(render_redist_manifest(manifest)) == manifest
+    lower = RedistManifest("LanguagePack", 1, (RedistGroup("g", (_redist("a", "a", "ab" * 32),)),))
+    assert parse_redist_manifest(render_redist_manifest(lower)).groups[0].files[0].hash == (
+        "AB" * 32
+    )
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        RedistManifest("Other", 1, ()),
+        RedistManifest("Redist", 1, (RedistGroup("g", (_redist("a", "../a"),)),)),
+        RedistManifest("Redist", 1, (RedistGroup("g", (_redist("a", "/etc/a"),)),)),
+        RedistManifest("Redist", 1, (RedistGroup("g", (_redist("", "a"),)),)),
+        RedistManifest("Redist", 1, (RedistGroup("g", (_redist("a/b", "a"),)),)),
+        RedistManifest("Redist", 1, (RedistGroup("g", (_redist("a", "a", HASH[:-1]),)),)),
+        RedistManifest("Redist", 1, (RedistGroup("g", (_redist("a", "a", "G" * 64),)),)),
+    ],
+)
+def test_a_malformed_redist_manifest_raises_manifest_error(manifest: RedistManifest) -> None:
+    with pytest.raises(ManifestError):
+        parse_redist_manifest(render_redist_manifest(manifest))
+
+
+def test_a_sample_binary_gives_back_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "cmupdate.exe"
+    path.write_bytes(sample_binary("cmupdate.exe", 9141, "5.00.9141.1000", 5000))
+    assert path.stat().st_size == 5000
+    assert read_sample_header(path) == {"build": "9141", "version": "5.00.9141.1000"}
+    assert sample_build_number(path) == 9141
+    redist = tmp_path / "ndp.exe"
+    redist.write_bytes(sample_redist("ndp.exe", "a redist", 300))
+    assert read_sample_header(redist) == {}
+    with pytest.raises(CmlabError, match="not a cmlab sample binary"):
+        sample_build_number(redist)
+    with pytest.raises(CmlabError, match="smaller than its header"):
+        sample_binary("cmupdate.exe", 9141, "5.00.9141.1000", 10)
+    assert sample_binary("a", 1, "1", 500) == sample_binary("a", 1, "1", 500)
+    assert sample_binary("a", 1, "1", 500) != sample_binary("a", 2, "1", 500)

@@ -29,7 +29,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.commands.payload import sample_build_number
 from cmlab.core.errors import CabError, CmlabError, ContentLibError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
@@ -55,6 +54,7 @@ from cmlab.site.formats.replication import (
     render_resend_request,
     resend_request_name,
 )
+from cmlab.site.formats.sample_binary import sample_build_number
 from cmlab.site.inbox import BadInput, Outcome, quarantine
 from cmlab.site.installation import (
     INSTALL_DIR,

@@ -27,16 +27,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.commands.payload import (
-    MAP_ROOT,
-    REDIST_MANIFEST_CAB,
-    REDIST_MANIFEST_XML,
-    parse_redist_manifest,
-)
 from cmlab.core.errors import CabPathError, CmlabError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import is_stale_tmp, tmp_name_for
 from cmlab.site.cab import ExtractLimits, extract_cab_into, list_cab, normalize_member_name
+from cmlab.site.formats.payload_layout import MAP_ROOT
+from cmlab.site.formats.redist_manifest import (
+    REDIST_MANIFEST_CAB,
+    REDIST_MANIFEST_XML,
+    parse_redist_manifest,
+)
 from cmlab.site.formats.update_map import MapComponent, UpdateMap
 from cmlab.site.trust import TrustStore, verify_cab
 

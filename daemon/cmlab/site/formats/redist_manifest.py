@@ -96,7 +96,8 @@ def render_redist_manifest(m: RedistManifest) -> bytes:
             )
             ET.SubElement(el, "Hash", {"Algorithm": f.algorithm}).text = f.hash
     ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return body + b"\n"
 
 
 def parse_redist_manifest(data: bytes) -> RedistManifest:

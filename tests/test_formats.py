@@ -26,6 +26,7 @@ from cmlab.site.formats.ids import (
     is_package_id,
     is_sha256,
     is_site_code,
+    is_site_code_either_case,
     is_upper_sha256,
 )
 from cmlab.site.formats.notifications import (
@@ -107,6 +108,9 @@ def test_site_codes_package_ids_and_job_ids_are_upper_case_ascii() -> None:
     assert is_site_code("CAS") and is_site_code("PR1") and is_site_code("123")
     for bad in ("cas", "CA", "CASX", "CAS\n", "\u212aAS", "C-S"):
         assert not is_site_code(bad), bad
+    assert is_site_code_either_case("cas") and is_site_code_either_case("Pr1")
+    for bad in ("CA", "CASX", "CAS\n", "\u017fAS", "\u0131AS", "C-S"):
+        assert not is_site_code_either_case(bad), bad
     assert is_package_id("CAS10001") and is_package_id("PR1000AF")
     for bad in ("cas10001", "CAS1000G", "CAS1000", "CAS100011", "CAS10001\n", "\u212aAS10001"):
         assert not is_package_id(bad), bad

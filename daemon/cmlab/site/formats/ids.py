@@ -3,7 +3,8 @@
 - GUID: an update package's `PackageGuid` (`3B1E0A8D-...-B3C1F2E6A9D0`), a state message's
   `TopicID`, the `<GUID>` in `<GUID>.CMU`, `.CME`, `.CMI`, `___CMU<GUID>.MCM`. Either case:
   the guide prints upper case, some of its logs lower case.
-- site code: three letters or digits (`CAS`, `PR1`), upper case.
+- site code: three letters or digits (`CAS`, `PR1`), upper case; `is_site_code_either_case`
+  for a message field that may carry it in lower case (the caller upper-cases it after).
 - PackageID: the site code and five hex digits (`CAS10001`), upper case.
 - job ID: a SchedulerJobs.JobID as files name it, eight hex digits (`00000391`), upper case.
 - SHA-256: 64 hex digits; `is_sha256` takes either case (manifests as written by hand),
@@ -33,6 +34,8 @@ __all__ = [
     "SHA256",
     "SHA256_RE",
     "SITE_CODE",
+    "SITE_CODE_EITHER_CASE",
+    "SITE_CODE_EITHER_CASE_RE",
     "SITE_CODE_RE",
     "UPPER_SHA256",
     "UPPER_SHA256_RE",
@@ -41,11 +44,13 @@ __all__ = [
     "is_package_id",
     "is_sha256",
     "is_site_code",
+    "is_site_code_either_case",
     "is_upper_sha256",
 ]
 
 GUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
 SITE_CODE = r"[A-Z0-9]{3}"
+SITE_CODE_EITHER_CASE = r"[A-Za-z0-9]{3}"
 PACKAGE_ID = r"[A-Z0-9]{3}[0-9A-F]{5}"
 JOB_ID = r"[0-9A-F]{8}"
 SHA256 = r"[0-9A-Fa-f]{64}"
@@ -58,6 +63,7 @@ def _whole(pattern: str) -> re.Pattern[str]:
 
 GUID_RE = _whole(GUID)
 SITE_CODE_RE = _whole(SITE_CODE)
+SITE_CODE_EITHER_CASE_RE = _whole(SITE_CODE_EITHER_CASE)
 PACKAGE_ID_RE = _whole(PACKAGE_ID)
 JOB_ID_RE = _whole(JOB_ID)
 SHA256_RE = _whole(SHA256)
@@ -72,6 +78,11 @@ def is_guid(text: str) -> bool:
 def is_site_code(text: str) -> bool:
     """`text` is a site code: three upper-case ASCII letters or digits."""
     return SITE_CODE_RE.match(text) is not None
+
+
+def is_site_code_either_case(text: str) -> bool:
+    """`text` is a site code in either case: three ASCII letters or digits."""
+    return SITE_CODE_EITHER_CASE_RE.match(text) is not None
 
 
 def is_package_id(text: str) -> bool:

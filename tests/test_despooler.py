@@ -20,7 +20,7 @@ from cmlab.site.cab import create_cab
 from cmlab.site.component import Component, SiteContext
 from cmlab.site.config import load_config
 from cmlab.site.content_library import ContentLibrary
-from cmlab.site.file_replication import Instruction, Recovery, build_instruction
+from cmlab.site.formats.replication import Instruction, Recovery, build_instruction
 from cmlab.site.inbox import InboxEngine
 from cmlab.site.sitedb import SiteDB, connect, servicing, transaction
 from cmlab.site.smslog import LogRegistry, LogSink

@@ -15,8 +15,8 @@ from cmlab.core.errors import BadInput, CmlabError, UnsafeFile, WorkFailed
 from cmlab.core.fs import read_regular_file, read_regular_file_stat
 from cmlab.core.hashing import folder_hash
 from cmlab.site.config import load_config
-from cmlab.site.file_replication import parse_instruction
 from cmlab.site.formats.manifest import parse_manifest
+from cmlab.site.formats.replication import parse_instruction
 from cmlab.site.formats.update_map import parse_update_map
 
 
@@ -60,7 +60,10 @@ BAD_INPUT = [
     "cmlab.site.trust.authenticode.TrustStoreError",
     "cmlab.site.trust.labca.LabCAError",
     "cmlab.site.file_replication.DamagedPackage",
-    "cmlab.components.statesys.StateMessageError",
+    "cmlab.site.formats.replication.ReplicationFormatError",
+    "cmlab.site.formats.state_message.StateMessageError",
+    "cmlab.site.formats.cmu.CmuError",
+    "cmlab.site.formats.notifications.NotificationError",
     "cmlab.commands.reset.BadGuid",
 ]
 

@@ -1,4 +1,5 @@
-"""cmlab.site.file_replication: the instruction a parent sends a child is parsed as hostile input
+"""cmlab.site.formats.replication and cmlab.site.file_replication: the instruction a parent
+sends a child is parsed as hostile input
 (strict
 keys, types, sizes and names), package files are verified by size and SHA-256, and a PCK is
 byte-identical every time it is built from the same content."""
@@ -19,19 +20,22 @@ from cmlab.core.hashing import folder_hash, sha256_bytes
 from cmlab.site.cab import extract_cab
 from cmlab.site.content_library import ContentLibrary
 from cmlab.site.file_replication import (
-    INSTRUCTION_MAX,
     DamagedPackage,
+    build_pck,
+    package_file_path,
+    verify_package_file,
+)
+from cmlab.site.formats.replication import (
+    INSTRUCTION_MAX,
     Instruction,
     Recovery,
+    ReplicationFormatError,
     build_instruction,
-    build_pck,
     job_name,
-    package_file_path,
     parse_instruction,
     parse_job_name,
     pck_name,
     read_instruction,
-    verify_package_file,
 )
 from cmlab.site.inbox import BadInput
 
@@ -148,7 +152,7 @@ def without(key: str) -> dict[str, Any]:
     ],
 )
 def test_malformed_instructions_are_refused(obj: Any, reason: str) -> None:
-    with pytest.raises(BadInput) as info:
+    with pytest.raises(ReplicationFormatError) as info:
         parse_instruction(encode(obj), where="00000391.INS")
     assert str(info.value).startswith("00000391.INS: ")
     assert reason in str(info.value)
@@ -171,7 +175,7 @@ def test_malformed_instructions_are_refused(obj: Any, reason: str) -> None:
     ],
 )
 def test_hostile_bytes_are_refused(data: bytes, reason: str) -> None:
-    with pytest.raises(BadInput, match="instruction: ") as info:
+    with pytest.raises(ReplicationFormatError, match="instruction: ") as info:
         parse_instruction(data)
     assert reason in str(info.value)
 
@@ -179,14 +183,14 @@ def test_hostile_bytes_are_refused(data: bytes, reason: str) -> None:
 def test_every_truncation_is_refused() -> None:
     data = build_instruction(parse_instruction(encode(RECOVERY)))
     for end in range(len(data) - 1):  # the last byte is the newline
-        with pytest.raises(BadInput):
+        with pytest.raises(ReplicationFormatError):
             parse_instruction(data[:end])
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048))
 def test_fuzz_bytes_only_ever_raise_bad_input(data: bytes) -> None:
-    with contextlib.suppress(BadInput):
+    with contextlib.suppress(ReplicationFormatError):
         parse_instruction(data)
 
 
@@ -202,11 +206,12 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(sorted(RECOVERY)), json_values)
 def test_fuzz_one_value_replaced(key: str, value: Any) -> None:
-    """Any value in place of a good one gives an Instruction that builds again, or BadInput."""
+    """Any value in place of a good one gives an Instruction that builds again, or
+    ReplicationFormatError."""
     obj = {**RECOVERY, key: value}
     try:
         instr = parse_instruction(encode(obj))
-    except BadInput:
+    except ReplicationFormatError:
         return
     assert parse_instruction(build_instruction(instr)) == instr
 
@@ -224,14 +229,14 @@ def test_read_instruction_never_follows_a_link_and_reads_at_most_the_cap(tmp_pat
     assert read_instruction(good).job == "00000391"
     link = tmp_path / "00000392.INS"
     os.symlink(good, link)
-    with pytest.raises(BadInput, match="symbolic link"):
+    with pytest.raises(ReplicationFormatError, match="symbolic link"):
         read_instruction(link)
     (tmp_path / "dir.INS").mkdir()
-    with pytest.raises(BadInput, match="not a regular file"):
+    with pytest.raises(ReplicationFormatError, match="not a regular file"):
         read_instruction(tmp_path / "dir.INS")
     big = tmp_path / "00000393.INS"
     big.write_bytes(b" " * (10 * INSTRUCTION_MAX))
-    with pytest.raises(BadInput, match="larger than"):
+    with pytest.raises(ReplicationFormatError, match="larger than"):
         read_instruction(big)
 
 
@@ -243,7 +248,7 @@ def test_names() -> None:
     assert job_name(0x391) == "00000391"
     assert parse_job_name("0000abcd") == 0xABCD
     for bad in ("", "391", "000003911", "0000039G", "00000000", "0000 391", "٠٠٠٠٠٠٠١"):
-        with pytest.raises(BadInput):
+        with pytest.raises(ReplicationFormatError):
             parse_job_name(bad)
     for args in (("../x", 1), ("CAS10001", 0), ("CAS10001", True)):
         with pytest.raises(ValueError):

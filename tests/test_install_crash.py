@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 import sites
-from cmlab.commands.payload import sample_build_number
 from cmlab.core.hashing import sha256_file
+from cmlab.site.formats.sample_binary import sample_build_number
 from cmlab.site.installation import ACTIONS, CONSOLE_EXE, SITE_SERVER_BINARIES
 from cmlab.site.sitedb import servicing
 from cmlab.site.sitedb.triggers import trigger_defs

@@ -10,10 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cmlab.components.statesys import StateMessage, parse_state_message, render_state_message
 from cmlab.core.errors import CmlabError, ConfigError, ManifestError
 from cmlab.site.config import load_config
 from cmlab.site.formats.manifest import Manifest, ManifestPackage, parse_manifest, render_manifest
+from cmlab.site.formats.state_message import (
+    StateMessage,
+    parse_state_message,
+    render_state_message,
+)
 
 PKG = ManifestPackage(
     guid="420E3E18-73C5-4BE9-88B0-6F1E30A012CA",

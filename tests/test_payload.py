@@ -10,23 +10,24 @@ from pathlib import Path
 import pytest
 
 from cmlab.commands.payload import (
-    AUTO_UPGRADE_SCRIPTS_CAB,
-    LN_MANIFEST_CAB,
-    LN_MANIFEST_XML,
-    REDIST_MANIFEST_CAB,
-    REDIST_MANIFEST_XML,
     build_cab_from_dir,
     build_payload_tree,
     build_redists,
     load_package,
-    parse_install_map,
-    parse_redist_manifest,
-    read_sample_header,
-    sample_build_number,
 )
 from cmlab.core.errors import CabPathError, CmlabError, UpdateMapError
 from cmlab.core.hashing import EMPTY_SHA256, folder_hash, sha256_file
 from cmlab.site.cab import extract_cab, list_cab
+from cmlab.site.formats.install_map import parse_install_map
+from cmlab.site.formats.payload_layout import AUTO_UPGRADE_SCRIPTS_CAB
+from cmlab.site.formats.redist_manifest import (
+    LN_MANIFEST_CAB,
+    LN_MANIFEST_XML,
+    REDIST_MANIFEST_CAB,
+    REDIST_MANIFEST_XML,
+    parse_redist_manifest,
+)
+from cmlab.site.formats.sample_binary import read_sample_header, sample_build_number
 from cmlab.site.formats.update_map import parse_update_map
 
 SOURCE = Path(__file__).resolve().parent.parent / "payloads" / "updates" / "cm2509"

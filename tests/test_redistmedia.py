@@ -16,7 +16,6 @@ from pathlib import Path, PureWindowsPath
 import pytest
 
 from cmlab.commands.lab_cloud import build_content_source
-from cmlab.commands.payload import RedistFile, RedistGroup, RedistManifest, render_redist_manifest
 from cmlab.components.cmupdate.redist_media import (
     MediaError,
     MediaResult,
@@ -29,6 +28,12 @@ from cmlab.core.errors import CmlabError
 from cmlab.core.hashing import EMPTY_SHA256, sha256_file
 from cmlab.site import trust
 from cmlab.site.cab import create_cab, extract_cab, extract_cab_into
+from cmlab.site.formats.redist_manifest import (
+    RedistFile,
+    RedistGroup,
+    RedistManifest,
+    render_redist_manifest,
+)
 from cmlab.site.formats.update_map import UpdateMap, decode_update_map, parse_update_map
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"

@@ -18,7 +18,7 @@ from cmlab.components.hman.hman import HierarchyManager
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash, sha256_file
 from cmlab.site.cab import list_cab
-from cmlab.site.file_replication import (
+from cmlab.site.formats.replication import (
     Instruction,
     Recovery,
     build_instruction,

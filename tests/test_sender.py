@@ -23,7 +23,8 @@ from cmlab.core.hashing import folder_hash, sha256_file
 from cmlab.daemon import SiteDaemon
 from cmlab.site.cab import extract_cab
 from cmlab.site.config import load_config
-from cmlab.site.file_replication import build_package_file, parse_instruction, read_instruction
+from cmlab.site.file_replication import build_package_file
+from cmlab.site.formats.replication import parse_instruction, read_instruction
 from cmlab.site.sitedb import connect, hierarchy, servicing
 from cmlab.site.statecodes import PackageState as S
 from sites import Daemon, assert_in_order, copy_site, log, query, set_toml

@@ -20,18 +20,13 @@ from typing import Any
 import pytest
 
 from cmlab.commands.init import InitOptions, init_site
-from cmlab.commands.payload import (
-    InstallStep,
-    build_cab_from_dir,
-    load_package,
-    parse_install_map,
-    sample_binary,
-    sample_build_number,
-)
+from cmlab.commands.payload import build_cab_from_dir, load_package
 from cmlab.components.cmupdate.redist_media import check_media, process_redists
 from cmlab.core.hashing import sha256_bytes, sha256_file
 from cmlab.site.cab import create_cab, extract_cab, extract_cab_into
 from cmlab.site.config import load_config
+from cmlab.site.formats.install_map import InstallStep, parse_install_map
+from cmlab.site.formats.sample_binary import sample_binary, sample_build_number
 from cmlab.site.formats.update_map import (
     MapComponent,
     MapDirectory,

@@ -197,8 +197,8 @@ def test_remote_scp_goes_through_the_mp_outbox(site: Path) -> None:
 
 def test_backlog_at_restart_is_processed(site: Path) -> None:
     """Drop files already waiting in every inbox when the daemon starts are all handled."""
-    from cmlab.components.statesys import StateMessage, render_state_message
     from cmlab.core.fs import write_atomic
+    from cmlab.site.formats.state_message import StateMessage, render_state_message
 
     inboxes = site / "inboxes"
     high = inboxes / "auth" / "statesys.box" / "incoming" / "high"

@@ -1,6 +1,8 @@
 """The sample update packages: from sources in payloads/updates/<name>/ to the payload tree,
 its CAB, and the redist folder. Formats are in docs/formats.md, the layout in
-payloads/README.md.
+payloads/README.md; the formats' writers and parsers, which the site reads too, are in
+cmlab.site.formats (install_map, payload_layout, redist_manifest, sample_binary,
+update_map).
 
 Everything is deterministic: binaries are generated from their name and the build number,
 every CAB gets the same timestamp, and update.map lists the sizes and SHA-256 of the files
@@ -9,24 +11,40 @@ actually built. Only signatures (which carry a signing time) differ between two 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import stat
 import tempfile
 import tomllib
-import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmlab.core.errors import CabPathError, CmlabError, ManifestError, UpdateMapError
+from cmlab.core.errors import CabPathError, CmlabError
 from cmlab.core.fs import WRITE_NEW, open_nofollow, put_in_place, tmp_name_for, write_atomic
 from cmlab.core.hashing import sha256_bytes, sha256_file
-from cmlab.core.safexml import parse_xml
 from cmlab.site.cab import create_cab, normalize_member_name
+from cmlab.site.formats.ids import is_guid
+from cmlab.site.formats.install_map import parse_install_map
+from cmlab.site.formats.payload_layout import (
+    AUTO_UPGRADE_SCRIPTS_CAB,
+    AUTO_UPGRADE_SCRIPTS_GROUP,
+    INSTALL_MAP,
+    MAP_ROOT,
+    UPDATE_MAP_CAB,
+)
+from cmlab.site.formats.redist_manifest import (
+    LN_MANIFEST_CAB,
+    LN_MANIFEST_XML,
+    REDIST_MANIFEST_CAB,
+    REDIST_MANIFEST_XML,
+    RedistFile,
+    RedistGroup,
+    RedistManifest,
+    render_redist_manifest,
+)
+from cmlab.site.formats.sample_binary import sample_binary, sample_redist
 from cmlab.site.formats.update_map import (
     MapComponent,
     MapDirectory,
@@ -39,98 +57,14 @@ if TYPE_CHECKING:
     from cmlab.site.trust import Signer
 
 __all__ = [
-    "AUTO_UPGRADE_SCRIPTS_CAB",
-    "LN_MANIFEST_CAB",
-    "LN_MANIFEST_XML",
-    "REDIST_MANIFEST_CAB",
-    "REDIST_MANIFEST_XML",
-    "InstallStep",
     "PackageInfo",
-    "RedistFile",
-    "RedistGroup",
-    "RedistManifest",
     "build_cab_from_dir",
     "build_payload_tree",
     "build_redists",
     "load_package",
-    "parse_install_map",
-    "parse_redist_manifest",
-    "read_sample_header",
-    "sample_binary",
-    "sample_build_number",
 ]
 
-REDIST_MANIFEST_CAB = "ConfigMgr.Manifest.cab"
-REDIST_MANIFEST_XML = "ConfigMgr.Manifest.xml"
-LN_MANIFEST_CAB = "ConfigMgr.LN.Manifest.cab"
-LN_MANIFEST_XML = "ConfigMgr.LN.Manifest.xml"
-AUTO_UPGRADE_SCRIPTS_CAB = "ConfigMgr.AutoUpgradeScripts.cab"
-AUTO_UPGRADE_SCRIPTS_GROUP = "ConfigMgr_AutoUpgradeScripts"
-UPDATE_MAP_CAB = "SMSSetup/update.map.cab"
-INSTALL_MAP = "SMSSetup/install.map"
-MAP_ROOT = "SMSSetup"  # update.map directory paths are relative to this folder
-
-_GUID_RE = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
-
-
-# ---------------------------------------------------------------------------------------
-# Sample binaries
-
-
-def _stream(seed: str, size: int) -> bytes:
-    """Deterministic pseudo-random bytes: SHA-256 in counter mode, stable across Pythons."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
-
-
-def sample_binary(name: str, build: int, version: str, size: int) -> bytes:
-    """A stand-in for a Microsoft binary: a text header the lab can read, then noise.
-
-    The header's first line is `cmlab-build: <build>` (see read_sample_header).
-    """
-    header = (
-        f"cmlab-build: {build}\n"
-        f"cmlab-version: {version}\n"
-        f"cmlab sample binary {name} build {build}\n\n"
-    ).encode()
-    if size < len(header):
-        raise CmlabError(f"sample binary {name}: size {size} is smaller than its header")
-    return header + _stream(f"cmlab:binary:{name}:{build}", size - len(header))
-
-
-def _sample_redist(name: str, description: str, size: int) -> bytes:
-    # Seeded by the name alone: a redist is the same file in every update that ships it.
-    header = f"cmlab sample redist {name}: {description}\n\n".encode()
-    if size < len(header):
-        raise CmlabError(f"sample redist {name}: size {size} is smaller than its header")
-    return header + _stream(f"cmlab:redist:{name}", size - len(header))
-
-
-def read_sample_header(path: Path) -> dict[str, str]:
-    """The `cmlab-<key>: <value>` lines at the start of a sample binary ({} if none)."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    fields: dict[str, str] = {}
-    for raw in head.split(b"\n"):
-        line = raw.decode("ascii", "replace")
-        if not line.startswith("cmlab-") or ": " not in line:
-            break
-        key, value = line[len("cmlab-") :].split(": ", 1)
-        fields[key] = value
-    return fields
-
-
-def sample_build_number(path: Path) -> int:
-    """The build number a sample binary (e.g. cmupdate.exe) was made for."""
-    value = read_sample_header(path).get("build", "")
-    if not value.isdigit():
-        raise CmlabError(f"{path}: not a cmlab sample binary (no 'cmlab-build:' line)")
-    return int(value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,7 +140,7 @@ def load_package(src: Path) -> PackageInfo:
     if not isinstance(pkg, dict):
         raise CmlabError(f"{where}: missing [package]")
     guid = _get(pkg, "guid", str, where).upper()
-    if not _GUID_RE.match(guid):
+    if not is_guid(guid):
         raise CmlabError(f"{where}: guid {guid!r} is not a GUID")
     version = _get(pkg, "full_version", str, where)
     build = _get(pkg, "build", int, where)
@@ -273,169 +207,6 @@ def load_package(src: Path) -> PackageInfo:
 
 
 # ---------------------------------------------------------------------------------------
-# install.map
-
-
-@dataclass(frozen=True)
-class InstallStep:
-    id: int
-    action: str
-    state: str  # the INSTALL_* state name reported while the step runs
-    title: str
-    params: tuple[tuple[str, str], ...]
-
-    def param(self, key: str, default: str = "") -> str:
-        return dict(self.params).get(key, default)
-
-
-_STEP_RE = re.compile(
-    r"^STEP\s+<(\d{1,4})><([A-Z][A-Z0-9_]*)><(INSTALL_[A-Z_]+)><([^<>]+)><([^<>]*)>$"
-)
-_PARAM_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)=([^;<>]*)$")
-
-
-def parse_install_map(text: str) -> tuple[InstallStep, ...]:
-    """Parse install.map; UpdateMapError with the line number on any deviation."""
-    from cmlab.site.statecodes import PackageState
-
-    if len(text) > 1024 * 1024:
-        raise UpdateMapError("install.map is larger than 1 MiB")
-    steps: list[InstallStep] = []
-    for lineno, raw in enumerate(text.split("\n"), 1):
-        line = raw.strip(" \t\r")
-        if not line or line.startswith("#"):
-            continue
-        found = _STEP_RE.match(line)
-        if not found:
-            raise UpdateMapError(
-                f"install.map line {lineno}: expected STEP <id><ACTION><INSTALL_STATE>"
-                f"<title><key=value;...>, found {line[:60]!r}"
-            )
-        ident, action, state, title, params_text = found.groups()
-        if state not in PackageState.__members__:
-            raise UpdateMapError(f"install.map line {lineno}: unknown state {state}")
-        if int(ident) != len(steps) + 1:
-            raise UpdateMapError(
-                f"install.map line {lineno}: step {ident} out of order (expected {len(steps) + 1})"
-            )
-        params = []
-        for part in params_text.split(";") if params_text else []:
-            pm = _PARAM_RE.match(part)
-            if not pm:
-                raise UpdateMapError(f"install.map line {lineno}: bad parameter {part!r}")
-            params.append((pm.group(1), pm.group(2)))
-        steps.append(InstallStep(int(ident), action, state, title.strip(), tuple(params)))
-    if not steps:
-        raise UpdateMapError("install.map has no steps")
-    return tuple(steps)
-
-
-# ---------------------------------------------------------------------------------------
-# Redist manifests (ConfigMgr.Manifest.xml, ConfigMgr.LN.Manifest.xml)
-
-
-@dataclass(frozen=True)
-class RedistFile:
-    name: str  # file name as SetupDL logs it
-    description: str
-    url: str  # relative to the folder holding the manifest CAB (posix)
-    display_url: str  # what "File will be downloaded from ..." shows
-    copy_as: str  # name it is copied under (e.g. over a 0-byte placeholder)
-    size: int
-    algorithm: str
-    hash: str
-
-
-@dataclass(frozen=True)
-class RedistGroup:
-    name: str
-    files: tuple[RedistFile, ...]
-
-
-@dataclass(frozen=True)
-class RedistManifest:
-    kind: str  # "Redist" or "LanguagePack"
-    build: int
-    groups: tuple[RedistGroup, ...]
-
-    def files(self) -> Iterator[tuple[RedistGroup, RedistFile]]:
-        for group in self.groups:
-            for f in group.files:
-                yield group, f
-
-
-def render_redist_manifest(m: RedistManifest) -> bytes:
-    root = ET.Element("ConfigMgrRedistManifest", {"Kind": m.kind, "Build": str(m.build)})
-    for group in m.groups:
-        g = ET.SubElement(root, "FileGroup", {"Name": group.name})
-        for f in group.files:
-            el = ET.SubElement(
-                g,
-                "File",
-                {
-                    "Name": f.name,
-                    "Description": f.description,
-                    "Url": f.url,
-                    "DisplayUrl": f.display_url,
-                    "CopyAs": f.copy_as,
-                    "Size": str(f.size),
-                },
-            )
-            ET.SubElement(el, "Hash", {"Algorithm": f.algorithm}).text = f.hash
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
-
-
-def parse_redist_manifest(data: bytes) -> RedistManifest:
-    """Parse a redist or language pack manifest; ManifestError on anything unexpected."""
-    root = parse_xml(
-        data, what="redist manifest", root="ConfigMgrRedistManifest", error=ManifestError
-    )
-    kind = root.get("Kind", "")
-    build = root.get("Build", "")
-    if kind not in ("Redist", "LanguagePack") or not build.isdigit():
-        raise ManifestError("redist manifest needs Kind='Redist'|'LanguagePack' and a Build")
-    groups = []
-    for g in root.findall("FileGroup"):
-        files = []
-        for el in g.findall("File"):
-            name = el.get("Name", "")
-            where = f"redist manifest file {name!r}"
-            url = el.get("Url", "")
-            try:
-                normalize_member_name(url)
-            except CabPathError as exc:
-                raise ManifestError(f"{where}: bad Url: {exc}") from None
-            copy_as = el.get("CopyAs", "")
-            if not name or not copy_as or "/" in copy_as or "\\" in copy_as:
-                raise ManifestError(f"{where}: needs a Name and a plain CopyAs file name")
-            size = el.get("Size", "")
-            hash_el = el.find("Hash")
-            digest = (hash_el.text or "").strip() if hash_el is not None else ""
-            algorithm = hash_el.get("Algorithm", "") if hash_el is not None else ""
-            if (
-                not size.isdigit()
-                or algorithm != "SHA256"
-                or not re.fullmatch(r"[0-9A-Fa-f]{64}", digest)
-            ):
-                raise ManifestError(f"{where}: needs a Size and a SHA256 Hash")
-            files.append(
-                RedistFile(
-                    name=name,
-                    description=el.get("Description", ""),
-                    url=url,
-                    display_url=el.get("DisplayUrl", ""),
-                    copy_as=copy_as,
-                    size=int(size),
-                    algorithm=algorithm,
-                    hash=digest.upper(),
-                )
-            )
-        groups.append(RedistGroup(g.get("Name", ""), tuple(files)))
-    return RedistManifest(kind, int(build), tuple(groups))
-
-
-# ---------------------------------------------------------------------------------------
 # Building
 
 
@@ -479,7 +250,7 @@ def _cab_to(files: dict[str, Path | bytes], dst: Path, signer: Signer | None) ->
 
 
 def _redist_contents(info: PackageInfo) -> dict[str, bytes]:
-    return {r.path: _sample_redist(Path(r.path).name, r.description, r.size) for r in info.redists}
+    return {r.path: sample_redist(Path(r.path).name, r.description, r.size) for r in info.redists}
 
 
 def _map_directory(

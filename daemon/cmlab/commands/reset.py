@@ -24,7 +24,9 @@ from typing import Any, TextIO
 from cmlab.core.errors import BadInput
 from cmlab.core.fs import remove_path
 from cmlab.site.config import SiteConfig, load_config
-from cmlab.site.formats.manifest import GUID_RE
+from cmlab.site.formats.cmu import cmu_mcm_name, cmu_name
+from cmlab.site.formats.ids import is_guid
+from cmlab.site.formats.notifications import cme_name, cmi_name
 from cmlab.site.sitedb import one_transaction, procs, update_reset
 from cmlab.site.smslog import LogSink, SmsLog
 from cmlab.site.statecodes import PackageState
@@ -125,7 +127,7 @@ def normalize_guid(text: str) -> str:
     guid = text.strip()
     if guid.startswith("{") and guid.endswith("}"):
         guid = guid[1:-1]
-    if not GUID_RE.fullmatch(guid):
+    if not is_guid(guid):
         raise BadGuid(
             f"{text!r} is not an update package GUID (like 420E3E18-73C5-4BE9-88B0-6F1E30A012CA)"
         )
@@ -175,10 +177,10 @@ def content_locations(config: SiteConfig, guid: str) -> list[tuple[Path, tuple[s
         (p.easysetup_payload, (f"{g}.CAB", f"{g}.CAB.PARTIAL", g)),
         (p.cmu_staging, (g,)),
         (p.inboxes / "dmpdownloader.box", (f"{g}.DMP",)),
-        (p.hman_forwarding, (f"___CMU{g}.MCM",)),
-        (p.mcm_outbox, (f"___CMU{g}.MCM",)),  # the SCP is remote: not yet moved on by MPFDM
-        (p.hman_cfd, (f"{g}.CMU", f"{g}.CME")),
-        (p.cmupdate_box, (f"{g}.CMI",)),
+        (p.hman_forwarding, (cmu_mcm_name(g),)),
+        (p.mcm_outbox, (cmu_mcm_name(g),)),  # the SCP is remote: not yet moved on by MPFDM
+        (p.hman_cfd, (cmu_name(g), cme_name(g))),
+        (p.cmupdate_box, (cmi_name(g),)),
     ]
 
 

@@ -1,7 +1,7 @@
 """SMS_DESPOOLER (despool.log): the receiving end of file-based replication (docs/hierarchy.md).
 
 The parent's Sender delivers `ds_<jobid>.pkg` into `despoolr.box/receive` and then, last,
-`<JobID>.INS` (the instruction, cmlab.site.file_replication). The INS wakes the despooler:
+`<JobID>.INS` (the instruction, cmlab.site.formats.replication). The INS wakes the despooler:
 
 - JobType SWD (at a child primary): the Easy Setup Package. Verified (size, SHA-256, CAB,
   content hash), stored in this site's content library, recorded in SMSPackages,
@@ -28,8 +28,7 @@ import stat
 from functools import partial
 from pathlib import Path
 
-from cmlab.commands.payload import sample_build_number
-from cmlab.core.errors import CabError, CmlabError, ContentLibError
+from cmlab.core.errors import BadInput, CabError, CmlabError, ContentLibError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     copy_file_durable,
@@ -43,16 +42,19 @@ from cmlab.core.hashing import folder_hash, folder_records
 from cmlab.site.cab import extract_cab
 from cmlab.site.component import Component
 from cmlab.site.content_library import ContentLibrary
-from cmlab.site.file_replication import (
+from cmlab.site.file_replication import DamagedPackage, package_file_ok, verify_package_file
+from cmlab.site.formats.replication import (
     SITE_RECOVERY,
     SWD,
-    DamagedPackage,
     Instruction,
-    package_file_ok,
+    ReplicationFormatError,
+    delivered_package_name,
     read_instruction,
-    verify_package_file,
+    render_resend_request,
+    resend_request_name,
 )
-from cmlab.site.inbox import BadInput, Outcome, quarantine
+from cmlab.site.formats.sample_binary import sample_build_number
+from cmlab.site.inbox import Outcome, quarantine
 from cmlab.site.installation import (
     INSTALL_DIR,
     RCM_KEY,
@@ -67,11 +69,7 @@ from cmlab.site.sitedb.servicing import DistributionState
 
 def package_file_for(ins_path: Path) -> Path:
     """`<JobID>.INS` -> `ds_<jobid lower>.pkg` beside it (the Sender's name for the package)."""
-    return ins_path.with_name(f"ds_{ins_path.name[: -len('.INS')].lower()}.pkg")
-
-
-def resend_request_name(site_code: str, pkg_id: str, version: int) -> str:
-    return f"{site_code.upper()}_{pkg_id.upper()}_{version}.RSQ"
+    return ins_path.with_name(delivered_package_name(ins_path.name[: -len(".INS")]))
 
 
 def _library_holds(lib: ContentLibrary, pkg_id: str, version: int, digest: str) -> bool:
@@ -102,7 +100,7 @@ class Despooler(Component):
             ins = await self.in_thread(read_instruction, path)
             local = await self.db.read(hierarchy.local_site)
             self._check_addressed_here(ins, local, path.name)
-        except BadInput as exc:
+        except (BadInput, ReplicationFormatError) as exc:
             # The engine moves the INS to BAD; its package goes with it, or it would lie in
             # receive/ forever.
             self._quarantine(pkg, f"its instruction {path.name} was refused: {exc}")
@@ -364,7 +362,7 @@ class Despooler(Component):
         # unmounted share), and creating it would hide that.
         if not box.is_dir():
             raise FileNotFoundError(f"{box} is not a folder")
-        write_atomic(box / name, reason + "\n")
+        write_atomic(box / name, render_resend_request(reason))
 
     # -- SiteRecovery: Recover Secondary Site ------------------------------------------------
 

@@ -15,36 +15,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import sqlite3
 from functools import partial
 from pathlib import Path, PureWindowsPath
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import BadInput, CmlabError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import read_regular_file_stat
 from cmlab.site.component import Component, SiteContext
 from cmlab.site.content_library import ContentLibrary, Snapshot
-from cmlab.site.file_replication import (
-    PackageFile,
-    build_pck,
-    old_pck_versions,
-    package_file_ok,
+from cmlab.site.file_replication import PackageFile, build_pck, old_pck_versions, package_file_ok
+from cmlab.site.formats.ids import is_guid, is_package_id
+from cmlab.site.formats.replication import (
+    RSQ_MAX,
+    parse_resend_reason,
+    parse_resend_request_name,
     pck_name,
 )
-from cmlab.site.formats.manifest import GUID_RE
-from cmlab.site.inbox import BadInput, Outcome
+from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import hierarchy, scheduler_jobs, servicing
 from cmlab.site.sitedb.scheduler_jobs import JobState, SwdJob
 from cmlab.site.sitedb.servicing import DistributionState
 from cmlab.site.statecodes import PackageState
 
 S = PackageState
-PKG_ID_RE = re.compile(r"^[A-Z0-9]{3}[0-9A-F]{5}$", re.IGNORECASE)
 
 REPLICATING = (S.CONTENT_REPLICATING,)
-RSQ_RE = re.compile(r"([A-Z0-9]{3})_([A-Z0-9]{3}[0-9A-F]{5})_([1-9][0-9]{0,9})\.RSQ", re.I)
-RSQ_MAX = 4096  # the reason a child's despooler gives; more is not a resend request
 
 
 class DistributionManager(Component):
@@ -65,7 +61,7 @@ class DistributionManager(Component):
         share. Any other server's is refused (DistMgr here cannot reach it)."""
         parts = PureWindowsPath(share).parts
         # ('\\\\server\\EasySetupPayLoad\\', 'GUID')
-        if len(parts) != 2 or not GUID_RE.match(parts[1]):
+        if len(parts) != 2 or not is_guid(parts[1]):
             raise CmlabError(f"{share} is not an EasySetupPayLoad share path")
         anchor = parts[0].strip("\\").split("\\")
         if len(anchor) != 2 or anchor[1].lower() != "easysetuppayload":
@@ -76,7 +72,7 @@ class DistributionManager(Component):
 
     async def on_pkn(self, path: Path) -> Outcome:
         pkg_id = path.name[: -len(".PKN")].upper()
-        if not PKG_ID_RE.match(pkg_id):
+        if not is_package_id(pkg_id):
             raise BadInput(f"{path.name}: the file name is not <PackageID>.PKN")
         self.say(f"Found package properties updated notification for package '{pkg_id}'")
         esp = await self.db.read(servicing.easy_setup_package_by_id, pkg_id)
@@ -253,10 +249,7 @@ class DistributionManager(Component):
     # -- a child's resend request ---------------------------------------------------------------
 
     async def on_resend_request(self, path: Path) -> Outcome:
-        m = RSQ_RE.fullmatch(path.name)
-        if m is None:
-            raise BadInput(f"{path.name}: the file name is not <ChildSite>_<PkgID>_<Version>.RSQ")
-        child, pkg_id, version = m[1].upper(), m[2].upper(), int(m[3])
+        child, pkg_id, version = parse_resend_request_name(path.name)
         reason, request = self._read_request(path)
         self.say(
             f"Received a request from site {child} to resend package {pkg_id} version {version}"
@@ -305,11 +298,7 @@ class DistributionManager(Component):
             data, st = read_regular_file_stat(path, RSQ_MAX)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadInput(f"{path.name}: the reason is not UTF-8 text") from None
-        reason = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+        reason = parse_resend_reason(path.name, data)
         request = f"resend request {path.name} ({st.st_dev}:{st.st_ino}:{st.st_mtime_ns})"
         return reason, request
 

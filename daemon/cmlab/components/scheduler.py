@@ -20,21 +20,28 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmlab.core.errors import BadInput
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import write_atomic
 from cmlab.site.component import Component
-from cmlab.site.file_replication import (
+from cmlab.site.file_replication import package_file_path
+from cmlab.site.formats.replication import (
     SITE_RECOVERY,
     SWD,
     Instruction,
     build_instruction,
+    idb_name,
     job_of_drop_file,
-    package_file_path,
     read_recovery_sidecar,
+    render_send_request,
+    srq_name,
 )
-from cmlab.site.inbox import BadInput, Outcome
+from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import scheduler_jobs, servicing
-from cmlab.site.sitedb.scheduler_jobs import JobState, SchedulerJob
+from cmlab.site.sitedb.scheduler_jobs import (
+    JobState,
+    SchedulerJob,
+)
 
 RECOVERY_NAME = "Secondary Site Recovery"
 
@@ -61,7 +68,7 @@ def _unnoticed_jobs(conn: sqlite3.Connection, tosend: Path) -> list[str]:
     out = []
     for job_id, state in scheduler_jobs.jobs_at_rest(conn):
         name = f"{job_id:08X}"
-        has_idb = (tosend / f"{name}.Idb").exists()
+        has_idb = (tosend / idb_name(name)).exists()
         if (state == JobState.PENDING) != has_idb:
             out.append(name)
     return out
@@ -82,13 +89,13 @@ class Scheduler(Component):
             )
 
     def idb_path(self, name: str) -> Path:
-        return self.paths.schedule_tosend / f"{name}.Idb"
+        return self.paths.schedule_tosend / idb_name(name)
 
     def srq_path(self, name: str) -> Path:
-        return self.paths.sender_outbox / f"{name}.SRQ"
+        return self.paths.sender_outbox / srq_name(name)
 
     async def on_job(self, path: Path) -> Outcome:
-        job_id = job_of_drop_file(path, "JOB")
+        job_id = job_of_drop_file(path.name, "JOB")
         if os.path.getsize(path) > 4096:
             raise BadInput(f"{path.name}: a job notification is empty or a line, not a file")
         view = await self.db.read(_view, job_id)
@@ -130,7 +137,7 @@ class Scheduler(Component):
         crashpoint("scheduler.after_idb")
         srq = self.srq_path(name)
         srq.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(srq, f"Job={name}\nInstruction=tosend/{name}.Idb\n")
+        write_atomic(srq, render_send_request(job_id))
         crashpoint("scheduler.after_srq")
         await self.db.tx(scheduler_jobs.mark_sending, job_id)
         self.say(f"<Updating JOB {name}> [{self._describe(job)}]~")

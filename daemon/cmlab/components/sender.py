@@ -24,7 +24,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.core.errors import WorkFailed
+from cmlab.core.errors import BadInput, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     READ,
@@ -37,21 +37,27 @@ from cmlab.core.fs import (
 )
 from cmlab.site.component import Component
 from cmlab.site.file_replication import (
-    SWD,
     DamagedPackage,
-    Instruction,
-    build_instruction,
-    job_of_drop_file,
     package_file_ok,
     package_file_path,
-    read_instruction,
     verify_package_file,
 )
-from cmlab.site.inbox import BadInput, InboxSpec, Outcome
+from cmlab.site.formats.replication import (
+    SRQ_MAX,
+    SWD,
+    Instruction,
+    ReplicationFormatError,
+    build_instruction,
+    delivered_package_name,
+    idb_name,
+    ins_name,
+    parse_send_request,
+    read_instruction,
+)
+from cmlab.site.inbox import InboxSpec, Outcome
 from cmlab.site.sitedb import hierarchy, scheduler_jobs
 from cmlab.site.sitedb.scheduler_jobs import SchedulerJob
 
-SRQ_MAX = 1024
 RECEIVE = ("inboxes", "despoolr.box", "receive")
 
 
@@ -74,9 +80,9 @@ class Delivery:
 def delivery_for(receive: Path, job: str) -> Delivery:
     return Delivery(
         receive=receive,
-        pkg=receive / f"ds_{job.lower()}.pkg",
-        part=receive / f"ds_{job.lower()}.pkg.part",
-        ins=receive / f"{job.upper()}.INS",
+        pkg=receive / delivered_package_name(job),
+        part=receive / (delivered_package_name(job) + ".part"),
+        ins=receive / ins_name(job),
     )
 
 
@@ -85,32 +91,6 @@ def _read_send_request(path: Path) -> bytes:
         return read_regular_file(path, SRQ_MAX)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-
-
-def parse_send_request(path: Path, data: bytes) -> int:
-    """The job a `<JobID>.SRQ` names; BadInput for a wrong name or a body that is not the
-    Scheduler's (`Job=<JobID>` and `Instruction=tosend/<JobID>.Idb` lines)."""
-    job_id = job_of_drop_file(path, "SRQ")
-    if len(data) > SRQ_MAX:
-        raise BadInput(f"{path.name}: larger than {SRQ_MAX} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadInput(f"{path.name}: not UTF-8 text") from None
-    pairs: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        key, eq, value = line.partition("=")
-        if not eq or key not in ("Job", "Instruction") or key in pairs:
-            raise BadInput(f"{path.name}: unexpected line {line[:80]!r}")
-        pairs[key] = value
-    name = f"{job_id:08X}"
-    if pairs.get("Job", "").upper() != name:
-        raise BadInput(f"{path.name}: the request names job {pairs.get('Job', '')[:20]!r}")
-    if pairs.get("Instruction", f"tosend/{name}.Idb") != f"tosend/{name}.Idb":
-        raise BadInput(f"{path.name}: the instruction is not tosend/{name}.Idb")
-    return job_id
 
 
 def receive_folder(site_root: Path, address: str) -> Path:
@@ -191,7 +171,7 @@ class Sender(Component):
         return specs
 
     async def on_send_request(self, path: Path) -> Outcome:
-        job_id = parse_send_request(path, _read_send_request(path))
+        job_id = parse_send_request(path.name, _read_send_request(path))
         name = f"{job_id:08X}"
         job = await self.db.read(scheduler_jobs.scheduler_job, job_id)
         if job is None:
@@ -200,13 +180,13 @@ class Sender(Component):
         if job.state in scheduler_jobs.ENDED_STATES:
             self.say(f"~Job {name} is {job.state}; nothing to send.")
             return Outcome.DONE
-        idb = self.paths.schedule_tosend / f"{name}.Idb"
+        idb = self.paths.schedule_tosend / idb_name(name)
         try:
             source = package_file_path(self.paths.root, job.package_file)
             instr = read_instruction(idb)
             self._check(instr, job)
             data = build_instruction(instr)
-        except (BadInput, ValueError, FileNotFoundError) as exc:
+        except (BadInput, ReplicationFormatError, ValueError, FileNotFoundError) as exc:
             return await self._give_up(job, f"the instruction {self.show(idb)} is unusable: {exc}")
         self.say(f"~Package file = {self.show(source)}")
         self.say(f"~Instruction file = {self.show(idb)}")

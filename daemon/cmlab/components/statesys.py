@@ -1,82 +1,17 @@
 """statesys (SMS_STATE_SYSTEM): consumes the `.SMX` state messages that DMPDownloader (and
 later CMUpdate) drop in `auth/statesys.box/incoming/high`, records them in StateMessages and
-statesys.log, so they never pile up."""
+statesys.log, so they never pile up. The message format is cmlab.site.formats.state_message."""
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.core.errors import BadInput
 from cmlab.core.failpoints import crashpoint
-from cmlab.core.safexml import parse_xml
 from cmlab.site.component import Component
-from cmlab.site.formats.manifest import GUID_RE
+from cmlab.site.formats.state_message import parse_state_message
 from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import procs
 from cmlab.site.statecodes import DmpStateMessage
-
-MAX_SMX_BYTES = 64 * 1024
-
-
-class StateMessageError(BadInput):
-    """A state message (.SMX) that cannot be parsed."""
-
-
-@dataclass(frozen=True)
-class StateMessage:
-    component: str
-    machine: str
-    topic_id: str
-    state_id: int
-    state_name: str
-    message_time: str
-
-
-def render_state_message(msg: StateMessage) -> bytes:
-    el = ET.Element(
-        "StateMessage",
-        {
-            "Component": msg.component,
-            "MachineName": msg.machine,
-            "TopicID": msg.topic_id,
-            "StateID": str(msg.state_id),
-            "StateName": msg.state_name,
-            "MessageTime": msg.message_time,
-        },
-    )
-    return b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(el) + b"\n"
-
-
-def parse_state_message(data: bytes) -> StateMessage:
-    if not data.strip():
-        raise StateMessageError("the state message file is empty")
-    el = parse_xml(
-        data,
-        what="the state message",
-        root="StateMessage",
-        error=StateMessageError,
-        max_bytes=MAX_SMX_BYTES,
-    )
-    topic = el.get("TopicID", "")
-    if not GUID_RE.match(topic):
-        raise StateMessageError(f"TopicID {topic!r} is not a GUID")
-    try:
-        state_id = int(el.get("StateID", ""))
-    except ValueError as exc:
-        raise StateMessageError("StateID is not a number") from exc
-    component = el.get("Component", "")
-    if not component:
-        raise StateMessageError("Component is missing")
-    return StateMessage(
-        component=component,
-        machine=el.get("MachineName", ""),
-        topic_id=topic.lower(),
-        state_id=state_id,
-        state_name=el.get("StateName", ""),
-        message_time=el.get("MessageTime", ""),
-    )
 
 
 class StateSystem(Component):

@@ -23,9 +23,13 @@ purpose is in this tree; anything else that escapes a handler is a bug.
     │   ├── PrereqError             the prerequisite facts (site.toml [facts])
     │   ├── SigningError, TrustStoreError   cmlab.site.trust.authenticode
     │   ├── LabCAError              cmlab.site.trust.labca
-    │   ├── DamagedPackage          cmlab.site.file_replication (replication instructions and
-    │   │                           messages raise BadInput itself)
-    │   ├── StateMessageError       cmlab.components.statesys
+    │   ├── DamagedPackage          cmlab.site.file_replication
+    │   ├── ReplicationFormatError  cmlab.site.formats.replication (instruction, job names,
+    │   │                           send and resend requests; the CMUpdates message raises
+    │   │                           BadInput itself)
+    │   ├── StateMessageError       cmlab.site.formats.state_message
+    │   ├── CmuError                cmlab.site.formats.cmu
+    │   ├── NotificationError       cmlab.site.formats.notifications
     │   └── BadGuid                 cmlab.commands.reset
     └── WorkFailed                  the input was accepted; the work it asked for failed
         ├── ContentLibError         the site's own content library is missing, damaged or

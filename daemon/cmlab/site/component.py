@@ -4,8 +4,6 @@ inbox engine. Components never call each other: they drop files and write the da
 from __future__ import annotations
 
 import asyncio
-import secrets
-import string
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -177,11 +175,6 @@ class Component:
         self.say(f"File '{shown}' is signed and trusted.")
         if verdict.ms_root:
             self.say(f"File '{shown}' is signed with MS root cert.")
-
-
-def random_smx_name() -> str:
-    alphabet = string.ascii_lowercase + string.digits
-    return "___CMU" + "".join(secrets.choice(alphabet) for _ in range(8)) + ".SMX"
 
 
 def utc_now_iso() -> str:

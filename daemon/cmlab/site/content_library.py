@@ -45,12 +45,11 @@ from cmlab.core.fs import (
     write_atomic,
 )
 from cmlab.core.hashing import folder_hash, folder_hash_of_records, folder_records
+from cmlab.site.formats.ids import PACKAGE_ID, is_package_id, is_upper_sha256
 
-__all__ = ["PKG_ID_RE", "ContentLibrary", "Snapshot"]
+__all__ = ["ContentLibrary", "Snapshot"]
 
-PKG_ID_RE = re.compile(r"[A-Z0-9]{3}[0-9A-F]{5}")
-_HASH_RE = re.compile(r"[0-9A-F]{64}")
-_CONTENT_ID_RE = re.compile(r"([A-Z0-9]{3}[0-9A-F]{5})\.([1-9][0-9]{0,9})")
+_CONTENT_ID_RE = re.compile(rf"({PACKAGE_ID})\.([1-9][0-9]{{0,9}})")
 _SIZE_RE = re.compile(r"[0-9]{1,19}")
 _MAX_VERSION = 2**31 - 1  # a SQL int, as SMSPackages.SourceVersion
 # Files from this size on are handed to the kernel's writeback as soon as they are written
@@ -96,7 +95,7 @@ class _Entry:
 
 
 def _content_id(pkg_id: str, version: int) -> str:
-    if not isinstance(pkg_id, str) or not PKG_ID_RE.fullmatch(pkg_id):
+    if not isinstance(pkg_id, str) or not is_package_id(pkg_id):
         raise ContentLibError(
             f"{pkg_id!r} is not a package ID (three letters or digits, then 5 hex)"
         )
@@ -184,7 +183,7 @@ def _size_value(path: Path | str, value: str, key: str) -> int:
 
 
 def _hash_value(path: Path | str, value: str) -> str:
-    if not _HASH_RE.fullmatch(value):
+    if not is_upper_sha256(value):
         raise ContentLibError(f"{path}: Hash={value[:80]!r} is not 64 upper-case hex digits")
     return value
 
@@ -777,7 +776,7 @@ class ContentLibrary:
                 names = sorted(e.name for e in it)
             for name in names:
                 sha = name.removesuffix(".INI")
-                if sha == name or not _HASH_RE.fullmatch(sha) or sha[:4] != folder.name:
+                if sha == name or not is_upper_sha256(sha) or sha[:4] != folder.name:
                     continue
                 links = self._read_links(sha)
                 kept = [

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmlab.commands.payload import MAP_ROOT, InstallStep, sample_binary, sample_build_number
 from cmlab.core.errors import CabPathError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
@@ -56,6 +55,9 @@ from cmlab.core.fs import (
 )
 from cmlab.core.hashing import EMPTY_SHA256, sha256_bytes, sha256_fd
 from cmlab.site.cab import ExtractLimits, extract_cab, normalize_member_name
+from cmlab.site.formats.install_map import InstallStep
+from cmlab.site.formats.payload_layout import MAP_ROOT
+from cmlab.site.formats.sample_binary import sample_binary, sample_build_number
 from cmlab.site.formats.update_map import UpdateMap
 from cmlab.site.sitedb import connect, migrate, split_statements, transaction, triggers
 from cmlab.site.trust import TrustStore, verify_cab

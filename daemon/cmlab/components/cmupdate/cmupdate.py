@@ -22,6 +22,7 @@ from cmlab.core.hashing import sha256_file, staging_hash
 from cmlab.site.cab import extract_cab_into
 from cmlab.site.component import SiteContext
 from cmlab.site.content_library import ContentLibrary
+from cmlab.site.formats.payload_layout import MAP_ROOT, UPDATE_MAP_CAB
 from cmlab.site.formats.update_map import UpdateMap, decode_update_map, parse_update_map
 from cmlab.site.inbox import Outcome
 from cmlab.site.prereq import PrereqContext, RuleResult, Status, run_prereq_checks
@@ -194,8 +195,8 @@ class CMUpdate(InstallationHandlers):
         return staging
 
     async def read_update_map(self, staging: Path) -> UpdateMap:
-        setup = staging / "SMSSetup"
-        cab = setup / "update.map.cab"
+        setup = staging / MAP_ROOT
+        cab = staging / Path(*UPDATE_MAP_CAB.split("/"))
         shown = self.long(cab)
         if not cab.is_file() or cab.is_symlink():
             raise StageFailed("update.map", f"{shown} is missing from the update package")
@@ -368,7 +369,7 @@ class CMUpdate(InstallationHandlers):
         if section is None or entry is None:
             self.say(f"update.map has no update for {CMU_SECTION}")
             return
-        path = staging / "SMSSetup" / Path(*folder.split("\\")) / entry.name
+        path = staging / MAP_ROOT / Path(*folder.split("\\")) / entry.name
         try:
             actual = await self.in_thread(sha256_file, path)
         except OSError as exc:

@@ -28,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cmlab.commands.payload import INSTALL_MAP, InstallStep, parse_install_map, sample_build_number
 from cmlab.components.cmupdate.redist_media import MediaError, check_media, process_redists
 from cmlab.core.errors import CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
@@ -41,6 +40,10 @@ from cmlab.core.fs import (
 )
 from cmlab.core.hashing import sha256_bytes, sha256_file
 from cmlab.site.component import Component, SiteContext
+from cmlab.site.formats.install_map import InstallStep, parse_install_map
+from cmlab.site.formats.notifications import INSTALLED_ESC
+from cmlab.site.formats.payload_layout import INSTALL_MAP, MAP_ROOT
+from cmlab.site.formats.sample_binary import sample_build_number
 from cmlab.site.formats.update_map import MapFile, UpdateMap, decode_update_map, parse_update_map
 from cmlab.site.installation import (
     RCM_KEY,
@@ -56,7 +59,6 @@ from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStag
 S = PackageState
 CMU_SERVICE = "CONFIGURATION_MANAGER_UPDATE"
 CMU_EXE = "cmupdate.exe"
-INSTALLED_ESC = "196612.ESC"
 CD_LATEST = "cd.latest"
 CLIENT_FOLDER = "CMUClient"
 EXTERNAL_FILES = "CD.Latest External Files"  # SiteRegistry value under the Setup key
@@ -319,7 +321,7 @@ class InstallationHandlers(Component):
     def _new_cmupdate(self, staging: Path) -> tuple[Path, MapFile] | None:
         """The package's cmupdate.exe, if its hash is the one update.map gives for it; None
         when update.map's CONFIGURATION_MANAGER_UPDATE section has none (a hotfix)."""
-        setup = staging / "SMSSetup"
+        setup = staging / MAP_ROOT
         try:
             update_map = parse_update_map(decode_update_map((setup / "update.map").read_bytes()))
         except (OSError, CmlabError) as exc:

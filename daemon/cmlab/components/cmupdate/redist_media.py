@@ -26,12 +26,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.commands.payload import (
-    MAP_ROOT,
-    REDIST_MANIFEST_CAB,
-    REDIST_MANIFEST_XML,
-    parse_redist_manifest,
-)
 from cmlab.core.errors import CabPathError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
@@ -45,6 +39,12 @@ from cmlab.core.fs import (
 )
 from cmlab.core.hashing import sha256_fd
 from cmlab.site.cab import ExtractLimits, extract_cab_into, list_cab, normalize_member_name
+from cmlab.site.formats.payload_layout import MAP_ROOT
+from cmlab.site.formats.redist_manifest import (
+    REDIST_MANIFEST_CAB,
+    REDIST_MANIFEST_XML,
+    parse_redist_manifest,
+)
 from cmlab.site.formats.update_map import MapComponent, UpdateMap
 from cmlab.site.trust import TrustStore, verify_cab
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from cmlab.components.dmpdownloader.setupdl import COMPONENT as SETUP_COMPONENT
 from cmlab.components.dmpdownloader.setupdl import LOG_FILE as SETUP_LOG
 from cmlab.components.dmpdownloader.setupdl import RedistError, RedistSource, SetupDownloader
-from cmlab.components.statesys import StateMessage, render_state_message
 from cmlab.core.errors import CabError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
@@ -34,13 +33,14 @@ from cmlab.core.fs import (
     write_atomic,
 )
 from cmlab.core.hashing import folder_hash, sha256_file
-from cmlab.site.component import Component, random_smx_name, utc_now_iso
+from cmlab.site.component import Component, utc_now_iso
+from cmlab.site.formats.cmu import MANIFEST_MCM, CmuNotification, cmu_mcm_name, render_cmu
+from cmlab.site.formats.state_message import StateMessage, random_smx_name, render_state_message
 from cmlab.site.inbox import Outcome, quarantine
 from cmlab.site.sitedb import procs
 from cmlab.site.statecodes import NULL_PACKAGE_GUID, DmpStateMessage, PackageState
 
 MANIFEST_CAB = "ConfigMgr.Update.Manifest.cab"
-MANIFEST_MCM = "___CABConfigMgr.Update.Manifest.mcm"
 PARTIAL = ".partial"  # a payload being copied; kept across a crash so the copy resumes
 COPY_CHUNK = 1024 * 1024
 FSYNC_EVERY = 64 * 1024 * 1024  # bytes: what a power loss can cost a resumed copy
@@ -116,12 +116,9 @@ class DMPDownloader(Component):
         self.say("Write the package meta data to connector's outbox~~")
         outbox = self.outbox
         outbox.mkdir(parents=True, exist_ok=True)
-        target = outbox / f"___CMU{guid}.MCM"
+        target = outbox / cmu_mcm_name(guid)
         self.say(f"The CMU file name is {self.show(target)}~~")
-        body = (
-            f'<ConfigurationManagerUpdateContent Guid="{guid}" State="{int(state)}" '
-            f'ReportTime="{utc_now_iso()}" />'
-        )
+        body = render_cmu(CmuNotification(guid, int(state), utc_now_iso()))
         self.say(f"outerxml is {body}~~")
         write_atomic(target, body)
         self.say(f"Successfully write the update meta into outbox for package {guid}~~")

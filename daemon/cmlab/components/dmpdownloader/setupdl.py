@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from cmlab.commands.payload import (
+from cmlab.core.errors import CabError, ManifestError, WorkFailed
+from cmlab.core.failpoints import crashpoint
+from cmlab.core.fs import copy_hashing, make_tmp_dir
+from cmlab.site.formats.redist_manifest import (
     LN_MANIFEST_CAB,
     LN_MANIFEST_XML,
     REDIST_MANIFEST_CAB,
@@ -22,9 +25,6 @@ from cmlab.commands.payload import (
     RedistManifest,
     parse_redist_manifest,
 )
-from cmlab.core.errors import CabError, ManifestError, WorkFailed
-from cmlab.core.failpoints import crashpoint
-from cmlab.core.fs import copy_hashing, make_tmp_dir
 from cmlab.site.smslog import SmsLog
 
 if TYPE_CHECKING:

@@ -16,13 +16,18 @@ import os
 import sqlite3
 from pathlib import Path
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import BadInput, CmlabError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash
 from cmlab.site.component import Component
-from cmlab.site.formats.manifest import GUID_RE
-from cmlab.site.inbox import BadInput, Outcome
+from cmlab.site.formats.notifications import (
+    ENABLED_ESC,
+    INSTALLED_ESC,
+    cme_package_guid,
+    cmi_name,
+)
+from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import hierarchy, procs, servicing
 from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStage
 
@@ -62,9 +67,9 @@ class EasySetupHandlers(Component):
 
     async def on_cfd_notification(self, path: Path) -> Outcome:
         upper = path.name.upper()
-        if upper == "2.ESC":
+        if upper == ENABLED_ESC:
             return await self.on_enabled(path)
-        if upper == "196612.ESC":
+        if upper == INSTALLED_ESC:
             # Post-installation (cmlab.components.hman.postinstall, mixed into HierarchyManager).
             return await self.on_installed(path)  # type: ignore[attr-defined, no-any-return]
         if upper.endswith(".CME"):
@@ -75,7 +80,7 @@ class EasySetupHandlers(Component):
         )
 
     def on_cfd_notification_deleted(self, path: Path) -> None:
-        if path.name.upper().endswith(".CME") or path.name.upper() == "196612.ESC":
+        if path.name.upper().endswith(".CME") or path.name.upper() == INSTALLED_ESC:
             self.say(f"deleted notification file {self.show(path)}")
 
     # -- 2.ESC: update the Easy Setup Package ---------------------------------------------------
@@ -171,9 +176,7 @@ class EasySetupHandlers(Component):
     # -- <GUID>.CME: check CMU status -----------------------------------------------------------
 
     async def on_cme(self, path: Path) -> Outcome:
-        guid = path.name[: -len(".CME")]
-        if not GUID_RE.match(guid):
-            raise BadInput(f"{path.name}: the file name is not <PackageGuid>.CME")
+        guid = cme_package_guid(path.name)
         self.say("Check CMU status...")
         # Only the top-level site rolls up (an empty result below it).
         states = {
@@ -216,7 +219,7 @@ class EasySetupHandlers(Component):
             self.say(f"WARNING: {CMUPDATE} is not running; the notification waits in {box}.")
         self.say("Successfully checking Site server readiness for update.")
         box.mkdir(parents=True, exist_ok=True)
-        name = f"{guid}.CMI"
+        name = cmi_name(guid)
         write_atomic(box / name, b"")
         self.say(f"Created notification file ({name}) for {CMUPDATE}")
         self.say("There are update package in progress. Cleanup will skip this time.")

@@ -1,7 +1,8 @@
 """HMAN (SMS_HIERARCHY_MANAGER): forwards DMPDownloader's messages into its CFD inbox, and on
 the site control update file (`<SiteCode>.SCU`) verifies, extracts and processes the update
 manifest: one applicability check per package, each package's state in CM_UpdatePackages.
-Its CMUHandler records the download states DMPDownloader reports in `CFD/<guid>.CMU`."""
+Its CMUHandler records the download states DMPDownloader reports in `CFD/<guid>.CMU`. The
+forwarding messages and the CMU format are cmlab.site.formats.cmu."""
 
 from __future__ import annotations
 
@@ -14,24 +15,28 @@ from pathlib import Path
 from cmlab.components.hman.easysetup import EasySetupHandlers
 from cmlab.components.hman.postinstall import PostInstallHandlers
 from cmlab.components.hman.secondary import SecondarySiteHandlers
-from cmlab.core.errors import CmlabError, ManifestError
+from cmlab.core.errors import BadInput, CmlabError, ManifestError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import move_durable
 from cmlab.core.hashing import sha256_file
-from cmlab.core.safexml import parse_xml
+from cmlab.site.formats.cmu import (
+    MAX_CMU_BYTES,
+    CmuError,
+    forwarded_name,
+    is_manifest_mcm,
+    parse_cmu,
+)
 from cmlab.site.formats.manifest import (
-    GUID_RE,
     Manifest,
     ManifestPackage,
     applicability_path,
     parse_manifest,
 )
-from cmlab.site.inbox import BadInput, Outcome, quarantine
+from cmlab.site.inbox import Outcome, quarantine
 from cmlab.site.sitedb import procs, scripts
 from cmlab.site.statecodes import PackageState
 
 MANIFEST_CAB_NAME = "ConfigMgr.Update.Manifest.CAB"
-MAX_CMU_BYTES = 64 * 1024
 UTF8_BOM = b"\xef\xbb\xbf"
 APPLICABILITY_TIMEOUT = 10.0  # seconds an applicability script may run before it is stopped
 
@@ -72,37 +77,6 @@ def _read_capped(path: Path, limit: int) -> bytes:
     return data
 
 
-CMU_STATES = frozenset(
-    {PackageState.DOWNLOAD_IN_PROGRESS, PackageState.DOWNLOAD_SUCCESS, PackageState.DOWNLOAD_FAILED}
-)
-
-
-def parse_cmu(name: str, data: bytes) -> tuple[str, int]:
-    """`<ConfigurationManagerUpdateContent Guid=".." State=".." ReportTime=".." />` in
-    `<guid>.CMU`: the GUID (as written) and the state. Raises BadInput
-    naming what is wrong."""
-    stem = name[: -len(".CMU")] if name.upper().endswith(".CMU") else name
-    if not GUID_RE.match(stem):
-        raise BadInput(f"{name}: the file name is not <PackageGuid>.CMU")
-    root = parse_xml(
-        data,
-        what=f"CMU file {name}",
-        root="ConfigurationManagerUpdateContent",
-        error=BadInput,
-        max_bytes=MAX_CMU_BYTES,
-    )
-    guid = root.get("Guid", "")
-    if not GUID_RE.match(guid):
-        raise BadInput(f"{name}: Guid {guid!r} is not a GUID")
-    if guid.upper() != stem.upper():
-        raise BadInput(f"{name}: the file names package {stem} but its Guid is {guid}")
-    raw = root.get("State", "")
-    if not raw.isdigit() or int(raw) not in CMU_STATES:
-        allowed = ", ".join(f"{int(s)} ({s.name})" for s in sorted(CMU_STATES))
-        raise BadInput(f"{name}: State {raw!r} is not a download state ({allowed})")
-    return guid, int(raw)
-
-
 def gmtdate(now: datetime) -> str:
     return (
         now.strftime("%a %b %d %H:%M:%S.") + f"{now.microsecond // 1000:03d} " + now.strftime("%Y")
@@ -118,21 +92,7 @@ class HierarchyManager(EasySetupHandlers, PostInstallHandlers, SecondarySiteHand
             raise BadInput(
                 f"{path.name} is empty: a forwarding message carries a CAB or a CMU body"
             )
-        upper = path.name.upper()
-        if upper.startswith("___CAB") and upper.endswith(".MCM"):
-            stem = path.name[len("___CAB") : -len(".mcm")]
-            if not stem or "/" in stem or stem.startswith("."):
-                raise BadInput(f"{path.name} does not name a CAB to forward")
-            target = self.paths.hman_cfd / f"{stem}.CAB"
-        elif upper.startswith("___CMU") and upper.endswith(".MCM"):
-            guid = path.name[len("___CMU") : -len(".MCM")]
-            if not GUID_RE.match(guid):
-                raise BadInput(f"{path.name} does not carry an update package GUID")
-            target = self.paths.hman_cfd / f"{guid}.CMU"
-        else:
-            raise BadInput(
-                f"{path.name} is not a forwarding message HMAN knows (___CAB*.mcm, ___CMU*.MCM)"
-            )
+        target = self.paths.hman_cfd / forwarded_name(path.name)
         self.paths.hman_cfd.mkdir(parents=True, exist_ok=True)
         move_durable(path, target)
         return target
@@ -150,15 +110,10 @@ class HierarchyManager(EasySetupHandlers, PostInstallHandlers, SecondarySiteHand
         except FileNotFoundError:
             return
         for entry in entries:
-            upper = entry.name.upper()
-            if (
-                upper.startswith("___CAB")
-                and upper.endswith(".MCM")
-                and entry.is_file(follow_symlinks=False)
-            ):
+            if is_manifest_mcm(entry.name) and entry.is_file(follow_symlinks=False):
                 try:
                     self.forward(Path(entry.path))
-                except BadInput:
+                except (BadInput, CmuError):
                     continue  # the forwarding inbox quarantines it with the reason
                 except FileNotFoundError:
                     continue
@@ -254,7 +209,8 @@ class HierarchyManager(EasySetupHandlers, PostInstallHandlers, SecondarySiteHand
         shown = self.show(path)
         self.say(f"Validate CMU file {shown} with no intune subscription.")
         data = await self.in_thread(_read_capped, path, MAX_CMU_BYTES)
-        guid, state = parse_cmu(path.name, data)
+        note = parse_cmu(path.name, data)
+        guid, state = note.guid, note.state
         if self.config.log_verbose:
             bom = "File with BOM" if data.startswith(UTF8_BOM) else "File without BOM"
             self.say(f"INFO: {bom} : ({shown})")

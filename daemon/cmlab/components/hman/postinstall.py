@@ -22,16 +22,16 @@ import os
 import stat
 from pathlib import Path
 
-from cmlab.core.errors import WorkFailed
+from cmlab.core.errors import BadInput, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import copy_file_durable, copy_tree_durable
 from cmlab.site.component import Component, SiteContext
-from cmlab.site.inbox import BadInput, Outcome
+from cmlab.site.formats.notifications import INSTALLED_ESC
+from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import servicing, site_server
 from cmlab.site.statecodes import IsComplete, PackageState, SubStage
 
 S = PackageState
-INSTALLED_ESC = "196612.ESC"
 INTEROP_MODE = 0
 CCMSETUP = "ccmsetup.exe"
 

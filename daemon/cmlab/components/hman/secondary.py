@@ -20,18 +20,24 @@ so that a crash before the transaction leaves only files the next run rewrites.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import BadInput, CmlabError
 from cmlab.core.fs import make_tmp_dir, remove_path, write_atomic
 from cmlab.core.hashing import folder_hash
 from cmlab.site.cab import extract_cab
 from cmlab.site.component import Component
-from cmlab.site.file_replication import build_package_file, job_name
-from cmlab.site.inbox import BadInput, Outcome
+from cmlab.site.file_replication import build_package_file
+from cmlab.site.formats.ids import is_site_code
+from cmlab.site.formats.replication import (
+    Recovery,
+    job_name,
+    recovery_sidecar_path,
+    render_recovery_sidecar,
+)
+from cmlab.site.inbox import Outcome
 from cmlab.site.installation import INSTALL_DIR, installed_build
 from cmlab.site.sitedb import recovery, scheduler_jobs
 
@@ -78,7 +84,7 @@ class SecondarySiteHandlers(Component):
 
     async def on_recover_secondary(self, path: Path) -> Outcome:
         code = path.name[: -len(".RSS")].upper()
-        if len(code) != 3 or not code.isalnum() or not code.isascii():
+        if not is_site_code(code):
             raise BadInput(f"{path.name}: the file name is not <SiteCode>.RSS")
         request = await self.db.read(recovery.recovery_request, code)
         if request is None:
@@ -116,20 +122,15 @@ class SecondarySiteHandlers(Component):
         )
         rcv = self.paths.smspkg / rcv_name(code, number)
         bin_dir = self.paths.root.joinpath(*INSTALL_DIR)
-        sidecar = {
-            "Build": build,
-            "Version": local.version,
-            "FullVersion": local.full_version,
-            "InstalledUpdates": list(local.installed_updates),
-        }
+        sidecar = Recovery(build, local.version, local.full_version, local.installed_updates)
         try:
             rcv.parent.mkdir(parents=True, exist_ok=True)
             packed = await self.in_thread(_pack, bin_dir, rcv)
             # The sidecar before the job: the Scheduler reads it once the job row exists.
             await self.in_thread(
                 write_atomic,
-                rcv.with_name(rcv.name + ".json"),
-                json.dumps(sidecar, indent=1) + "\n",
+                recovery_sidecar_path(rcv),
+                render_recovery_sidecar(sidecar),
             )
         except CmlabError as exc:
             return await self._refuse(code, number, f"cannot pack {self.show(bin_dir)}: {exc}")

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmlab.core.errors import BadInput
 from cmlab.core.fs import read_regular_file
 from cmlab.core.strictjson import strict_loads
 from cmlab.site.formats.manifest import GUID_RE, VERSION_RE
-from cmlab.site.inbox import BadInput
 from cmlab.site.sitedb.hierarchy import CAS, PRIMARY, SECONDARY
 
 __all__ = [

@@ -3,7 +3,12 @@
 The format (docs/manifest.md) is modelled on the guide's fragment: one `<Manifest>` element per
 update package, with the guide's `Update`, `MinCMVersion`, `MaxCMVersion`, `MoreInfoLink`,
 `Content ContentUrl` + `Hash Algorithm="SHA256"`, `Redist ManifestUrl` and
-`LanguagePack ManifestUrl`, wrapped in a `<ConfigMgrUpdates>` root so one CAB carries many."""
+`LanguagePack ManifestUrl`, wrapped in a `<ConfigMgrUpdates>` root so one CAB carries many.
+
+Interface: `parse_manifest(data) -> Manifest` (ManifestError naming the package and the
+element that is wrong), `render_manifest(manifest) -> bytes` (what the lab cloud publishes),
+`applicability_path(staging, package)` (where HMAN finds a package's applicability SQL after
+extracting the CAB). The package GUIDs it returns are upper case."""
 
 from __future__ import annotations
 
@@ -14,12 +19,24 @@ from pathlib import Path
 
 from cmlab.core.errors import ManifestError
 from cmlab.core.safexml import MAX_XML_BYTES, parse_xml
+from cmlab.site.formats.ids import GUID_RE, is_guid, is_sha256
+
+__all__ = [
+    "GUID_RE",
+    "MAX_MANIFEST_BYTES",
+    "PACKAGE_TYPES",
+    "SQL_NAME_RE",
+    "VERSION_RE",
+    "Manifest",
+    "ManifestPackage",
+    "applicability_path",
+    "parse_manifest",
+    "render_manifest",
+]
 
 MAX_MANIFEST_BYTES = MAX_XML_BYTES
-GUID_RE = re.compile(
-    r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
-)
-SHA256_RE = re.compile(r"^[0-9A-Fa-f]{64}$")
+# GUID_RE is cmlab.site.formats.ids's, named here too for the modules that import it from
+# here (rcm's message validator); new code imports it from ids.
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 SQL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.sql$")
 PACKAGE_TYPES = {"Update": 0, "Hotfix": 1}
@@ -74,7 +91,7 @@ def _hash(el: ET.Element | None, where: str, tag: str = "Hash", *, required: boo
             f"{where}: only SHA256 hashes are supported, not {h.get('Algorithm')!r}"
         )
     value = (h.text or "").strip()
-    if not SHA256_RE.match(value):
+    if not is_sha256(value):
         raise ManifestError(f"{where}: {value!r} is not a SHA-256 hex digest")
     return value.upper()
 
@@ -101,7 +118,7 @@ def parse_manifest(data: bytes) -> Manifest:
     for i, m in enumerate(root.findall("Manifest"), start=1):
         where = f"Manifest.xml package #{i}"
         guid = m.get("PackageGuid", "")
-        if not GUID_RE.match(guid):
+        if not is_guid(guid):
             raise ManifestError(f"{where}: PackageGuid {guid!r} is not a GUID")
         guid = guid.upper()
         where = f"Manifest.xml package {guid}"

@@ -16,7 +16,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from cmlab.core.errors import CmlabError
-from cmlab.site.file_replication import job_name
+from cmlab.site.formats.replication import job_name
 from cmlab.site.sitedb import hierarchy, scheduler_jobs, site_server
 from cmlab.site.statecodes import PackageState
 

@@ -21,6 +21,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from cmlab.core.errors import BadInput
 from cmlab.site.formats.cmupdates_message import (
     DOWN,
     UP,
@@ -34,7 +35,6 @@ from cmlab.site.formats.cmupdates_message import (
     message_content,
     render_message,
 )
-from cmlab.site.inbox import BadInput
 from cmlab.site.sitedb import hierarchy, servicing
 from cmlab.site.statecodes import PackageState
 

@@ -13,7 +13,7 @@ import enum
 import sqlite3
 from dataclasses import dataclass
 
-from cmlab.site.file_replication import SITE_RECOVERY, SWD, job_name
+from cmlab.site.formats.replication import SITE_RECOVERY, SWD, job_name
 from cmlab.site.sitedb import servicing
 from cmlab.site.statecodes import PackageState
 

@@ -53,6 +53,7 @@ from cmlab.site.file_replication import (
     read_instruction,
     verify_package_file,
 )
+from cmlab.site.formats.site_control import render_site_control
 from cmlab.site.inbox import BadInput, Outcome, quarantine
 from cmlab.site.installation import (
     INSTALL_DIR,
@@ -60,7 +61,6 @@ from cmlab.site.installation import (
     SETUP_KEY,
     SITE_CONTROL,
     installed_build,
-    render_site_control,
 )
 from cmlab.site.sitedb import hierarchy, servicing
 from cmlab.site.statecodes import PackageState

@@ -56,6 +56,11 @@ from cmlab.core.fs import (
 )
 from cmlab.core.hashing import EMPTY_SHA256, sha256_bytes, sha256_fd
 from cmlab.site.cab import ExtractLimits, extract_cab, normalize_member_name
+from cmlab.site.formats.site_control import (
+    render_site_control,
+    set_site_control_properties,
+    site_control_properties,
+)
 from cmlab.site.formats.update_map import UpdateMap
 from cmlab.site.sitedb import connect, migrate, split_statements, transaction, triggers
 from cmlab.site.trust import TrustStore, verify_cab
@@ -73,7 +78,6 @@ __all__ = [
     "backup_dir_for",
     "create_installation",
     "installed_build",
-    "render_site_control",
     "seed_site_state",
 ]
 
@@ -289,80 +293,6 @@ def _drop_tree(path: Path) -> bool:
     fsync_dir(path.parent)
     remove_path(gone)
     return True
-
-
-# ---------------------------------------------------------------------------------------
-# The site control file
-
-
-def render_site_control(
-    site_code: str, server: str, build: int, full_version: str, install_dir: str
-) -> str:
-    """sitectrl.ct0 in the site control file's block layout, reduced to what the lab shows:
-    UPDATE_SITE_CONTROL changes the Build Number and Full Version properties of the site
-    definition and keeps every other line (a trainee's edits included)."""
-    lines = [
-        "BEGIN_SITE_CONTROL_FILE",
-        "    <FileType><2>",
-        "    BEGIN_SITE_DEFINITION",
-        f"        <{site_code}>",
-        f"        <{server}>",
-        f"        PROPERTY <Site Code><><{site_code}><0>",
-        f"        PROPERTY <Site Server Name><><{server}><0>",
-        f"        PROPERTY <Installation Directory><><{install_dir}><0>",
-        f"        PROPERTY <Build Number><><{build}><0>",
-        f"        PROPERTY <Full Version><><{full_version}><0>",
-        "    END_SITE_DEFINITION",
-    ]
-    for component in ("SMS_SITE_COMPONENT_MANAGER", "SMS_HIERARCHY_MANAGER", "SMS_DMP_DOWNLOADER"):
-        lines += [
-            "    BEGIN_COMPONENT",
-            f"        <{component}>",
-            f"        <{server}>",
-            "        PROPERTY <Enabled><><TRUE><1>",
-            "    END_COMPONENT",
-        ]
-    lines.append("END_SITE_CONTROL_FILE")
-    return "\n".join(lines) + "\n"
-
-
-_PROPERTY_RE = re.compile(r"^(\s*)PROPERTY <([^<>]*)><([^<>]*)><([^<>]*)><([^<>]*)>\s*$")
-
-
-def _site_control_props(text: str) -> dict[str, str]:
-    props: dict[str, str] = {}
-    inside = False
-    for line in text.split("\n"):
-        if line.strip() == "BEGIN_SITE_DEFINITION":
-            inside = True
-        elif line.strip() == "END_SITE_DEFINITION":
-            inside = False
-        elif inside and (m := _PROPERTY_RE.match(line)):
-            props[m.group(2)] = m.group(4)
-    return props
-
-
-def _set_site_control_props(text: str, values: dict[str, str]) -> str | None:
-    """`text` with the site definition's properties set to `values` (added before
-    END_SITE_DEFINITION when missing); None if the file has no site definition."""
-    lines = text.split("\n")
-    inside = False
-    done: set[str] = set()
-    for i, line in enumerate(lines):
-        stripped = line.strip()
-        if stripped == "BEGIN_SITE_DEFINITION":
-            inside = True
-        elif stripped == "END_SITE_DEFINITION" and inside:
-            indent = line[: len(line) - len(line.lstrip())] + "    "
-            missing = [
-                f"{indent}PROPERTY <{k}><><{v}><0>" for k, v in values.items() if k not in done
-            ]
-            return "\n".join(lines[:i] + missing + lines[i:])
-        elif inside and (m := _PROPERTY_RE.match(line)) and m.group(2) in values:
-            name = m.group(2)
-            lines[i] = f"{m.group(1)}PROPERTY <{name}><{m.group(3)}><{values[name]}><{m.group(5)}>"
-            done.add(name)
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1053,12 +983,12 @@ class SiteInstaller:
         finally:
             os.close(fd)
         text = data.decode("utf-8", "replace")
-        old = _site_control_props(text)
+        old = site_control_properties(text)
         values = {
             "Build Number": str(self.ctx.target_build),
             "Full Version": self.ctx.target_version,
         }
-        new = _set_site_control_props(text, values)
+        new = set_site_control_properties(text, values)
         if new is None:
             raise InstallStepError(
                 f"the site control file {self.show(path)} has no BEGIN_SITE_DEFINITION ... "

@@ -62,7 +62,7 @@ from cmlab.site.formats.site_control import (
     site_control_properties,
 )
 from cmlab.site.formats.update_map import UpdateMap
-from cmlab.site.sitedb import connect, migrate, split_statements, transaction, triggers
+from cmlab.site.sitedb import connect, migrate, site_server, split_statements, transaction, triggers
 from cmlab.site.trust import TrustStore, verify_cab
 
 __all__ = [
@@ -299,15 +299,13 @@ def _drop_tree(path: Path) -> bool:
 # The emulated site server's state in the database
 
 
-def _local_site(conn: sqlite3.Connection, site_code: str) -> tuple[str, str, int]:
-    row = conn.execute(
-        "SELECT Version, FullVersion, BuildNumber FROM Sites WHERE SiteCode = ?", (site_code,)
-    ).fetchone()
-    if row is None:
+def _local_site(conn: sqlite3.Connection, site_code: str) -> site_server.SiteVersion:
+    site = site_server.local_site(conn, site_code)
+    if site is None:
         raise InstallStepError(
             f"the site database has no Sites row for site {site_code}; is this the right site?"
         )
-    return str(row[0]), str(row[1]), int(row[2])
+    return site
 
 
 def seed_site_state(conn: sqlite3.Connection, site_code: str) -> None:
@@ -315,12 +313,8 @@ def seed_site_state(conn: sqlite3.Connection, site_code: str) -> None:
     from the Sites row), where missing: INSERT OR IGNORE, inside the caller's transaction.
     So a site database made before these tables existed works the same."""
     version, full_version, build = _local_site(conn, site_code)
-    server_row = conn.execute(
-        "SELECT SiteServerName, SiteFolder FROM ServerData WHERE SiteCode = ?", (site_code,)
-    ).fetchone()
-    server, folder = (str(server_row[0]), str(server_row[1] or "")) if server_row else ("", "")
-    db_row = conn.execute("PRAGMA database_list").fetchone()
-    db_name = Path(str(db_row[2])).name if db_row and db_row[2] else "site.db"
+    server, folder = site_server.server_and_folder(conn, site_code)
+    db_name = site_server.database_name(conn)
     settings = {
         "ServiceBroker": "ON",
         "ServiceBrokerPort": SERVICE_BROKER_PORT,
@@ -328,13 +322,6 @@ def seed_site_state(conn: sqlite3.Connection, site_code: str) -> None:
         "WMIProviders": "Loaded",
         "DatabaseVersion": version,
     }
-    conn.executemany(
-        "INSERT OR IGNORE INTO SiteServerSettings (Name, Value) VALUES (?, ?)", settings.items()
-    )
-    conn.executemany(
-        "INSERT OR IGNORE INTO SiteServices (ServiceName, State, Build) VALUES (?, ?, ?)",
-        [(name, RUNNING, build) for name in DEFAULT_SERVICES],
-    )
     registry = [
         (SETUP_KEY, "Full Version", full_version),
         (SETUP_KEY, "Build Number", str(build)),
@@ -346,72 +333,16 @@ def seed_site_state(conn: sqlite3.Connection, site_code: str) -> None:
         (RCM_KEY, "Full Version", full_version),
         (RCM_KEY, "Build Number", str(build)),
     ]
-    conn.executemany(
-        "INSERT OR IGNORE INTO SiteRegistry (KeyPath, Name, Value) VALUES (?, ?, ?)", registry
+    site_server.seed_site_server(
+        conn,
+        settings=settings,
+        services=[(name, RUNNING, build) for name in DEFAULT_SERVICES],
+        registry=registry,
     )
-
-
-def _setting(conn: sqlite3.Connection, name: str) -> str | None:
-    row = conn.execute("SELECT Value FROM SiteServerSettings WHERE Name = ?", (name,)).fetchone()
-    return None if row is None else str(row[0])
-
-
-def _set_setting(conn: sqlite3.Connection, name: str, value: str) -> str | None:
-    """Set a setting; returns its old value. An unchanged row keeps its LastUpdateTime, so a
-    step run twice leaves exactly what one run leaves."""
-    old = _setting(conn, name)
-    conn.execute(
-        "INSERT INTO SiteServerSettings (Name, Value) VALUES (?, ?) ON CONFLICT (Name) DO UPDATE "
-        "SET Value = excluded.Value, LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE Value IS NOT excluded.Value",
-        (name, value),
-    )
-    return old
-
-
-def _set_registry(conn: sqlite3.Connection, key: str, name: str, value: str) -> str | None:
-    row = conn.execute(
-        "SELECT Value FROM SiteRegistry WHERE KeyPath = ? AND Name = ?", (key, name)
-    ).fetchone()
-    conn.execute(
-        "INSERT INTO SiteRegistry (KeyPath, Name, Value) VALUES (?, ?, ?) "
-        "ON CONFLICT (KeyPath, Name) DO UPDATE SET Value = excluded.Value",
-        (key, name, value),
-    )
-    return None if row is None else str(row[0])
-
-
-def _set_service(
-    conn: sqlite3.Connection, name: str, state: str, build: int | None = None
-) -> str | None:
-    row = conn.execute("SELECT State FROM SiteServices WHERE ServiceName = ?", (name,)).fetchone()
-    conn.execute(
-        "INSERT INTO SiteServices (ServiceName, State, Build) VALUES (?, ?, ?) "
-        "ON CONFLICT (ServiceName) DO UPDATE SET State = excluded.State, "
-        "Build = coalesce(excluded.Build, Build), "
-        "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE State IS NOT excluded.State OR Build IS NOT coalesce(excluded.Build, Build)",
-        (name, state, build),
-    )
-    return None if row is None else str(row[0])
 
 
 def _was(old: str | None, new: str) -> str:
     return "unchanged" if old == new else f"was {old}"
-
-
-def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE", (name,)
-    ).fetchone()
-    return row is not None
-
-
-def _trigger_exists(conn: sqlite3.Connection, name: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?", (name,)
-    ).fetchone()
-    return row is not None
 
 
 def _snapshot(conn: sqlite3.Connection, site_code: str) -> dict[str, Any]:
@@ -420,20 +351,9 @@ def _snapshot(conn: sqlite3.Connection, site_code: str) -> dict[str, Any]:
     return {
         "site_code": site_code,
         "sites": {"Version": version, "FullVersion": full_version, "BuildNumber": build},
-        "registry": [
-            [str(k), str(n), str(v)]
-            for k, n, v in conn.execute(
-                "SELECT KeyPath, Name, Value FROM SiteRegistry ORDER BY KeyPath, Name"
-            )
-        ],
-        "settings": {
-            str(n): str(v)
-            for n, v in conn.execute("SELECT Name, Value FROM SiteServerSettings ORDER BY Name")
-        },
-        "services": {
-            str(n): b
-            for n, b in conn.execute("SELECT ServiceName, Build FROM SiteServices ORDER BY 1")
-        },
+        "registry": site_server.registry_rows(conn),
+        "settings": site_server.settings(conn),
+        "services": site_server.service_builds(conn),
     }
 
 
@@ -593,11 +513,7 @@ class SiteInstaller:
             self._begin()
             handler(step)
             with self._db() as conn, transaction(conn):
-                conn.execute(
-                    "INSERT OR IGNORE INTO SiteInstallSteps (PackageGuid, StepID, Action) "
-                    "VALUES (?, ?, ?)",
-                    (self.ctx.guid, step.id, step.action),
-                )
+                site_server.record_step(conn, self.ctx.guid, step.id, step.action)
         except InstallStepError as exc:
             if exc.step is None:
                 raise InstallStepError(str(exc), step=step) from exc
@@ -611,10 +527,7 @@ class SiteInstaller:
     def completed_steps(self) -> frozenset[int]:
         """The ids of the steps this update's installation has completed (SiteInstallSteps)."""
         with self._db() as conn:
-            rows = conn.execute(
-                "SELECT StepID FROM SiteInstallSteps WHERE PackageGuid = ?", (self.ctx.guid,)
-            ).fetchall()
-        return frozenset(int(r[0]) for r in rows)
+            return site_server.completed_steps(conn, self.ctx.guid)
 
     def _begin(self) -> None:
         """Before the first change: the database state rollback() restores, in state.json.
@@ -795,13 +708,7 @@ class SiteInstaller:
             parsed.append((name, digest, statements))
         wanted = {name: digest for name, digest, _ in parsed}
         with self._db() as conn:
-            applied = {
-                str(n): str(h)
-                for n, h in conn.execute(
-                    "SELECT ScriptName, ScriptHash FROM SiteInstallScripts WHERE PackageGuid = ?",
-                    (self.ctx.guid,),
-                )
-            }
+            applied = site_server.applied_scripts(conn, self.ctx.guid)
             if applied == wanted:
                 self.say(
                     f"INFO: The {len(wanted)} pre-upgrade script(s) of this update were already "
@@ -809,15 +716,14 @@ class SiteInstaller:
                 )
                 return
             total = 0
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with site_server.scripts_transaction(conn):
                 for name, _, statements in parsed:
                     self.say(
                         f"INFO: Running pre-upgrade script {name} ({len(statements)} statement(s))"
                     )
                     for number, stmt in enumerate(statements, 1):
                         try:
-                            conn.execute(stmt)
+                            site_server.run_script_statement(conn, stmt)
                         except sqlite3.Error as exc:
                             self.say(f"ERROR: Pre-upgrade script {name} failed: {exc}")
                             raise InstallStepError(
@@ -827,20 +733,8 @@ class SiteInstaller:
                                 f"the script in {rel} of the update package, then install again."
                             ) from None
                     total += len(statements)
-                conn.execute(
-                    "DELETE FROM SiteInstallScripts WHERE PackageGuid = ?", (self.ctx.guid,)
-                )
-                conn.executemany(
-                    "INSERT INTO SiteInstallScripts (PackageGuid, ScriptName, ScriptHash) "
-                    "VALUES (?, ?, ?)",
-                    [(self.ctx.guid, name, digest) for name, digest in wanted.items()],
-                )
+                site_server.record_scripts(conn, self.ctx.guid, wanted)
                 crashpoint("siteinstall.during_preupgrade_scripts")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         self.say(
             f"INFO: Applied {len(parsed)} pre-upgrade script(s), {total} statement(s), to the "
             "site database in one transaction."
@@ -851,7 +745,7 @@ class SiteInstaller:
     def _ssb(self, value: str, verb: str) -> None:
         self.say(f"INFO: Turning {verb} SQL Server Service Broker...")
         with self._db() as conn, transaction(conn):
-            old = _set_setting(conn, "ServiceBroker", value)
+            old = site_server.set_setting(conn, "ServiceBroker", value)
         if old == value:
             self.say(f"INFO: SQL Server Service Broker is already {value}.")
         else:
@@ -870,14 +764,14 @@ class SiteInstaller:
             f"(port {SERVICE_BROKER_PORT})..."
         )
         with self._db() as conn, transaction(conn):
-            _set_setting(conn, "ServiceBrokerPort", SERVICE_BROKER_PORT)
-            old = _set_setting(conn, "ServiceBrokerConfiguredBuild", build)
+            site_server.set_setting(conn, "ServiceBrokerPort", SERVICE_BROKER_PORT)
+            old = site_server.set_setting(conn, "ServiceBrokerConfiguredBuild", build)
         self.say(f"INFO: SQL Server Service Broker configured (build {old} -> {build}).")
 
     def _unload_wmi(self, step: InstallStep) -> None:
         self.say("INFO: Unloading the WMI providers...")
         with self._db() as conn, transaction(conn):
-            old = _set_setting(conn, "WMIProviders", "Unloaded")
+            old = site_server.set_setting(conn, "WMIProviders", "Unloaded")
         self.say(
             "INFO: The WMI providers are already unloaded."
             if old == "Unloaded"
@@ -891,7 +785,7 @@ class SiteInstaller:
         with self._db() as conn, transaction(conn):
             for name in names:
                 self.say(f"INFO: Stopping service {name}")
-                old = _set_service(conn, name, STOPPED)
+                old = site_server.set_service(conn, name, STOPPED)
                 self.say(
                     f"INFO: Service {name} is already stopped."
                     if old == STOPPED
@@ -908,17 +802,17 @@ class SiteInstaller:
             ) from exc
         self.say("INFO: Starting WMI: loading the WMI providers...")
         with self._db() as conn, transaction(conn):
-            _set_setting(conn, "WMIProviders", "Loaded")
+            site_server.set_setting(conn, "WMIProviders", "Loaded")
             self.say("INFO: Creating SMSDBMON triggers...")
             for t in triggers.trigger_defs(self.code):
-                if not _trigger_exists(conn, t.name):
+                if not site_server.trigger_exists(conn, t.name):
                     self.say(f"INFO: Created SMSDBMON trigger {t.name} on {t.table}")
             defs = triggers.install_triggers(conn, self.code)
             self.say(f"INFO: {len(defs)} SMSDBMON triggers are in place.")
             for name in names:
                 self.say(f"INFO: Installing service {name} from build {build} binaries")
                 self.say(f"INFO: Starting service {name}")
-                _set_service(conn, name, RUNNING, build)
+                site_server.set_service(conn, name, RUNNING, build)
                 self.say(f"INFO: Service {name} is running.")
 
     # -- 5 DELETE_DBMON_TRIGGERS ----------------------------------------------------------
@@ -928,8 +822,7 @@ class SiteInstaller:
         dropped = 0
         with self._db() as conn, transaction(conn):
             for t in triggers.trigger_defs(self.code):
-                if _trigger_exists(conn, t.name):
-                    conn.execute(f'DROP TRIGGER "{t.name}"')
+                if site_server.drop_trigger(conn, t.name):
                     dropped += 1
                     self.say(f"INFO: Dropped SMSDBMON trigger {t.name} on {t.table}")
         self.say(f"INFO: Deleted {dropped} SMSDBMON trigger(s).")
@@ -944,10 +837,7 @@ class SiteInstaller:
         deleted it) gets it back from the site database."""
         with self._db() as conn:
             _, full_version, build = _local_site(conn, self.code)
-            row = conn.execute(
-                "SELECT SiteServerName FROM ServerData WHERE SiteCode = ?", (self.code,)
-            ).fetchone()
-        server = str(row[0]) if row else ""
+            server, _ = site_server.server_and_folder(conn, self.code)
         self.say(
             f"WARNING: The site control file {self.show(path)} is missing; recreated from the "
             "site database."
@@ -1011,34 +901,17 @@ class SiteInstaller:
         if state is not None:
             return int(state["sites"]["BuildNumber"])
         with self._db() as conn:
-            return _local_site(conn, self.code)[2]
+            return _local_site(conn, self.code).build
 
     def _upgrade_database(self, step: InstallStep) -> None:
         self._check_params(step)
         target, build = self.ctx.target_version, self.ctx.target_build
         from_build = self._from_build()
         with self._db() as conn, transaction(conn):
-            old = _setting(conn, "DatabaseVersion")
+            old = site_server.setting(conn, "DatabaseVersion")
             self.say(f"INFO: Updating the Configuration Manager database from {old} to {target}...")
-            # The pre-upgrade script of the sample creates this table; a payload without one
-            # still gets its upgrade recorded.
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS CM_UpgradeHistory (PackageGUID TEXT NOT NULL, "
-                "FromBuild INTEGER, ToBuild INTEGER NOT NULL, StartedAt TEXT NOT NULL DEFAULT "
-                "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"
-            )
-            seen = conn.execute(
-                "SELECT 1 FROM CM_UpgradeHistory WHERE upper(PackageGUID) = upper(?) "
-                "AND ToBuild = ?",
-                (self.ctx.guid, build),
-            ).fetchone()
-            if seen is None:
-                conn.execute(
-                    "INSERT INTO CM_UpgradeHistory (PackageGUID, FromBuild, ToBuild) "
-                    "VALUES (?, ?, ?)",
-                    (self.ctx.guid, from_build, build),
-                )
-            _set_setting(conn, "DatabaseVersion", target)
+            site_server.record_upgrade(conn, self.ctx.guid, from_build, build)
+            site_server.set_setting(conn, "DatabaseVersion", target)
         self.say(
             f"INFO: Recorded the upgrade in CM_UpgradeHistory (PackageGUID={self.ctx.guid}, "
             f"FromBuild={from_build}, ToBuild={build})."
@@ -1049,17 +922,15 @@ class SiteInstaller:
         self.say(f"INFO: Updating the {what} registry entries...")
         with self._db() as conn, transaction(conn):
             for name, value in values.items():
-                old = _set_registry(conn, key, name, value)
+                old = site_server.set_registry(conn, key, name, value)
                 self.say(f"INFO: {key}\\{name} = {value} ({_was(old, value)})")
 
     def _update_sql_registry(self, step: InstallStep) -> None:
         with self._db() as conn:
-            row = conn.execute(
-                "SELECT SiteServerName FROM ServerData WHERE SiteCode = ?", (self.code,)
-            ).fetchone()
+            server, _ = site_server.server_and_folder(conn, self.code)
         values = {
             "Database Name": Path(self.ctx.db_file).name,
-            "Server": str(row[0]) if row else "",
+            "Server": server,
             "Service Broker Port": SERVICE_BROKER_PORT,
             "Database Version": self.ctx.target_version,
         }
@@ -1088,12 +959,11 @@ class SiteInstaller:
                 f"INFO: Updating the site table: site {self.code} version {old_version} -> "
                 f"{version} (build {old_build} -> {build})"
             )
-            conn.execute(
-                "UPDATE Sites SET Version = ?, FullVersion = ?, BuildNumber = ? WHERE SiteCode = ?",
-                (version, full_version, build, self.code),
+            site_server.set_site_version(
+                conn, self.code, site_server.SiteVersion(version, full_version, build)
             )
             for name, value in (("Full Version", full_version), ("Build Number", str(build))):
-                old = _set_registry(conn, SETUP_KEY, name, value)
+                old = site_server.set_registry(conn, SETUP_KEY, name, value)
                 self.say(f"INFO: {SETUP_KEY}\\{name} = {value} ({_was(old, value)})")
         self.say(f"INFO: Site {self.code} is at version {version}.")
 
@@ -1291,36 +1161,29 @@ class SiteInstaller:
                 seed_site_state(conn, self.code)
                 if state is not None:
                     sites = state["sites"]
-                    conn.execute(
-                        "UPDATE Sites SET Version = ?, FullVersion = ?, BuildNumber = ? "
-                        "WHERE SiteCode = ?",
-                        (sites["Version"], sites["FullVersion"], sites["BuildNumber"], self.code),
+                    site_server.set_site_version(
+                        conn,
+                        self.code,
+                        site_server.SiteVersion(
+                            sites["Version"], sites["FullVersion"], sites["BuildNumber"]
+                        ),
                     )
-                    for key in _REGISTRY_KEYS:
-                        conn.execute("DELETE FROM SiteRegistry WHERE KeyPath = ?", (key,))
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO SiteRegistry (KeyPath, Name, Value) "
-                        "VALUES (?, ?, ?)",
-                        [tuple(r) for r in state["registry"] if r[0] in _REGISTRY_KEYS],
-                    )
+                    site_server.replace_registry(conn, _REGISTRY_KEYS, state["registry"])
                     for name, value in state["settings"].items():
-                        _set_setting(conn, name, value)
+                        site_server.set_setting(conn, name, value)
                     for name, build in state["services"].items():
-                        _set_service(conn, name, RUNNING, build)
+                        site_server.set_service(conn, name, RUNNING, build)
                 # A working site, whatever the failed step had turned off.
-                _set_setting(conn, "ServiceBroker", "ON")
-                _set_setting(conn, "WMIProviders", "Loaded")
-                for (name,) in conn.execute("SELECT ServiceName FROM SiteServices").fetchall():
-                    _set_service(conn, str(name), RUNNING)
+                site_server.set_setting(conn, "ServiceBroker", "ON")
+                site_server.set_setting(conn, "WMIProviders", "Loaded")
+                for name in site_server.service_names(conn):
+                    site_server.set_service(conn, name, RUNNING)
                 defs = triggers.install_triggers(conn, self.code)
                 # Only with a backup: after finish() the upgrade happened and stays recorded.
-                if state is not None and _table_exists(conn, "CM_UpgradeHistory"):
-                    conn.execute(
-                        "DELETE FROM CM_UpgradeHistory WHERE upper(PackageGUID) = upper(?)",
-                        (self.ctx.guid,),
-                    )
-                conn.execute("DELETE FROM SiteInstallSteps WHERE PackageGuid = ?", (self.ctx.guid,))
-                version = _local_site(conn, self.code)[0]
+                if state is not None:
+                    site_server.forget_upgrade(conn, self.ctx.guid)
+                site_server.forget_steps(conn, self.ctx.guid)
+                version = _local_site(conn, self.code).version
             self.say(
                 f"INFO: Restored {restored} file(s), removed {removed} added file(s); site "
                 f"database restored: Service Broker ON, WMI providers loaded, services running, "
@@ -1341,7 +1204,7 @@ class SiteInstaller:
         """After the last step: the site must be at the target build; drop the backups."""
         try:
             with self._db() as conn:
-                build = _local_site(conn, self.code)[2]
+                build = _local_site(conn, self.code).build
             if build != self.ctx.target_build:
                 raise InstallStepError(
                     f"the installation of update {self.ctx.guid} is not complete: site "

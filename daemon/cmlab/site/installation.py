@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import os
 import re
 import sqlite3
 import stat
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,34 +65,23 @@ from cmlab.site.trust import TrustStore, verify_cab
 
 __all__ = [
     "ACTIONS",
+    "CONSOLE_DIR",
     "CONSOLE_EXE",
+    "CONSOLE_SIZE",
+    "INSTALL_DIR",
     "RCM_KEY",
     "SETUP_KEY",
-    "SITE_SERVER_BINARIES",
+    "SITE_CONTROL",
     "SQL_KEY",
     "InstallContext",
     "InstallStepError",
     "SiteInstaller",
     "backup_dir_for",
-    "create_installation",
     "installed_build",
+    "safe_dir",
     "seed_site_state",
 ]
 
-# The SITE_SERVER file set of an installed site, with the sizes of
-# payloads/updates/cm2509/package.toml (a test checks they agree).
-SITE_SERVER_BINARIES: tuple[tuple[str, int], ...] = (
-    ("cmupdate.exe", 12288),
-    ("prereqcore.dll", 8192),
-    ("setupcore.dll", 10240),
-    ("smsexec.exe", 6144),
-    ("hman.dll", 5120),
-    ("smsdbmon.dll", 4096),
-    ("distmgr.dll", 4096),
-    ("dmpdownloader.dll", 4096),
-    ("baseutil.dll", 3072),
-)
-SAMPLE_PACKAGE = ("updates", "cm2509")  # under payloads/: where the installed redists come from
 INSTALL_DIR = ("bin", "x64")
 CONSOLE_DIR = ("AdminConsole", "bin")
 CONSOLE_EXE = "Microsoft.ConfigurationManagement.exe"
@@ -190,7 +177,7 @@ def _parts(rel: str, what: str) -> list[str]:
         raise InstallStepError(f"{what}: {exc}") from None
 
 
-def _safe_dir(root: Path, parts: Sequence[str], show: Callable[[Path], str]) -> Path:
+def safe_dir(root: Path, parts: Sequence[str], show: Callable[[Path], str]) -> Path:
     """root/parts..., created if missing; InstallStepError if a component is a link or a file.
 
     The site's folders are the lab's to break: a link planted in them is refused, never
@@ -357,77 +344,6 @@ def _snapshot(conn: sqlite3.Connection, site_code: str) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------
-# The installation `cmlab init` makes
-
-
-@functools.lru_cache(maxsize=1)
-def _installed_redists() -> tuple[tuple[str, bytes], ...]:
-    """The redists an installed site has in bin/x64 (a redist is the same file in every
-    update that ships it, so the update's copy is found "same hash, skipped")."""
-    from cmlab.commands.payload import build_redists, load_package
-    from cmlab.site.resources import data_dir
-
-    src = data_dir("payloads").joinpath(*SAMPLE_PACKAGE)
-    info = load_package(src)
-    by_name = {Path(r.path).name.lower(): r.path for r in info.redists}
-    out: list[tuple[str, bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="cmlab-redists-") as tmp:
-        folder = build_redists(src, Path(tmp), None)
-        for placeholder in info.placeholders:
-            rel = Path(placeholder)
-            if rel.parent.as_posix().lower() != "/".join((MAP_ROOT, *INSTALL_DIR)).lower():
-                continue
-            out.append((rel.name, (folder / by_name[rel.name.lower()]).read_bytes()))
-    return tuple(out)
-
-
-def create_installation(
-    site_root: Path,
-    build: int,
-    full_version: str,
-    *,
-    site_code: str | None = None,
-    server: str | None = None,
-) -> None:
-    """Lay out the installation of a site at `build`: `bin/x64` with the SITE_SERVER file
-    set (sample binaries and the redists), `AdminConsole/bin/Microsoft.ConfigurationManagement.exe`,
-    `inboxes/sitectrl.box/sitectrl.ct0`, and, when the site database exists, the rows of a
-    working site server (seed_site_state). Every file is written atomically; running it
-    again rewrites the same installation. `site_code` and `server` default to site.toml's."""
-    root = Path(site_root).resolve()
-    if site_code is None or server is None:
-        from cmlab.site.config import load_config
-
-        config = load_config(root)
-        site_code = site_code or config.site_code
-        server = server or config.fqdn
-    show = str
-    bin_dir = _safe_dir(root, INSTALL_DIR, show)
-    for name, size in SITE_SERVER_BINARIES:
-        write_atomic(bin_dir / name, sample_binary(name, build, full_version, size))
-    for name, data in _installed_redists():
-        write_atomic(bin_dir / name, data)
-    console_dir = _safe_dir(root, CONSOLE_DIR, show)
-    write_atomic(
-        console_dir / CONSOLE_EXE, sample_binary(CONSOLE_EXE, build, full_version, CONSOLE_SIZE)
-    )
-    ctrl_dir = _safe_dir(root, SITE_CONTROL[:-1], show)
-    write_atomic(
-        ctrl_dir / SITE_CONTROL[-1],
-        render_site_control(site_code.upper(), server, build, full_version, str(root)),
-    )
-    db_file = root / "db" / "site.db"
-    if db_file.is_file():
-        conn = connect(db_file, site_code)
-        try:
-            migrate(conn)
-            with transaction(conn):
-                seed_site_state(conn, site_code.upper())
-        finally:
-            conn.close()
-
-
 def installed_build(site_root: Path) -> int:
     """The build of the site's installed binaries: the header of `bin/x64/smsexec.exe`. Not
     cmupdate.exe: CMUpdate upgrades itself before the install steps, and stays upgraded when
@@ -545,7 +461,7 @@ class SiteInstaller:
         except CmlabError:
             snap["installed_build"] = None
         snap["package"] = self.ctx.guid
-        _safe_dir(self.backup.parent, [self.backup.name], self.show)
+        safe_dir(self.backup.parent, [self.backup.name], self.show)
         write_atomic(state, json.dumps(snap, indent=2, sort_keys=True) + "\n")
         self.say(
             f"INFO: Saved the site's state before installing update {self.ctx.guid} "
@@ -615,11 +531,11 @@ class SiteInstaller:
         live = self.root.joinpath(*parts)
         fd = _open_read(live, self.show)
         if fd is None:
-            folder = _safe_dir(self.backup, ["absent", *parts[:-1]], self.show)
+            folder = safe_dir(self.backup, ["absent", *parts[:-1]], self.show)
             write_atomic(folder / parts[-1], b"")
         else:
             try:
-                folder = _safe_dir(self.backup, ["files", *parts[:-1]], self.show)
+                folder = safe_dir(self.backup, ["files", *parts[:-1]], self.show)
                 tmp, _ = _copy_to_tmp(fd, folder / parts[-1], "backup")
             finally:
                 os.close(fd)
@@ -634,7 +550,7 @@ class SiteInstaller:
         rel = step.param("cab", r"redist\ConfigMgr.AutoUpgradeScripts.cab")
         cab = self.staging.joinpath(*_parts(rel, "install.map cab parameter"))
         shown = self.show(cab)
-        _safe_dir(self.staging.parent, [], self.show)
+        safe_dir(self.staging.parent, [], self.show)
         tmp = make_tmp_dir(self.staging.parent / f"{self.staging.name}.AutoUpgradeScripts")
         try:
             scripts = self._extract_scripts(cab, shown, tmp)
@@ -830,7 +746,7 @@ class SiteInstaller:
     # -- 6, 11 site control ---------------------------------------------------------------
 
     def _site_control(self) -> Path:
-        return _safe_dir(self.root, SITE_CONTROL[:-1], self.show) / SITE_CONTROL[-1]
+        return safe_dir(self.root, SITE_CONTROL[:-1], self.show) / SITE_CONTROL[-1]
 
     def _recreate_site_control(self, path: Path) -> None:
         """A site without its site control file (made before it existed, or a trainee
@@ -997,7 +913,7 @@ class SiteInstaller:
         swept: set[tuple[str, ...]] = set()
         todo: list[tuple[_FileJob, Path]] = []
         for job in jobs:
-            dst_dir = _safe_dir(self.root, job.parts, self.show)
+            dst_dir = safe_dir(self.root, job.parts, self.show)
             if job.parts not in swept:
                 _sweep(dst_dir)
                 swept.add(job.parts)
@@ -1071,7 +987,7 @@ class SiteInstaller:
             return
         # The sample payloads ship no console files: the console binary is regenerated for
         # the new build, so its header shows the console was updated.
-        console_dir = _safe_dir(self.root, CONSOLE_DIR, self.show)
+        console_dir = safe_dir(self.root, CONSOLE_DIR, self.show)
         _sweep(console_dir)
         path = console_dir / CONSOLE_EXE
         self.say(f"INFO: Updating the Admin console binaries in {self.show(console_dir)}")
@@ -1103,7 +1019,7 @@ class SiteInstaller:
                 if name.startswith(".~cmlab-"):
                     continue
                 saved = Path(folder) / name
-                dst_dir = _safe_dir(self.root, rel_dir, self.show)
+                dst_dir = safe_dir(self.root, rel_dir, self.show)
                 _sweep(dst_dir)
                 dst = dst_dir / name
                 fd = _open_read(saved, self.show)

@@ -21,15 +21,15 @@ from cmlab.commands.payload import MAP_ROOT, build_redists, load_package, sample
 from cmlab.core.fs import write_atomic
 from cmlab.site.config import load_config
 from cmlab.site.formats.site_control import render_site_control
-from cmlab.site.installation import (
+from cmlab.site.installation.files import safe_dir
+from cmlab.site.installation.layout import (
     CONSOLE_DIR,
     CONSOLE_EXE,
     CONSOLE_SIZE,
     INSTALL_DIR,
     SITE_CONTROL,
-    safe_dir,
-    seed_site_state,
 )
+from cmlab.site.installation.server_state import seed_site_state
 from cmlab.site.resources import data_dir
 from cmlab.site.sitedb import connect, migrate, transaction
 

@@ -24,9 +24,10 @@ from typing import Any
 import pytest
 
 import sites
+from cmlab.commands.installation_layout import SITE_SERVER_BINARIES
 from cmlab.core.hashing import sha256_file
 from cmlab.site.formats.sample_binary import sample_build_number
-from cmlab.site.installation import ACTIONS, CONSOLE_EXE, SITE_SERVER_BINARIES
+from cmlab.site.installation import ACTIONS, CONSOLE_EXE
 from cmlab.site.sitedb import servicing
 from cmlab.site.sitedb.triggers import trigger_defs
 from cmlab.site.statecodes import PackageState as S

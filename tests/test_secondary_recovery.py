@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cmlab.commands.installation_layout import create_installation
 from cmlab.components.hman.hman import HierarchyManager
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash, sha256_file
@@ -25,7 +26,7 @@ from cmlab.site.formats.replication import (
     job_name,
     read_recovery_sidecar,
 )
-from cmlab.site.installation import create_installation, installed_build
+from cmlab.site.installation import installed_build
 from cmlab.site.sitedb import connect, hierarchy, transaction
 from cmlab.site.sitedb.recovery import request_secondary_recovery
 from cmlab.site.statecodes import PackageState as S

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from cmlab.commands.init import InitOptions, init_site
+from cmlab.commands.installation_layout import SITE_SERVER_BINARIES, create_installation
 from cmlab.commands.payload import build_cab_from_dir, load_package
 from cmlab.components.cmupdate.redist_media import check_media, process_redists
 from cmlab.core.hashing import sha256_bytes, sha256_file
@@ -39,13 +40,11 @@ from cmlab.site.installation import (
     CONSOLE_EXE,
     RCM_KEY,
     SETUP_KEY,
-    SITE_SERVER_BINARIES,
     SQL_KEY,
     InstallContext,
     InstallStepError,
     SiteInstaller,
     backup_dir_for,
-    create_installation,
     installed_build,
 )
 from cmlab.site.resources import data_dir

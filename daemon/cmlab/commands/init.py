@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmlab.commands.installation_layout import create_installation
 from cmlab.core.errors import ConfigError
 from cmlab.site.config import (
     ROLES,
@@ -16,7 +17,6 @@ from cmlab.site.config import (
     render_toml,
     render_toml_array_entry,
 )
-from cmlab.site.installation import create_installation
 from cmlab.site.paths import SitePaths
 from cmlab.site.prereq.facts import DEFAULT_FACTS
 from cmlab.site.sitedb import SITE_TYPES, create_site_db

@@ -54,6 +54,7 @@ from cmlab.site.formats.replication import (
     resend_request_name,
 )
 from cmlab.site.formats.sample_binary import sample_build_number
+from cmlab.site.formats.site_control import render_site_control
 from cmlab.site.inbox import Outcome, quarantine
 from cmlab.site.installation import (
     INSTALL_DIR,
@@ -61,7 +62,6 @@ from cmlab.site.installation import (
     SETUP_KEY,
     SITE_CONTROL,
     installed_build,
-    render_site_control,
 )
 from cmlab.site.sitedb import hierarchy, recovery, servicing
 from cmlab.site.sitedb.servicing import DistributionState

@@ -27,7 +27,7 @@ import re
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,7 +277,7 @@ def _probe_libmspack() -> ctypes.CDLL | None:
         return _mspack_lib
     candidates: list[str] = []
     try:
-        from pylibmspack import _cab  # type: ignore[attr-defined]
+        from pylibmspack import _cab
 
         # dlsym on the extension's handle also searches the libraries it links against,
         # so this finds the bundled libmspack wherever the wheel put it.
@@ -494,7 +494,7 @@ _Reader = _DirectReader | _PylibmspackReader
 
 
 @contextlib.contextmanager
-def _open_cab(path: Path):  # type: ignore[no-untyped-def]
+def _open_cab(path: Path) -> Iterator[_Reader]:
     """Open the cabinet without following a link; yields a validated reader."""
     display = str(path)
     try:

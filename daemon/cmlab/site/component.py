@@ -6,17 +6,17 @@ from __future__ import annotations
 import asyncio
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from cmlab.core.fs import write_atomic
 from cmlab.site.config import SiteConfig
 from cmlab.site.contract import entries_for, folder_of
-from cmlab.site.inbox import InboxEngine, InboxSpec
+from cmlab.site.inbox import Handler, InboxEngine, InboxSpec
 from cmlab.site.paths import SitePaths
 from cmlab.site.sitedb import SiteDB, procs
 from cmlab.site.smslog import LogRegistry, SmsLog
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from cmlab.site.trust import TrustStore, Verdict
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Component:
         self.paths = ctx.paths
         self.db = ctx.db
         self.log: SmsLog = ctx.logs.get(self.log_file, self.component)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[object]] = []
         # A stable pseudo thread id per component, so a trainee can filter a log by thread as
         # the guide suggests even though every component runs on one event loop.
         self.thread_id = 1000 + (sum(self.component.encode()) * 37) % 8000
@@ -90,7 +91,7 @@ class Component:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
         task = asyncio.create_task(coro, name=f"{self.component}:{name}")
         self._tasks.append(task)
         return task
@@ -122,7 +123,9 @@ class Component:
             self.say(why)
             write_atomic(drop_file, b"")
 
-    def inbox(self, name: str, folder: Path, patterns: tuple[str, ...], handler: Any) -> InboxSpec:
+    def inbox(
+        self, name: str, folder: Path, patterns: tuple[str, ...], handler: Handler
+    ) -> InboxSpec:
         return InboxSpec(
             name=name,
             folder=folder,
@@ -138,9 +141,9 @@ class Component:
     def show(self, path: Path | str, *, trailing_sep: bool = False) -> str:
         return self.paths.show(path, trailing_sep=trailing_sep)
 
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+    async def in_thread(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Hashing, extracting and verifying release the GIL: run them off the loop."""
-        return await asyncio.to_thread(fn, *args)
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def verify(self, path: Path) -> Verdict:
         from cmlab.site.trust import verify_cab

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # BadInput is cmlab.core.errors' family of bad input, re-exported for the handlers.
 from cmlab.core.errors import BadInput as BadInput
@@ -40,7 +40,7 @@ from cmlab.site.smslog import SmsLog
 
 if TYPE_CHECKING:
     # inotify_c loads libc's inotify calls when imported: only on Linux, at the first watch.
-    from watchdog.observers.inotify_c import CallbackId, WatchDescriptor
+    from watchdog.observers.inotify_c import CallbackId, InotifyEvent, WatchDescriptor
 
 BAD_FOLDER = "BAD"
 
@@ -348,7 +348,7 @@ class _Forwarder:
 
     # -- watchdog's WatchCallback protocol, on its thread -------------------------------------
 
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: InotifyEvent) -> None:
         if event.is_directory or not event.name:
             return
         if event.is_moved_to or event.is_close_write:

@@ -320,16 +320,14 @@ class CMUpdate(InstallationHandlers):
         prereq_log = self.ctx.logs.get(PREREQ_LOG, PREREQ_COMPONENT)
         results: list[RuleResult] = []
 
+        def say_prereq(line: str) -> None:
+            prereq_log.write(line, thread=self.thread_id)
+
         def record(result: RuleResult) -> None:
             results.append(result)
             crashpoint("cmupdate.during_prereq")
 
-        outcome = await self.in_thread(
-            run_prereq_checks,
-            ctx,
-            lambda line: prereq_log.write(line, thread=self.thread_id),
-            record,
-        )
+        outcome = await self.in_thread(run_prereq_checks, ctx, say_prereq, record)
         result_state = RESULT_STATES[outcome.overall]
 
         def finish(conn: sqlite3.Connection) -> None:

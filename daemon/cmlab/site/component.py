@@ -60,6 +60,10 @@ class Component:
         self.db = ctx.db
         self.log: SmsLog = ctx.logs.get(self.log_file, self.component)
         self._tasks: list[asyncio.Task[object]] = []
+        # Plain objects holding some of this component's handlers (HMAN's Easy Setup,
+        # post-installation and secondary-site handlers): `inboxes()` looks the contract's
+        # handler names up on the component first, then on these in order.
+        self.handler_groups: tuple[object, ...] = ()
         # A stable pseudo thread id per component, so a trainee can filter a log by thread as
         # the guide suggests even though every component runs on one event loop.
         self.thread_id = 1000 + (sum(self.component.encode()) * 37) % 8000
@@ -70,16 +74,24 @@ class Component:
         """This component's inboxes, as the inbox contract (`inboxes/contract.toml`) lists them."""
         specs = []
         for entry in entries_for(self.component):
-            handler = getattr(self, entry.handler)
+            owner = self._owner_of(entry.handler)
+            handler = getattr(owner, entry.handler)
             folder = folder_of(entry, self.paths.root)
             name = entry.folder.removeprefix("inboxes/")
             spec = self.inbox(name, folder, entry.files, handler)
             spec.workers = entry.workers
             # A component that logs the deletion of its drop files names the hook after the
-            # handler: on_cmu -> on_cmu_deleted.
-            spec.on_deleted = getattr(self, f"{entry.handler}_deleted", None)
+            # handler, beside it: on_cmu -> on_cmu_deleted.
+            spec.on_deleted = getattr(owner, f"{entry.handler}_deleted", None)
             specs.append(spec)
         return specs
+
+    def _owner_of(self, handler: str) -> object:
+        """The component or handler group that has the contract's `handler`."""
+        for owner in (self, *self.handler_groups):
+            if hasattr(owner, handler):
+                return owner
+        raise AttributeError(f"{type(self).__name__} has no handler {handler!r}")
 
     async def start(self) -> None:
         """Start background loops (timers, pollers). Inboxes are started by the engine."""

@@ -20,7 +20,7 @@ from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import remove_path
 from cmlab.core.hashing import sha256_file, staging_hash
 from cmlab.site.cab import extract_cab_into
-from cmlab.site.component import SiteContext
+from cmlab.site.component import Component, SiteContext
 from cmlab.site.content_library import ContentLibrary
 from cmlab.site.formats.payload_layout import MAP_ROOT, UPDATE_MAP_CAB
 from cmlab.site.formats.update_map import UpdateMap, decode_update_map, parse_update_map
@@ -52,12 +52,18 @@ class StageFailed(WorkFailed):
         self.rule = rule
 
 
-class CMUpdate(InstallationHandlers):
+class CMUpdate(Component):
     component = "CONFIGURATION_MANAGER_UPDATE"
     log_file = "CMUpdate.log"
 
     def __init__(self, ctx: SiteContext) -> None:
         super().__init__(ctx)
+        self.installation = InstallationHandlers(
+            self,
+            stage_content=self.stage_content,
+            read_update_map=self.read_update_map,
+            process_pending=self.process_pending,
+        )
         # One pass at a time, whether a CMI or the poll timer woke it.
         self._busy = asyncio.Lock()
 
@@ -79,6 +85,10 @@ class CMUpdate(InstallationHandlers):
             self.process_pending,
             "process pending update packages",
         )
+
+    async def stop(self) -> None:
+        self.installation.stop()
+        await super().stop()
 
     async def on_cmi(self, path: Path) -> Outcome:
         self.say(f'Detected a change to the "{self.show(self.paths.cmupdate_box)}" directory.')
@@ -102,7 +112,7 @@ class CMUpdate(InstallationHandlers):
                         None,
                     )
                 if package is not None and continues_to_install(package.state, package.flag):
-                    await self.install(package)
+                    await self.installation.install(package)
 
     # -- the prerequisite check ----------------------------------------------------------------
 

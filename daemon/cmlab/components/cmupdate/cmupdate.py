@@ -119,7 +119,7 @@ class CMUpdate(Component):
     async def check_prerequisites(self, package: servicing.PendingPackage) -> None:
         site = await self.db.read(hierarchy.site_version, self.config.site_code)
         if site is None:
-            raise CmlabError(f"the site database has no Sites row for {self.config.site_code}")
+            raise WorkFailed(f"the site database has no Sites row for {self.config.site_code}")
         self.say(f"INFO: setup type: {SETUP_TYPE_UPGRADE}, top level: {int(site.top_level)}.")
         self.say(
             "Content replication succeeded. Start extracting the package to run prereq check..."

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.components.cmupdate.redist_media import MediaError, check_media, process_redists
-from cmlab.core.errors import CmlabError, WorkFailed
+from cmlab.core.errors import BadInput, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     atomic_output,
@@ -568,7 +568,7 @@ def _install_verified(source: Path, dest: Path, expected: str) -> None:
     data = source.read_bytes()
     actual = sha256_bytes(data)
     if actual != expected:
-        raise CmlabError(f"{source} has hash {actual}, not {expected}")
+        raise BadInput(f"{source} has hash {actual}, not {expected}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(dest) as out:
         out.write(data)

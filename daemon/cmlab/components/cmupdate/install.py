@@ -488,7 +488,7 @@ class InstallationHandlers:
 
     async def post_install_checks(self, target_build: int) -> None:
         facts = await self.db.read(site_server.post_install_facts, self.config.site_code, RCM_KEY)
-        services: dict[str, str] = facts["services"]  # type: ignore[assignment]
+        services = facts["services"]
         x64 = self.paths.root / "bin" / "x64"
 
         def binary_build(name: str) -> int | None:
@@ -516,7 +516,7 @@ class InstallationHandlers:
                     "SiteComp.log and SMSExec.log.",
                     level="warning",
                 )
-        children: list[str] = facts["children"]  # type: ignore[assignment]
+        children = facts["children"]
         if children:
             self.say(f"INFO: Monitoring the start of replication to {', '.join(children)}.")
         else:

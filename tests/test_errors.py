@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import pkgutil
@@ -10,14 +11,19 @@ from pathlib import Path
 import pytest
 
 import cmlab
+from cmlab.commands.payload import load_package
 from cmlab.core import errors
 from cmlab.core.errors import BadInput, CmlabError, UnsafeFile, WorkFailed
 from cmlab.core.fs import read_regular_file, read_regular_file_stat
 from cmlab.core.hashing import folder_hash
 from cmlab.site.config import load_config
+from cmlab.site.file_replication import build_package_file
 from cmlab.site.formats.manifest import parse_manifest
 from cmlab.site.formats.replication import parse_instruction
+from cmlab.site.formats.sample_binary import sample_binary, sample_build_number
 from cmlab.site.formats.update_map import parse_update_map
+from cmlab.site.sitedb import connected, create_site_db
+from cmlab.site.sitedb.recovery import local_version
 
 
 def every_error_class() -> set[type[CmlabError]]:
@@ -146,3 +152,55 @@ def test_a_folder_hash_refuses_a_special_file_as_unsafe_file(tmp_path: Path) -> 
     os.mkfifo(tmp_path / "tree" / "fifo")
     with pytest.raises(UnsafeFile, match="not a regular file or folder"):
         folder_hash(tmp_path / "tree")
+
+
+# Modules whose `raise CmlabError(...)` has not been given its family yet: the emulated
+# installation, being split into a package on its own branch.
+ROOT_RAISED_IN = ("site/installation",)
+
+
+def test_every_raise_names_its_family_not_the_root() -> None:
+    """`raise CmlabError(...)` says neither whose fault it is nor what to do next: every
+    error cmlab raises is a BadInput or a WorkFailed (or a class below them)."""
+    package = Path(cmlab.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel.startswith(ROOT_RAISED_IN):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            exc = node.exc if isinstance(node, ast.Raise) else None
+            if isinstance(exc, ast.Call):
+                exc = exc.func
+            if isinstance(exc, ast.Name) and exc.id == "CmlabError":
+                found.append(f"{rel}:{node.lineno}")
+    assert found == []
+
+
+def test_a_bad_sample_package_or_binary_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match=r"package\.toml"):
+        load_package(tmp_path)  # no package.toml
+    (tmp_path / "package.toml").write_text("[other]\n", encoding="utf-8")
+    with pytest.raises(BadInput, match=r"package\.toml: missing \[package\]"):
+        load_package(tmp_path)
+    with pytest.raises(BadInput, match="is smaller than its header"):
+        sample_binary("smsexec.exe", 9135, "5.00.9135.1000", 10)
+    (tmp_path / "plain.exe").write_bytes(b"MZ not a sample")
+    with pytest.raises(BadInput, match="not a cmlab sample binary"):
+        sample_build_number(tmp_path / "plain.exe")
+
+
+def test_work_that_cannot_be_done_on_the_sites_own_files_or_rows_is_work_failed(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WorkFailed, match="no files to pack"):
+        build_package_file(tmp_path / "empty", tmp_path / "out.cab")
+    db_file = tmp_path / "db" / "site.db"
+    create_site_db(
+        db_file, site_code="PR1", role="primary", server="pr1.lab", build=9135, minor_build=0
+    )
+    with connected(db_file, "PR1") as conn:
+        conn.execute("DELETE FROM Sites")
+        with pytest.raises(WorkFailed, match="no Sites row for this site PR1"):
+            local_version(conn)

@@ -94,7 +94,7 @@ def init_site(opts: InitOptions) -> Path:
         except ValueError:
             return str(p.resolve())
 
-    doc = {
+    doc: dict[str, dict[str, object]] = {
         "site": {
             "code": code,
             "role": opts.role,

@@ -17,9 +17,11 @@ import functools
 import tempfile
 from pathlib import Path
 
-from cmlab.commands.payload import MAP_ROOT, build_redists, load_package, sample_binary
+from cmlab.commands.payload import build_redists, load_package
 from cmlab.core.fs import write_atomic
 from cmlab.site.config import load_config
+from cmlab.site.formats.payload_layout import MAP_ROOT
+from cmlab.site.formats.sample_binary import sample_binary
 from cmlab.site.formats.site_control import render_site_control
 from cmlab.site.installation.files import safe_dir
 from cmlab.site.installation.layout import (

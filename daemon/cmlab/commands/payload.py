@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmlab.core.errors import CabPathError, CmlabError
+from cmlab.core.errors import BadInput, CabPathError
 from cmlab.core.fs import WRITE_NEW, open_nofollow, put_in_place, tmp_name_for, write_atomic
 from cmlab.core.hashing import sha256_bytes, sha256_file
 from cmlab.site.cab import create_cab, normalize_member_name
@@ -118,7 +118,7 @@ class PackageInfo:
 def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     value = table.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise CmlabError(f"{where}: '{key}' must be a {kind.__name__}")
+        raise BadInput(f"{where}: '{key}' must be a {kind.__name__}")
     return value
 
 
@@ -126,26 +126,26 @@ def _safe_rel(path: str, where: str) -> str:
     try:
         return normalize_member_name(path)
     except CabPathError as exc:
-        raise CmlabError(f"{where}: {exc}") from None
+        raise BadInput(f"{where}: {exc}") from None
 
 
 def load_package(src: Path) -> PackageInfo:
-    """Read and check `src/package.toml` (CmlabError if anything is off)."""
+    """Read and check `src/package.toml` (BadInput if anything is off)."""
     where = str(Path(src) / "package.toml")
     try:
         doc = tomllib.loads((Path(src) / "package.toml").read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise CmlabError(f"{where}: {exc}") from None
+        raise BadInput(f"{where}: {exc}") from None
     pkg = doc.get("package")
     if not isinstance(pkg, dict):
-        raise CmlabError(f"{where}: missing [package]")
+        raise BadInput(f"{where}: missing [package]")
     guid = _get(pkg, "guid", str, where).upper()
     if not is_guid(guid):
-        raise CmlabError(f"{where}: guid {guid!r} is not a GUID")
+        raise BadInput(f"{where}: guid {guid!r} is not a GUID")
     version = _get(pkg, "full_version", str, where)
     build = _get(pkg, "build", int, where)
     if not _VERSION_RE.match(version) or version.split(".")[2] != str(build):
-        raise CmlabError(f"{where}: full_version {version!r} does not carry build {build}")
+        raise BadInput(f"{where}: full_version {version!r} does not carry build {build}")
     binaries = tuple(
         SampleBinary(_safe_rel(_get(b, "path", str, where), where), _get(b, "size", int, where))
         for b in doc.get("binary", [])
@@ -169,7 +169,7 @@ def load_package(src: Path) -> PackageInfo:
     by_name = {Path(r.path).name.lower() for r in redists}
     for p in placeholders:
         if Path(p).name.lower() not in by_name:
-            raise CmlabError(f"{where}: placeholder {p} has no [[redist]] of the same name")
+            raise BadInput(f"{where}: placeholder {p} has no [[redist]] of the same name")
     components = []
     for c in doc.get("component", []):
         dirs = []
@@ -193,7 +193,7 @@ def load_package(src: Path) -> PackageInfo:
         )
     all_paths = [b.path for b in binaries] + list(placeholders)
     if len({p.lower() for p in all_paths}) != len(all_paths):
-        raise CmlabError(f"{where}: a path is declared twice")
+        raise BadInput(f"{where}: a path is declared twice")
     return PackageInfo(
         guid=guid,
         name=_get(pkg, "name", str, where),
@@ -221,7 +221,7 @@ def _walk_files(root: Path) -> list[tuple[str, Path]]:
                 raise CabPathError(f"{path}: symbolic link in a payload source; not followed")
             if name in files:
                 if not stat.S_ISREG(st.st_mode):
-                    raise CmlabError(f"{path}: not a regular file")
+                    raise BadInput(f"{path}: not a regular file")
                 out.append((path.relative_to(root).as_posix(), path))
         dirs.sort()
     return sorted(out)
@@ -270,7 +270,7 @@ def _map_directory(
     for name in names:
         path = folder / name
         if not path.is_file():
-            raise CmlabError(f"{where}: update.map lists {path}, which the build did not make")
+            raise BadInput(f"{where}: update.map lists {path}, which the build did not make")
         rel = path.relative_to(tree).as_posix()
         if rel in placeholders:
             # The install finds a 0-byte file here whose hash does not match, and takes the

@@ -28,7 +28,7 @@ import stat
 from functools import partial
 from pathlib import Path
 
-from cmlab.core.errors import BadInput, CabError, CmlabError, ContentLibError
+from cmlab.core.errors import BadInput, CabError, CmlabError, ContentLibError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     copy_file_durable,
@@ -467,7 +467,7 @@ class Despooler(Component):
             for part in parts[:-1]:
                 target_dir = target_dir / part
                 if os.path.islink(target_dir):
-                    raise CmlabError(f"{target_dir} is a link; not followed")
+                    raise WorkFailed(f"{target_dir} is a link; not followed")
                 target_dir.mkdir(exist_ok=True)
             copy_file_durable(folder / os.fsdecode(rel), target_dir / parts[-1])
             count += 1

@@ -62,12 +62,12 @@ class DistributionManager(Component):
         parts = PureWindowsPath(share).parts
         # ('\\\\server\\EasySetupPayLoad\\', 'GUID')
         if len(parts) != 2 or not is_guid(parts[1]):
-            raise CmlabError(f"{share} is not an EasySetupPayLoad share path")
+            raise BadInput(f"{share} is not an EasySetupPayLoad share path")
         anchor = parts[0].strip("\\").split("\\")
         if len(anchor) != 2 or anchor[1].lower() != "easysetuppayload":
-            raise CmlabError(f"{share} is not an EasySetupPayLoad share path")
+            raise BadInput(f"{share} is not an EasySetupPayLoad share path")
         if anchor[0].lower() != self.config.fqdn.lower():
-            raise CmlabError(f"{share} is not on this site server ({self.config.fqdn})")
+            raise BadInput(f"{share} is not on this site server ({self.config.fqdn})")
         return self.paths.payload_folder(parts[1])
 
     async def on_pkn(self, path: Path) -> Outcome:

@@ -19,6 +19,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from cmlab.core.errors import BadInput
 from cmlab.core.failpoints import crashpoint
@@ -44,6 +45,20 @@ from cmlab.site.sitedb.scheduler_jobs import (
 )
 
 RECOVERY_NAME = "Secondary Site Recovery"
+
+
+class _JobFields(TypedDict):
+    """The Instruction fields every job type fills from its SchedulerJobs row."""
+
+    job: str
+    job_type: str
+    source_site: str
+    dest_site: str
+    package_id: str
+    version: int
+    package_file: str
+    file_size: int
+    file_hash: str
 
 
 @dataclass(frozen=True)
@@ -153,7 +168,7 @@ class Scheduler(Component):
         job = view.job
         package = package_file_path(self.paths.root, job.package_file)
         shown = self.show(package)
-        common = {
+        common: _JobFields = {
             "job": job.name,
             "job_type": job.job_type,
             "source_site": self.config.site_code.upper(),

@@ -27,9 +27,10 @@ import re
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cmlab.core.errors import CabError, CabLimitError, CabPathError
 from cmlab.core.flush import make_durable, start_writeback
@@ -277,7 +278,7 @@ def _probe_libmspack() -> ctypes.CDLL | None:
         return _mspack_lib
     candidates: list[str] = []
     try:
-        from pylibmspack import _cab  # type: ignore[attr-defined]
+        from pylibmspack import _cab
 
         # dlsym on the extension's handle also searches the libraries it links against,
         # so this finds the bundled libmspack wherever the wheel put it.
@@ -341,6 +342,10 @@ def _system_pointer() -> int | None:
     return ctypes.addressof(_quiet_system_struct)
 
 
+# A member's stored date and time: year, month, day, hour, minute, second.
+DosTime = tuple[int, int, int, int, int, int]
+
+
 @dataclass
 class _Member:
     index: int  # position in the cabinet's file list
@@ -350,7 +355,7 @@ class _Member:
     folder: int
     offset: int
     comp: int
-    when: tuple[int, int, int, int, int, int]
+    when: DosTime
     handle: object  # backend's way to name the member
 
 
@@ -467,7 +472,7 @@ class _PylibmspackReader:
                     folder=int(f.get("folder_index", -1)),
                     offset=int(f.get("offset", 0)),
                     comp=comp_codes.get(str(f.get("compression", "")).lower(), -1),
-                    when=tuple(int(f.get(k, 0)) for k in _WHEN_KEYS),  # type: ignore[arg-type]
+                    when=_dos_time(f),
                     handle=f.get("name"),
                 )
             )
@@ -490,11 +495,20 @@ class _PylibmspackReader:
 
 
 _WHEN_KEYS = ("date_y", "date_m", "date_d", "time_h", "time_m", "time_s")
+
+
+def _dos_time(f: Mapping[str, Any]) -> DosTime:
+    """A member's stored date and time from pylibmspack's file dict (0 where a key is missing:
+    an impossible date, which `_set_mtime` leaves alone)."""
+    year, month, day, hour, minute, second = (int(f.get(k, 0)) for k in _WHEN_KEYS)
+    return (year, month, day, hour, minute, second)
+
+
 _Reader = _DirectReader | _PylibmspackReader
 
 
 @contextlib.contextmanager
-def _open_cab(path: Path):  # type: ignore[no-untyped-def]
+def _open_cab(path: Path) -> Iterator[_Reader]:
     """Open the cabinet without following a link; yields a validated reader."""
     display = str(path)
     try:
@@ -588,9 +602,9 @@ def _check_limits(members: list[_Member], limits: ExtractLimits, display: str) -
 # Filesystem helpers
 
 
-def _set_mtime(path: Path, when: tuple[int, ...]) -> None:
+def _set_mtime(path: Path, when: DosTime) -> None:
     try:
-        stamp = dt.datetime(*when, tzinfo=dt.UTC).timestamp()  # type: ignore[misc]
+        stamp = dt.datetime(*when, tzinfo=dt.UTC).timestamp()
     except (ValueError, TypeError, OverflowError):
         return  # an impossible date in the header: keep the extraction time
     os.utime(path, (stamp, stamp), follow_symlinks=False)

@@ -6,17 +6,17 @@ from __future__ import annotations
 import asyncio
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from cmlab.core.fs import write_atomic
 from cmlab.site.config import SiteConfig
 from cmlab.site.contract import entries_for, folder_of
-from cmlab.site.inbox import InboxEngine, InboxSpec
+from cmlab.site.inbox import Handler, InboxEngine, InboxSpec
 from cmlab.site.paths import SitePaths
 from cmlab.site.sitedb import SiteDB, procs
 from cmlab.site.smslog import LogRegistry, SmsLog
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from cmlab.site.trust import TrustStore, Verdict
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass
@@ -58,7 +59,11 @@ class Component:
         self.paths = ctx.paths
         self.db = ctx.db
         self.log: SmsLog = ctx.logs.get(self.log_file, self.component)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[object]] = []
+        # Plain objects holding some of this component's handlers (HMAN's Easy Setup,
+        # post-installation and secondary-site handlers): `inboxes()` looks the contract's
+        # handler names up on the component first, then on these in order.
+        self.handler_groups: tuple[object, ...] = ()
         # A stable pseudo thread id per component, so a trainee can filter a log by thread as
         # the guide suggests even though every component runs on one event loop.
         self.thread_id = 1000 + (sum(self.component.encode()) * 37) % 8000
@@ -69,16 +74,24 @@ class Component:
         """This component's inboxes, as the inbox contract (`inboxes/contract.toml`) lists them."""
         specs = []
         for entry in entries_for(self.component):
-            handler = getattr(self, entry.handler)
+            owner = self._owner_of(entry.handler)
+            handler = getattr(owner, entry.handler)
             folder = folder_of(entry, self.paths.root)
             name = entry.folder.removeprefix("inboxes/")
             spec = self.inbox(name, folder, entry.files, handler)
             spec.workers = entry.workers
             # A component that logs the deletion of its drop files names the hook after the
-            # handler: on_cmu -> on_cmu_deleted.
-            spec.on_deleted = getattr(self, f"{entry.handler}_deleted", None)
+            # handler, beside it: on_cmu -> on_cmu_deleted.
+            spec.on_deleted = getattr(owner, f"{entry.handler}_deleted", None)
             specs.append(spec)
         return specs
+
+    def _owner_of(self, handler: str) -> object:
+        """The component or handler group that has the contract's `handler`."""
+        for owner in (self, *self.handler_groups):
+            if hasattr(owner, handler):
+                return owner
+        raise AttributeError(f"{type(self).__name__} has no handler {handler!r}")
 
     async def start(self) -> None:
         """Start background loops (timers, pollers). Inboxes are started by the engine."""
@@ -90,7 +103,7 @@ class Component:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
         task = asyncio.create_task(coro, name=f"{self.component}:{name}")
         self._tasks.append(task)
         return task
@@ -122,7 +135,9 @@ class Component:
             self.say(why)
             write_atomic(drop_file, b"")
 
-    def inbox(self, name: str, folder: Path, patterns: tuple[str, ...], handler: Any) -> InboxSpec:
+    def inbox(
+        self, name: str, folder: Path, patterns: tuple[str, ...], handler: Handler
+    ) -> InboxSpec:
         return InboxSpec(
             name=name,
             folder=folder,
@@ -138,9 +153,9 @@ class Component:
     def show(self, path: Path | str, *, trailing_sep: bool = False) -> str:
         return self.paths.show(path, trailing_sep=trailing_sep)
 
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+    async def in_thread(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Hashing, extracting and verifying release the GIL: run them off the loop."""
-        return await asyncio.to_thread(fn, *args)
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def verify(self, path: Path) -> Verdict:
         from cmlab.site.trust import verify_cab

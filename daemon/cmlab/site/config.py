@@ -205,7 +205,7 @@ def load_config(root: Path) -> SiteConfig:
     )
 
 
-def _toml_value(value: Any) -> str:
+def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -218,7 +218,7 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
-def render_toml(doc: dict[str, dict[str, Any]], comments: dict[str, str] | None = None) -> str:
+def render_toml(doc: dict[str, dict[str, object]], comments: dict[str, str] | None = None) -> str:
     """A minimal TOML writer for site.toml's flat tables (keeps us off another dependency)."""
     out: list[str] = []
     for table, values in doc.items():
@@ -231,7 +231,7 @@ def render_toml(doc: dict[str, dict[str, Any]], comments: dict[str, str] | None 
     return "\n".join(out)
 
 
-def render_toml_array_entry(table: str, values: dict[str, Any], comment: str = "") -> str:
+def render_toml_array_entry(table: str, values: dict[str, object], comment: str = "") -> str:
     """One `[[table]]` entry, to append to a site.toml."""
     out = ["", f"# {comment}"] if comment else [""]
     out.append(f"[[{table}]]")

@@ -64,7 +64,7 @@ def waiting_drop_files(site_root: Path) -> list[str]:
     patterns: dict[str, tuple[str, ...]] = {}
     for entry in load_contract():
         patterns[entry.folder] = patterns.get(entry.folder, ()) + entry.files
-    out = []
+    out: list[str] = []
     for folder, files in patterns.items():
         base = site_root.joinpath(*folder.split("/"))
         try:

@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.core.errors import BadInput, CmlabError
+from cmlab.core.errors import BadInput, WorkFailed
 from cmlab.core.fs import READ, make_tmp_dir, open_nofollow, remove_path
 from cmlab.core.hashing import folder_records, sha256_fd
 from cmlab.site.cab import DEFAULT_CAB_MTIME, create_cab
@@ -120,7 +120,7 @@ def build_package_file(source: Path, dst: Path) -> PackageFile:
         if is_file
     }
     if not files:
-        raise CmlabError(f"{source}: no files to pack")
+        raise WorkFailed(f"{source}: no files to pack")
     create_cab(dict(sorted(files.items())), dst, mtime=DEFAULT_CAB_MTIME)
     return file_digest(dst)
 

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 # BadInput is cmlab.core.errors' family of bad input, re-exported for the handlers.
 from cmlab.core.errors import BadInput as BadInput
@@ -37,6 +37,10 @@ from cmlab.core.errors import CmlabError
 from cmlab.core.fs import remove_stale_tmp, write_atomic
 from cmlab.site.contract import matches_any
 from cmlab.site.smslog import SmsLog
+
+if TYPE_CHECKING:
+    # inotify_c loads libc's inotify calls when imported: only on Linux, at the first watch.
+    from watchdog.observers.inotify_c import CallbackId, InotifyEvent, WatchDescriptor
 
 BAD_FOLDER = "BAD"
 
@@ -344,7 +348,7 @@ class _Forwarder:
 
     # -- watchdog's WatchCallback protocol, on its thread -------------------------------------
 
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: InotifyEvent) -> None:
         if event.is_directory or not event.name:
             return
         if event.is_moved_to or event.is_close_write:
@@ -401,21 +405,23 @@ class _Watches:
     """The inboxes' inotify watches on watchdog's shared reader thread."""
 
     def __init__(self) -> None:
-        from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
+        from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
 
         self._fd = InotifyFD.get_instance()
         # Only what the engine acts on: each other event (the handlers' own opens, reads and
         # deletes) would wake the reader thread for nothing.
-        self._mask = (
+        self._mask = Mask(
             InotifyConstants.IN_MOVED_TO
             | InotifyConstants.IN_CLOSE_WRITE
             | InotifyConstants.IN_CREATE
             | InotifyConstants.IN_ONLYDIR
         )
-        self._added: list[tuple[Any, Any]] = []
+        self._added: list[tuple[WatchDescriptor, CallbackId]] = []
 
     def add(self, folder: Path, forwarder: _Forwarder) -> None:
-        key = id(forwarder)
+        from watchdog.observers.inotify_c import CallbackId
+
+        key = CallbackId(id(forwarder))
         wd = self._fd.add_callback(os.fsencode(folder), self._mask, forwarder, key)
         self._added.append((wd, key))
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
+from typing import Protocol
+
+
+class ShowPath(Protocol):
+    """`SitePaths.show`'s signature, for code that is handed it (a component's `show`)."""
+
+    def __call__(self, path: Path | str, *, trailing_sep: bool = False) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -109,11 +109,11 @@ class SmsLog:
             )
         return line
 
-    def __call__(self, message: str, **kw: Any) -> str:
-        return self.write(message, **kw)
+    def __call__(self, message: str, *, thread: int | None = None, level: str = "info") -> str:
+        return self.write(message, thread=thread, level=level)
 
-    def error(self, message: str, **kw: Any) -> str:
-        return self.write(message, level="error", **kw)
+    def error(self, message: str, *, thread: int | None = None) -> str:
+        return self.write(message, thread=thread, level="error")
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,7 @@ from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import remove_path
 from cmlab.core.hashing import sha256_file, staging_hash
 from cmlab.site.cab import extract_cab_into
-from cmlab.site.component import SiteContext
+from cmlab.site.component import Component, SiteContext
 from cmlab.site.content_library import ContentLibrary
 from cmlab.site.formats.payload_layout import MAP_ROOT, UPDATE_MAP_CAB
 from cmlab.site.formats.update_map import UpdateMap, decode_update_map, parse_update_map
@@ -52,12 +52,18 @@ class StageFailed(WorkFailed):
         self.rule = rule
 
 
-class CMUpdate(InstallationHandlers):
+class CMUpdate(Component):
     component = "CONFIGURATION_MANAGER_UPDATE"
     log_file = "CMUpdate.log"
 
     def __init__(self, ctx: SiteContext) -> None:
         super().__init__(ctx)
+        self.installation = InstallationHandlers(
+            self,
+            stage_content=self.stage_content,
+            read_update_map=self.read_update_map,
+            process_pending=self.process_pending,
+        )
         # One pass at a time, whether a CMI or the poll timer woke it.
         self._busy = asyncio.Lock()
 
@@ -79,6 +85,10 @@ class CMUpdate(InstallationHandlers):
             self.process_pending,
             "process pending update packages",
         )
+
+    async def stop(self) -> None:
+        self.installation.stop()
+        await super().stop()
 
     async def on_cmi(self, path: Path) -> Outcome:
         self.say(f'Detected a change to the "{self.show(self.paths.cmupdate_box)}" directory.')
@@ -102,14 +112,14 @@ class CMUpdate(InstallationHandlers):
                         None,
                     )
                 if package is not None and continues_to_install(package.state, package.flag):
-                    await self.install(package)
+                    await self.installation.install(package)
 
     # -- the prerequisite check ----------------------------------------------------------------
 
     async def check_prerequisites(self, package: servicing.PendingPackage) -> None:
         site = await self.db.read(hierarchy.site_version, self.config.site_code)
         if site is None:
-            raise CmlabError(f"the site database has no Sites row for {self.config.site_code}")
+            raise WorkFailed(f"the site database has no Sites row for {self.config.site_code}")
         self.say(f"INFO: setup type: {SETUP_TYPE_UPGRADE}, top level: {int(site.top_level)}.")
         self.say(
             "Content replication succeeded. Start extracting the package to run prereq check..."
@@ -320,16 +330,14 @@ class CMUpdate(InstallationHandlers):
         prereq_log = self.ctx.logs.get(PREREQ_LOG, PREREQ_COMPONENT)
         results: list[RuleResult] = []
 
+        def say_prereq(line: str) -> None:
+            prereq_log.write(line, thread=self.thread_id)
+
         def record(result: RuleResult) -> None:
             results.append(result)
             crashpoint("cmupdate.during_prereq")
 
-        outcome = await self.in_thread(
-            run_prereq_checks,
-            ctx,
-            lambda line: prereq_log.write(line, thread=self.thread_id),
-            record,
-        )
+        outcome = await self.in_thread(run_prereq_checks, ctx, say_prereq, record)
         result_state = RESULT_STATES[outcome.overall]
 
         def finish(conn: sqlite3.Connection) -> None:

@@ -1,5 +1,5 @@
 """CMUpdate's Installation stage (the guide's "Investigate the Installation stage", process
-steps 1-6, CMUpdate's half), mixed into CMUpdate: after a prerequisite check that lets the
+steps 1-6, CMUpdate's half), held by CMUpdate: after a prerequisite check that lets the
 run go on (Flag 0 on PREREQ_SUCCESS, Flag 2 also on PREREQ_WARNING), or at start-up for an
 installation a crash interrupted.
 
@@ -24,12 +24,13 @@ rollback instead of resuming the install.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from cmlab.components.cmupdate.redist_media import MediaError, check_media, process_redists
-from cmlab.core.errors import CmlabError, WorkFailed
+from cmlab.core.errors import BadInput, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
     atomic_output,
@@ -39,7 +40,7 @@ from cmlab.core.fs import (
     write_atomic,
 )
 from cmlab.core.hashing import sha256_bytes, sha256_file
-from cmlab.site.component import Component, SiteContext
+from cmlab.site.component import Component
 from cmlab.site.formats.install_map import InstallStep, parse_install_map
 from cmlab.site.formats.notifications import INSTALLED_ESC
 from cmlab.site.formats.payload_layout import INSTALL_MAP, MAP_ROOT
@@ -121,18 +122,31 @@ def map_file(update_map: UpdateMap, component: str, name: str) -> tuple[str, Map
     return None
 
 
-class InstallationHandlers(Component):
-    """Mixed into CMUpdate; see the module docstring."""
+class InstallationHandlers:
+    """CMUpdate's Installation stage (see the module docstring); CMUpdate holds one and hands
+    it the three steps of its prerequisite half that an installation runs again."""
 
-    def __init__(self, ctx: SiteContext) -> None:
-        super().__init__(ctx)
+    def __init__(
+        self,
+        cmupdate: Component,
+        *,
+        stage_content: Callable[[servicing.PendingPackage], Awaitable[Path]],
+        read_update_map: Callable[[Path], Awaitable[UpdateMap]],
+        process_pending: Callable[[], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.ctx = cmupdate.ctx
+        self.config = cmupdate.config
+        self.paths = cmupdate.paths
+        self.db = cmupdate.db
+        self.say = cmupdate.say
+        self.show = cmupdate.show
+        self.in_thread = cmupdate.in_thread
+        self.spawn = cmupdate.spawn
+        self.report_status = cmupdate.report_status
+        self.stage_content = stage_content
+        self.read_update_map = read_update_map
+        self.process_pending = process_pending
         self._window_timer: asyncio.TimerHandle | None = None
-
-    if TYPE_CHECKING:
-        # The prerequisite half of CMUpdate (cmlab.components.cmupdate.cmupdate) provides these.
-        async def stage_content(self, package: servicing.PendingPackage) -> Path: ...
-        async def read_update_map(self, staging: Path) -> UpdateMap: ...
-        async def process_pending(self) -> None: ...
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -393,10 +407,10 @@ class InstallationHandlers(Component):
             delay, lambda: self.spawn(self.process_pending(), "service-window")
         )
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
+        """Cancel the wake-up at the opening of a service window (CMUpdate is stopping)."""
         if self._window_timer is not None:
             self._window_timer.cancel()
-        await super().stop()
 
     # -- process steps 2 and 3 -----------------------------------------------------------------
 
@@ -474,7 +488,7 @@ class InstallationHandlers(Component):
 
     async def post_install_checks(self, target_build: int) -> None:
         facts = await self.db.read(site_server.post_install_facts, self.config.site_code, RCM_KEY)
-        services: dict[str, str] = facts["services"]  # type: ignore[assignment]
+        services = facts["services"]
         x64 = self.paths.root / "bin" / "x64"
 
         def binary_build(name: str) -> int | None:
@@ -502,7 +516,7 @@ class InstallationHandlers(Component):
                     "SiteComp.log and SMSExec.log.",
                     level="warning",
                 )
-        children: list[str] = facts["children"]  # type: ignore[assignment]
+        children = facts["children"]
         if children:
             self.say(f"INFO: Monitoring the start of replication to {', '.join(children)}.")
         else:
@@ -554,7 +568,7 @@ def _install_verified(source: Path, dest: Path, expected: str) -> None:
     data = source.read_bytes()
     actual = sha256_bytes(data)
     if actual != expected:
-        raise CmlabError(f"{source} has hash {actual}, not {expected}")
+        raise BadInput(f"{source} has hash {actual}, not {expected}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(dest) as out:
         out.write(data)

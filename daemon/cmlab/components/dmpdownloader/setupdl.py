@@ -9,7 +9,6 @@ paths in the log are shown as the final `EasySetupPayload\\<GUID>\\redist` ones.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from cmlab.site.formats.redist_manifest import (
     RedistManifest,
     parse_redist_manifest,
 )
+from cmlab.site.paths import ShowPath
 from cmlab.site.smslog import SmsLog
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class SetupDownloader:
         self,
         log: SmsLog,
         trust: TrustStore,
-        show: Callable[..., str],
+        show: ShowPath,
         *,
         thread: int = 0,
     ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cmlab.core.errors import BadInput, CmlabError
@@ -62,16 +63,29 @@ def _size_of(folder: Path) -> int:
     return total
 
 
-class EasySetupHandlers(Component):
-    """Mixed into HierarchyManager: the CFD notifications of the servicing stages."""
+class EasySetupHandlers:
+    """HMAN's handlers of the CFD notifications of the servicing stages; HierarchyManager holds
+    one. `196612.ESC` arrives in the same inbox and goes on to `on_installed`, the
+    post-installation handler (cmlab.components.hman.postinstall)."""
+
+    def __init__(self, hman: Component, on_installed: Callable[[Path], Awaitable[Outcome]]) -> None:
+        self.ctx = hman.ctx
+        self.config = hman.config
+        self.paths = hman.paths
+        self.db = hman.db
+        self.say = hman.say
+        self.show = hman.show
+        self.in_thread = hman.in_thread
+        self.report_status = hman.report_status
+        self.status_line = hman.status_line
+        self.on_installed = on_installed
 
     async def on_cfd_notification(self, path: Path) -> Outcome:
         upper = path.name.upper()
         if upper == ENABLED_ESC:
             return await self.on_enabled(path)
         if upper == INSTALLED_ESC:
-            # Post-installation (cmlab.components.hman.postinstall, mixed into HierarchyManager).
-            return await self.on_installed(path)  # type: ignore[attr-defined, no-any-return]
+            return await self.on_installed(path)
         if upper.endswith(".CME"):
             return await self.on_cme(path)
         raise BadInput(

@@ -19,6 +19,7 @@ from cmlab.core.errors import BadInput, CmlabError, ManifestError
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import move_durable
 from cmlab.core.hashing import sha256_file
+from cmlab.site.component import Component, SiteContext
 from cmlab.site.formats.cmu import (
     MAX_CMU_BYTES,
     CmuError,
@@ -83,9 +84,21 @@ def gmtdate(now: datetime) -> str:
     )
 
 
-class HierarchyManager(EasySetupHandlers, PostInstallHandlers, SecondarySiteHandlers):
+class HierarchyManager(Component):
     component = "SMS_HIERARCHY_MANAGER"
     log_file = "hman.log"
+
+    def __init__(self, ctx: SiteContext) -> None:
+        super().__init__(ctx)
+        self.post_install = PostInstallHandlers(self)
+        self.easy_setup = EasySetupHandlers(self, on_installed=self.post_install.on_installed)
+        self.secondary_sites = SecondarySiteHandlers(self)
+        # The contract's handlers that are not HMAN's own methods are found on these.
+        self.handler_groups = (self.easy_setup, self.post_install, self.secondary_sites)
+
+    async def start(self) -> None:
+        await super().start()
+        self.secondary_sites.start()
 
     def forward(self, path: Path) -> Path:
         if path.lstat().st_size == 0:

@@ -25,7 +25,7 @@ from pathlib import Path
 from cmlab.core.errors import BadInput, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import copy_file_durable, copy_tree_durable
-from cmlab.site.component import Component, SiteContext
+from cmlab.site.component import Component
 from cmlab.site.formats.notifications import INSTALLED_ESC
 from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import servicing, site_server
@@ -63,11 +63,18 @@ def find_ccmsetup(source: Path) -> Path:
     return found
 
 
-class PostInstallHandlers(Component):
-    """Mixed into HierarchyManager: `196612.ESC`, the client packages after an installation."""
+class PostInstallHandlers:
+    """HMAN's handler of `196612.ESC`, the client packages after an installation;
+    HierarchyManager holds one."""
 
-    def __init__(self, ctx: SiteContext) -> None:
-        super().__init__(ctx)
+    def __init__(self, hman: Component) -> None:
+        self.config = hman.config
+        self.paths = hman.paths
+        self.db = hman.db
+        self.say = hman.say
+        self.show = hman.show
+        self.in_thread = hman.in_thread
+        self.report_status = hman.report_status
         # The state last warned about per notification: a retry while the state has not moved
         # is not written to hman.log again (the engine offers the file every `retry_after`).
         self._postinstall_warned: dict[str, int] = {}

@@ -68,11 +68,22 @@ def _pack(bin_dir: Path, rcv: Path) -> _Packed:
     return _Packed(packed.size, packed.sha256, digest)
 
 
-class SecondarySiteHandlers(Component):
-    """Mixed into HierarchyManager."""
+class SecondarySiteHandlers:
+    """HMAN's handler of `<SiteCode>.RSS`, and its sweep for requests whose notification was
+    lost; HierarchyManager holds one."""
 
-    async def start(self) -> None:
-        await super().start()
+    def __init__(self, hman: Component) -> None:
+        self.config = hman.config
+        self.paths = hman.paths
+        self.db = hman.db
+        self.say = hman.say
+        self.show = hman.show
+        self.in_thread = hman.in_thread
+        self.every = hman.every
+        self.wake = hman.wake
+
+    def start(self) -> None:
+        """Start the sweep (on HMAN's task list, so HMAN's stop ends it)."""
         self.every(self.config.intervals.rescan, self._sweep_requests, "read the recovery requests")
 
     async def _sweep_requests(self) -> None:

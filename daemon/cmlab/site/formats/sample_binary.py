@@ -15,9 +15,9 @@ noise is SHA-256 in counter mode seeded by the name (and, for a binary, the buil
 is byte-identical everywhere and a redist is the same file in every update that ships it.
 
 Interface: `sample_binary(name, build, version, size) -> bytes`,
-`sample_redist(name, description, size) -> bytes` (CmlabError when `size` is smaller than
+`sample_redist(name, description, size) -> bytes` (BadInput when `size` is smaller than
 the header), `read_sample_header(path) -> dict[str, str]` (the `cmlab-<key>: <value>` lines;
-{} for any other file), `sample_build_number(path) -> int` (CmlabError when the file has no
+{} for any other file), `sample_build_number(path) -> int` (BadInput when the file has no
 `cmlab-build:` line).
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import BadInput
 
 __all__ = ["read_sample_header", "sample_binary", "sample_build_number", "sample_redist"]
 
@@ -52,7 +52,7 @@ def sample_binary(name: str, build: int, version: str, size: int) -> bytes:
         f"cmlab sample binary {name} build {build}\n\n"
     ).encode()
     if size < len(header):
-        raise CmlabError(f"sample binary {name}: size {size} is smaller than its header")
+        raise BadInput(f"sample binary {name}: size {size} is smaller than its header")
     return header + _stream(f"cmlab:binary:{name}:{build}", size - len(header))
 
 
@@ -60,7 +60,7 @@ def sample_redist(name: str, description: str, size: int) -> bytes:
     # Seeded by the name alone: a redist is the same file in every update that ships it.
     header = f"cmlab sample redist {name}: {description}\n\n".encode()
     if size < len(header):
-        raise CmlabError(f"sample redist {name}: size {size} is smaller than its header")
+        raise BadInput(f"sample redist {name}: size {size} is smaller than its header")
     return header + _stream(f"cmlab:redist:{name}", size - len(header))
 
 
@@ -82,5 +82,5 @@ def sample_build_number(path: Path) -> int:
     """The build number a sample binary (e.g. cmupdate.exe) was made for."""
     value = read_sample_header(path).get("build", "")
     if not value.isdigit():
-        raise CmlabError(f"{path}: not a cmlab sample binary (no 'cmlab-build:' line)")
+        raise BadInput(f"{path}: not a cmlab sample binary (no 'cmlab-build:' line)")
     return int(value)

@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from cmlab.site.sitedb import functions, triggers
 from cmlab.site.sitedb.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 SITE_TYPES = {"cas": 4, "primary": 2, "secondary": 1}
 
@@ -178,8 +179,9 @@ def split_statements(script: str) -> list[str]:
 
 @dataclass
 class _Job:
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
+    fn: Callable[..., Any]  # checked against args and kwargs where the job is made (tx, read)
+    args: tuple[object, ...]
+    kwargs: dict[str, object]
     write: bool
     future: Future[Any]
 
@@ -254,7 +256,7 @@ class SiteDB:
                 if writes:
                     conn.execute("SAVEPOINT job")
                 try:
-                    value = j.fn(conn, *j.args)
+                    value = j.fn(conn, *j.args, **j.kwargs)
                 except Exception as exc:
                     if writes:
                         conn.execute("ROLLBACK TO job")
@@ -276,24 +278,51 @@ class SiteDB:
             else:
                 j.future.set_exception(value)
 
-    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> Future[T]:
+    def _submit(
+        self,
+        fn: Callable[..., T],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        write: bool,
+    ) -> Future[T]:
         future: Future[T] = Future()
         if self._closed:
             future.set_exception(SiteDBClosed("the site database is closed"))
             return future
-        self._queue.put(_Job(fn, args, write, future))
+        self._queue.put(_Job(fn, args, kwargs, write, future))
         return future
 
-    async def tx(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(conn, *args)` in a committed transaction; returns when it is durable."""
-        return await asyncio.wrap_future(self._submit(fn, args, True))
+    # The three entry points take `fn`'s own parameters after the connection (ParamSpec), so
+    # mypy checks every `db.tx(query, a, b)` against `query(conn, a, b)` and types its result.
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.wrap_future(self._submit(fn, args, False))
+    async def tx(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run `fn(conn, *args, **kwargs)` in a committed transaction; returns when it is
+        durable."""
+        return await asyncio.wrap_future(self._submit(fn, args, kwargs, True))
 
-    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+    async def read(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run the query `fn(conn, *args, **kwargs)`: no transaction of its own (in a batch
+        with writes it runs inside theirs)."""
+        return await asyncio.wrap_future(self._submit(fn, args, kwargs, False))
+
+    def call_sync(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
         """For code already on a worker thread: run a transaction on the DB thread and wait."""
-        return self._submit(fn, args, True).result()
+        return self._submit(fn, args, kwargs, True).result()
 
     def close(self) -> None:
         self._closed = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 CAS, PRIMARY, SECONDARY = 4, 2, 1  # ServerData.SiteType, as in ConfigMgr
 TYPE_NAMES = {CAS: "cas", PRIMARY: "primary", SECONDARY: "secondary"}
@@ -29,12 +30,13 @@ class SiteRow:
 _COLUMNS = "ID, SiteCode, ParentSiteCode, SiteType, SiteServerName, SiteFolder, IsLocal"
 
 
-def _row(r: tuple[object, ...]) -> SiteRow:
+def _row(r: tuple[Any, ...]) -> SiteRow:
+    # A SQLite row's values are typed by what the table holds, not statically: Any.
     return SiteRow(
-        number=int(r[0]),  # type: ignore[call-overload]
+        number=int(r[0]),
         code=str(r[1]).upper(),
         parent=str(r[2]).upper() if r[2] else None,
-        site_type=int(r[3]),  # type: ignore[call-overload]
+        site_type=int(r[3]),
         server=str(r[4] or ""),
         folder=str(r[5] or ""),
         local=bool(r[6]),

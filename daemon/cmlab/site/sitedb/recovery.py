@@ -15,7 +15,7 @@ import enum
 import sqlite3
 from dataclasses import dataclass
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import WorkFailed
 from cmlab.site.formats.replication import job_name
 from cmlab.site.sitedb import hierarchy, scheduler_jobs, site_server
 from cmlab.site.statecodes import PackageState
@@ -120,7 +120,7 @@ def local_version(conn: sqlite3.Connection) -> LocalVersion:
         "SELECT Version, FullVersion, BuildNumber FROM Sites WHERE SiteCode = ?", (local.code,)
     ).fetchone()
     if row is None:
-        raise CmlabError(f"the site database has no Sites row for this site {local.code}")
+        raise WorkFailed(f"the site database has no Sites row for this site {local.code}")
     guids = tuple(
         str(r[0]).upper()
         for r in conn.execute(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 from cmlab.site.sitedb import hierarchy
 from cmlab.site.sitedb.procs import local_site_number
@@ -254,17 +255,18 @@ def easy_setup_package_by_id(conn: sqlite3.Connection, package_id: str) -> EasyS
     return None if row is None else _esp(row)
 
 
-def _esp(row: tuple[object, ...]) -> EasySetupPackage:
+def _esp(row: tuple[Any, ...]) -> EasySetupPackage:
+    # A SQLite row's values are typed by what the table holds, not statically: Any.
     return EasySetupPackage(
         package_id=str(row[0]),
-        package_version=int(row[1] or 0),  # type: ignore[call-overload]
+        package_version=int(row[1] or 0),
         package_hash=str(row[2] or ""),
         package_guid=str(row[3] or ""),
         stored_pkg_hash=str(row[4] or ""),
         source=str(row[5] or ""),
         source_site=str(row[6] or ""),
-        stored_pkg_version=int(row[7] or 0),  # type: ignore[call-overload]
-        source_version=int(row[8] or 0),  # type: ignore[call-overload]
+        stored_pkg_version=int(row[7] or 0),
+        source_version=int(row[8] or 0),
     )
 
 

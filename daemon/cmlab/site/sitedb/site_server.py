@@ -22,11 +22,12 @@ import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 __all__ = [
     "SETTINGS_COLUMNS",
     "InstalledVersion",
+    "PostInstallFacts",
     "applied_scripts",
     "client_upgrade_ids",
     "completed_steps",
@@ -387,11 +388,20 @@ def set_installed_version(
         )
 
 
-def post_install_facts(conn: sqlite3.Connection, site_code: str, rcm_key: str) -> dict[str, object]:
+class PostInstallFacts(TypedDict):
+    services: dict[str, str]  # ServiceName -> "State:Build"
+    rcm_build: str | None
+    hman_triggers: int
+    children: list[str]
+
+
+def post_install_facts(conn: sqlite3.Connection, site_code: str, rcm_key: str) -> PostInstallFacts:
     """What CMUpdate's post-installation check reads: each service's `State:Build`, the
     replication monitor's `Build Number` (under `rcm_key`), how many of SMSDBMon's HMAN
     triggers exist, and this site's child sites."""
-    services = dict(conn.execute("SELECT ServiceName, State || ':' || Build FROM SiteServices"))
+    services: dict[str, str] = dict(
+        conn.execute("SELECT ServiceName, State || ':' || Build FROM SiteServices")
+    )
     rcm = conn.execute(
         "SELECT Value FROM SiteRegistry WHERE KeyPath = ? AND Name = 'Build Number'", (rcm_key,)
     ).fetchone()

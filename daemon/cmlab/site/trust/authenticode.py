@@ -377,7 +377,8 @@ def build_signature(digest: bytes, signer: Signer, signing_time: dt.datetime) ->
             "signer_infos": [signer_info],
         }
     )
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+    der: bytes = cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+    return der
 
 
 def sign_cab(
@@ -584,8 +585,10 @@ def _load_certificate(der: bytes) -> x509.Certificate | None:
 def _matches_sid(cert: asn1_x509.Certificate, sid: cms.SignerIdentifier) -> bool:
     if sid.name == "issuer_and_serial_number":
         ias = sid.chosen
-        return cert.serial_number == ias["serial_number"].native and cert.issuer == ias["issuer"]
-    return cert.key_identifier is not None and cert.key_identifier == sid.chosen.native
+        return bool(
+            cert.serial_number == ias["serial_number"].native and cert.issuer == ias["issuer"]
+        )
+    return bool(cert.key_identifier is not None and cert.key_identifier == sid.chosen.native)
 
 
 # --- Verification

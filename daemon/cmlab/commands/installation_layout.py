@@ -2,10 +2,11 @@
 redists), the Admin console, the site control file, and the rows of a working site server
 (docs/installation.md, "The emulated site").
 
-Why it is in the top layer: the files are made by the lab's sample builder
-(`cmlab.commands.payload`: sample binaries, the sample package's redists), which nothing
-below `commands/` may import. The runtime side (cmlab.site.installation: the paths of the
-installation, the install steps, `installed_build`) reads and changes what is laid out here.
+Why it is in the top layer: the sample package's redists are built by the lab's sample
+builder (`cmlab.commands.payload`), which nothing below `commands/` may import; the sample
+binaries' format is `cmlab.site.formats.sample_binary`. The runtime side
+(cmlab.site.installation: the paths of the installation, the install steps,
+`installed_build`) reads and changes what is laid out here.
 
 What it promises: every file is written atomically, no link in the site's folders is
 followed, and running it again rewrites the same installation.

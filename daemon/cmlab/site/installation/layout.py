@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmlab.core.errors import CmlabError
+from cmlab.core.errors import WorkFailed
 from cmlab.site.formats.sample_binary import sample_build_number
 
 __all__ = [
@@ -48,4 +48,4 @@ def installed_build(site_root: Path) -> int:
     try:
         return sample_build_number(path)
     except OSError as exc:
-        raise CmlabError(f"cannot read the installed build from {path}: {exc}") from exc
+        raise WorkFailed(f"cannot read the installed build from {path}: {exc}") from exc

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test typecheck lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/pytest
 
+# mypy over daemon/cmlab with the settings in pyproject.toml. Not yet part of `test`: the
+# package has 23 errors today, fixed in their own change; then `test` runs it too.
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -34,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .import_linter_cache
+	rm -rf $(VENV) build dist .pytest_cache .import_linter_cache .mypy_cache

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck lint format bench clean
+.PHONY: demo test test-lowest typecheck lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest
+
+# The unit tests with every direct dependency at its floor in .venv-lowest (.ci/lowest.sh).
+test-lowest:
+	PYTHON=$(PYTHON) bash .ci/lowest.sh
 
 # mypy over daemon/cmlab with the settings in pyproject.toml. Not yet part of `test`: the
 # package has 23 errors today, fixed in their own change; then `test` runs it too.
@@ -39,4 +43,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .import_linter_cache .mypy_cache
+	rm -rf $(VENV) build dist .pytest_cache .import_linter_cache .mypy_cache .venv-lowest

@@ -35,12 +35,6 @@ echo "lowest.sh: direct dependencies at their floors:" $(cat "$VENV/floors.txt")
 "$VENV/bin/lint-imports" --no-cache
 # The unit tests by default; arguments choose others.
 if [ $# -eq 0 ]; then
-  set -- tests/test_atomic.py tests/test_cabfiles.py tests/test_checks_bite.py tests/test_cli.py \
-    tests/test_contentlib.py tests/test_filerepl.py tests/test_hashing.py tests/test_hierarchy_db.py \
-    tests/test_inbox.py tests/test_parsers.py tests/test_payload.py tests/test_prereq_rules.py \
-    tests/test_rcm.py tests/test_redistmedia.py tests/test_servicewindow.py \
-    tests/test_servicing_procs.py tests/test_sitedb.py tests/test_siteinstall.py tests/test_smslog.py \
-    tests/test_trust_cablayout.py tests/test_trust_fuzz.py tests/test_trust_labca.py \
-    tests/test_trust_osslsigncode.py tests/test_trust_verify.py tests/test_updatemap.py
+  set -- tests/unit
 fi
 "$VENV/bin/pytest" -p no:cacheprovider "$@"

@@ -13,7 +13,7 @@
 
 MB is 10**6 bytes everywhere. Test cabinets come from the streaming writer below, not from
 `create_cab`: cabarchive builds the whole cabinet in memory (about 3x the input), too much for
-1 GB. Run standalone with `PYTHONPATH=daemon python bench/bench_cab.py [--quick]`.
+1 GB. Run standalone with `PYTHONPATH=daemon python -m bench.bench_cab [--quick]`.
 """
 
 from __future__ import annotations
@@ -40,11 +40,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import cmlab
-from _common import result, spread
+from bench._common import result, spread
 from cmlab.core.hashing import sha256_file
 from cmlab.site import cab as cabfiles
 from cmlab.site.cab import extract_cab

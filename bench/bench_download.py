@@ -26,7 +26,7 @@ content source is read from memory each time; dropping caches needs root). The d
 fresh process in every repetition, so its download also pays the lazy imports a first
 download pays (cmlab.site.trust: about 0.1 s). The rows' details also give the daemon's own
 phases, read from the timestamps (ms) of dmpdownloader.log.
-Run standalone with `PYTHONPATH=daemon python bench/bench_download.py [--quick]`.
+Run standalone with `PYTHONPATH=daemon python -m bench.bench_download [--quick]`.
 """
 
 from __future__ import annotations
@@ -51,11 +51,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import cmlab
-from _common import Target, result, spread
+from bench._common import Target, result, spread
 from cmlab.site.sitedb import connect, procs, transaction
 from cmlab.site.smslog import LINE_RE
 from cmlab.site.statecodes import PackageState
@@ -451,7 +448,7 @@ def _tree_bytes(root: Path) -> int:
 
 
 def _tools() -> dict[str, str]:
-    from bench_cab import _cabextract  # installs cabextract with apt-get when missing
+    from bench.bench_cab import _cabextract  # installs cabextract with apt-get when missing
 
     found = {"cp": shutil.which("cp"), "sha256sum": shutil.which("sha256sum")}
     found["cabextract"] = _cabextract()

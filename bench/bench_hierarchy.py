@@ -63,7 +63,7 @@ by the usable cores), `hierarchy.startup.N` (baseline: one daemon) and `hierarch
 
 Full run: 3 repetitions of N = 0, 1 and 5, 2 of N = 20 (about 2 minutes on 2 cores);
 `--quick`: N = 0, 1, 5 once. A few hundred MB in `$TMPDIR`. Run standalone with
-`PYTHONPATH=daemon python bench/bench_hierarchy.py [--quick]`.
+`PYTHONPATH=daemon python -m bench.bench_hierarchy [--quick]`.
 """
 
 from __future__ import annotations
@@ -88,12 +88,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import result, slope_per_unit, spread
-from bench_download import GUID, MB, _child_env
-from bench_lifecycle import FAILED, RESCAN, SETTLE, _init, inbox_files
+from bench._common import result, slope_per_unit, spread
+from bench.bench_download import GUID, MB, _child_env
+from bench.bench_lifecycle import FAILED, RESCAN, SETTLE, _init, inbox_files
 from cmlab.site.statecodes import PackageState as S
 
 CAS = "CAS"

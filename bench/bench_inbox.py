@@ -31,7 +31,7 @@ from typing import Any
 from watchdog.events import FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
-from _common import Target, percentile, result, slope_per_unit
+from bench._common import Target, percentile, result, slope_per_unit
 from cmlab.site.config import Facts, Intervals
 from cmlab.site.contract import load_contract
 from cmlab.site.inbox import InboxEngine, InboxSpec, Outcome

@@ -62,7 +62,7 @@ Baselines, in the same run:
 Daemon runs and baselines alternate in order from one repetition to the next. Full run: 5
 repetitions of the sample, 3 of the 200 MB payload (about 85 s on 2 cores, 20-30 s of it
 building the 200 MB content source); `--quick`: 1 of the sample only (about 4 s). About 3 GB
-in `$TMPDIR`. Run standalone with `PYTHONPATH=daemon python bench/bench_lifecycle.py [--quick]`.
+in `$TMPDIR`. Run standalone with `PYTHONPATH=daemon python -m bench.bench_lifecycle [--quick]`.
 """
 
 from __future__ import annotations
@@ -86,11 +86,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import result, spread
-from bench_download import (
+from bench._common import result, spread
+from bench.bench_download import (
     GUID,
     MB,
     POLL,

@@ -37,7 +37,7 @@ baseline is the slope of those baselines (the file work's, since the floor is on
 Before the timed runs, one sync of N=1 and one floor, untimed, warm the page cache. Full run:
 5 repetitions (about 25 s on 2 cores, under 2 s of it building the three content sources);
 `--quick`: 1 repetition (about 7 s). A few MB in `$TMPDIR`. Run standalone with
-`PYTHONPATH=daemon python bench/bench_scale.py [--quick]`.
+`PYTHONPATH=daemon python -m bench.bench_scale [--quick]`.
 """
 
 from __future__ import annotations
@@ -60,13 +60,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import result, slope_per_unit, spread
-from bench_download import POLL, SITE_CODE, STEP_TIMEOUT, Daemon, Lab, _child_env, _reader
-from bench_lifecycle import FLOOR_RUNS, RESCAN, SETTLE, _init, _log_errors, cli_floor, extractor
-from bench_lifecycle import _reset as reset_site
+from bench._common import result, slope_per_unit, spread
+from bench.bench_download import POLL, SITE_CODE, STEP_TIMEOUT, Daemon, Lab, _child_env, _reader
+from bench.bench_lifecycle import (
+    FLOOR_RUNS,
+    RESCAN,
+    SETTLE,
+    _init,
+    _log_errors,
+    cli_floor,
+    extractor,
+)
+from bench.bench_lifecycle import _reset as reset_site
 from cmlab.site.smslog import LINE_RE
 from cmlab.site.statecodes import PackageState as S
 

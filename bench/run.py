@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark module in bench/ and write one JSON report.
 
-    python bench/run.py [--quick] [--only NAME] [--out FILE]
+    python -m bench.run [--quick] [--only NAME] [--out FILE]     (from the repository root)
 
 Each `bench/bench_*.py` exposes `run(quick: bool) -> list[dict]` (rows built with
 `_common.result`). The report (bench/results/latest.json unless --out) holds the machine,
@@ -27,6 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file: the bench modules import each other as `bench.<name>`
+    sys.exit("bench/run.py is part of the package bench: run `python -m bench.run` (make bench)")
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 DEFAULT_OUT = BENCH / "results" / "latest.json"
@@ -41,13 +44,6 @@ PACKAGES = (
     "cabarchive",
     "defusedxml",
 )
-
-sys.path.insert(0, str(BENCH))
-try:
-    import cmlab  # noqa: F401
-except ModuleNotFoundError:
-    # A plain checkout without `pip install -e .`: use the package from the source tree.
-    sys.path.insert(0, str(REPO / "daemon"))
 
 
 def discover() -> list[str]:
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         print(f"running {name}{' (quick)' if args.quick else ''} ...", file=sys.stderr, flush=True)
         try:
-            module = importlib.import_module(name)
+            module = importlib.import_module(f"bench.{name}")
             rows = module.run(quick=args.quick)
         except Exception:
             doc["errors"].append({"module": name, "traceback": traceback.format_exc()})

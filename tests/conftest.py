@@ -1,15 +1,22 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-# Test helpers (waiting.py, site fixtures) import as top-level modules.
-sys.path.insert(0, str(Path(__file__).parent))
-
 
 import pytest
 
-from sites import copy_site, download_once, make_template
+from tests.helpers.sites import copy_site, download_once, make_template
+
+# Each folder under tests/ is a kind of test and a marker of the same name (pyproject.toml),
+# so `pytest -m unit` and `pytest tests/unit` select the same tests.
+KINDS = ("unit", "e2e", "crash", "faults")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = item.path.relative_to(TESTS).parts[0]
+        if kind in KINDS:
+            item.add_marker(kind)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cmlab.commands.cli import collect_status, print_status
 from cmlab.commands.init import InitOptions, init_site
+from cmlab.commands.status import collect_status, print_status
 from cmlab.daemon import SiteDaemon
 from cmlab.site.config import load_config
 from cmlab.site.contract import waiting_drop_files

@@ -112,3 +112,12 @@ class IsComplete(enum.IntEnum):
 
 
 NULL_PACKAGE_GUID = "00000000-0000-0000-0000-000000000000"
+
+
+class SiteType(enum.IntEnum):
+    """ServerData.SiteType, as in ConfigMgr: what the site database, the CMUpdates message
+    and the hierarchy's roll-ups call a site's kind."""
+
+    SECONDARY = 1
+    PRIMARY = 2
+    CAS = 4

@@ -30,7 +30,7 @@ from cmlab.core.errors import BadInput
 from cmlab.core.fs import read_regular_file
 from cmlab.core.strictjson import strict_loads
 from cmlab.site.formats.manifest import GUID_RE, VERSION_RE
-from cmlab.site.sitedb.hierarchy import CAS, PRIMARY, SECONDARY
+from cmlab.site.statecodes import SiteType
 
 __all__ = [
     "DOWN",
@@ -58,7 +58,7 @@ MAX_TEXT = 65536  # any one string in a message (a prerequisite rule's message i
 INT64 = (-(2**63), 2**63 - 1)
 SITE_CODE_RE = re.compile(r"^[A-Za-z0-9]{3}$")
 COLUMN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
-SITE_TYPES = (CAS, PRIMARY, SECONDARY)
+SITE_TYPES = (SiteType.CAS, SiteType.PRIMARY, SiteType.SECONDARY)
 # The two directions of a link: up to the parent, down to a child (which alone gets the
 # global rows, "packages" and "easysetup").
 UP, DOWN = "up", "down"

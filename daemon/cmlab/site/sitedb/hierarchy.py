@@ -8,8 +8,10 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-CAS, PRIMARY, SECONDARY = 4, 2, 1  # ServerData.SiteType, as in ConfigMgr
-TYPE_NAMES = {CAS: "cas", PRIMARY: "primary", SECONDARY: "secondary"}
+from cmlab.site.statecodes import SiteType
+
+CAS, PRIMARY, SECONDARY = SiteType.CAS, SiteType.PRIMARY, SiteType.SECONDARY
+TYPE_NAMES: dict[int, str] = {CAS: "cas", PRIMARY: "primary", SECONDARY: "secondary"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The crash tests: see tests/__init__.py."""

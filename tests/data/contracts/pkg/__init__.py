@@ -1,0 +1,1 @@
+"""The fixture package for the import contracts test: see ../README.md."""

@@ -1,0 +1,1 @@
+"""The bottom layer of the fixture: it must import nothing above it."""

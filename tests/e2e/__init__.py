@@ -1,0 +1,1 @@
+"""The e2e tests: see tests/__init__.py."""

@@ -1,0 +1,299 @@
+"""The Download stage end to end on the real daemon: `cmlab download` (or auto-download) to
+DOWNLOAD_SUCCESS, with the guide's lines, state messages, .MCM bodies and CMU handling."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cmlab.core.hashing import folder_hash
+from cmlab.site.statecodes import PackageState as S
+from tests.helpers.sites import (
+    GUID_2509,
+    Daemon,
+    assert_in_order,
+    cmlab,
+    copy_site,
+    inbox_files,
+    log,
+    payload_hash,
+    query,
+    set_toml,
+    states,
+    synced,
+    temporaries,
+)
+from tests.helpers.waiting import wait_until
+
+GUID = GUID_2509.lower()
+ROOT = r"E:\ConfigMgr"
+HIGH = r"E:\\ConfigMgr\\inboxes\\auth\\statesys\.box\\incoming\\high\\___CMU[a-z0-9]{8}\.SMX~~"
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"
+MCM = rf"{ROOT}\inboxes\hman.box\ForwardingMsg\___CMU{GUID}.MCM"
+CMU = rf"{ROOT}\inboxes\hman.box\CFD\{GUID}.CMU"
+PAYLOAD = rf"{ROOT}\EasySetupPayload\{GUID}.cab"
+
+
+@pytest.fixture
+def site(template: Path, tmp_path: Path) -> Path:
+    s = copy_site(template, tmp_path / "CAS")
+    set_toml(s, "site", "display_root", "'E:\\ConfigMgr'")
+    return s
+
+
+def state_of(site: Path, guid: str = GUID_2509) -> int | None:
+    return states(site).get(guid)
+
+
+def settled(site: Path, state: int) -> bool:
+    return state_of(site, GUID_2509) == state and not inbox_files(site)
+
+
+def sync(site: Path) -> None:
+    cmlab("sync", str(site))
+    wait_until(lambda: synced(site), timeout=60, what="synchronization")
+
+
+def smx(n: int) -> list[str | re.Pattern[str]]:
+    return [
+        f"Generating state message: {n} for package {GUID}~~",
+        re.compile(r"Write the state message in " + HIGH),
+        f"Successfully Dropped the state message {n}~~",
+    ]
+
+
+def cmu_block(state: int) -> list[str | re.Pattern[str]]:
+    return [
+        "Write the package meta data to connector's outbox~~",
+        f"The CMU file name is {MCM}~~",
+        re.compile(
+            re.escape(f'outerxml is <ConfigurationManagerUpdateContent Guid="{GUID}" ')
+            + re.escape(f'State="{state}" ReportTime="')
+            + STAMP
+            + re.escape('" />~~')
+        ),
+        f"Successfully write the update meta into outbox for package {GUID}~~",
+    ]
+
+
+def test_download_end_to_end(site: Path) -> None:
+    with Daemon(site) as daemon:
+        daemon.start()
+        sync(site)
+        assert state_of(site) == S.APPLICABILITY_SUCCESS  # auto-download is off in this site
+        out = cmlab("download", str(site), GUID_2509)
+        assert "added to CM_UpdatePackagesToDownload" in out.stdout
+        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="download")
+        assert daemon.stop() == 0
+
+    # State messages: the sync's 0-4 (no package), then the download's, in the guide's order.
+    rows = query(site, "SELECT TopicID, StateID FROM StateMessages ORDER BY ID")
+    assert [s for t, s in rows if t.lower() == GUID] == [6, 8, 9, 10, 25, 11, 12, 13]
+    assert query(site, "SELECT COUNT(*) FROM CM_UpdatePackagesToDownload") == [(0,)]
+
+    assert_in_order(
+        log(site, "SMSDBMon.log"),
+        [
+            "RCV: INSERT on CM_UpdatePackagesToDownload for "
+            f"CM_UpdatePackagesToDownload_INS_DMP [{GUID_2509}  ]",
+            rf"SND: Dropped {ROOT}\inboxes\dmpdownloader.box\{GUID_2509}.DMP",
+        ],
+    )
+    dmp = log(site, "dmpdownloader.log")
+    assert_in_order(
+        dmp,
+        [
+            "Get new Easy Setup Package IDs~~",
+            "Found a new available update~~",
+            *smx(6),
+            "EasySetupMaintenance - Redownload packages if needed~~",
+            f"EasySetupMaintenance - Redownload package: {GUID}~~",
+            f"EasySetupDownloadSinglePackage downloading {GUID}. ~~",
+            *smx(8),
+            "Checking IsPayloadLocal with HashAlgorithm = SHA256 ...~~",
+            f"expected hash = {payload_hash(site)}~~",
+            "actual hash = ~~",
+            "PayloadExist = -1~~",
+            f"Content for {GUID} does not exist locally. Download it from internet~~",
+            *cmu_block(262145),
+            f"The payload to be processed is at {PAYLOAD}~~",
+            *smx(9),
+            f"Download content for payload {GUID}~~",
+            "Download large file with BITs~~",
+            rf"Redirected to URL {ROOT}\cloud\{GUID_2509}.cab~~",
+            *smx(10),
+            *cmu_block(262145),
+            "Verify the payload signature, hash value and extract the payload~~",
+            f"File '{PAYLOAD}' is signed and trusted.",
+            f"File '{PAYLOAD}' is signed with MS root cert.",
+            re.compile(r"File \S+ is being extracted~~"),
+            f"File {PAYLOAD} has been extracted with 0~~",
+            *smx(25),
+            f"Check if there is redist to download for update, {GUID}~~",
+            f"Download redist for update {GUID}~~",
+            f"Successfully download redist for {GUID}.~~",
+            *smx(11),
+            *cmu_block(262146),
+            *smx(12),
+            *smx(13),
+            f"EasySetupDownloadSinglePackage finishes downloading {GUID}. ~~",
+        ],
+    )
+    assert not [line for line in dmp if line.startswith("ERROR")]
+    for name in ("splash.hta", r"SMSSetup\bin\x64\cmupdate.exe", r"CMUClient\client.msi"):
+        assert f"File {name} is being extracted~~" in dmp
+
+    redist = rf"{ROOT}\EasySetupPayload\{GUID}\redist"
+    cloud = rf"{ROOT}\cloud\{GUID_2509}\redist"
+    assert_in_order(
+        log(site, "ConfigMgrSetup.log"),
+        [
+            "INFO: Attempting to load resource DLL...",
+            "INFO: Setup downloader setupdl.exe: STARTED",
+            f"INFO: Downloading files to {redist}",
+            "INFO: Downloading component manifest...",
+            rf"INFO: Downloading {cloud}\ConfigMgr.LN.Manifest.cab as ConfigMgr.LN.Manifest.cab",
+            rf"INFO: Downloading {cloud}\ConfigMgr.Manifest.cab as ConfigMgr.Manifest.cab",
+            re.compile(r"INFO: Extracted file .*ConfigMgr\.LN\.Manifest\.xml"),
+            "INFO: Downloading https://go.microsoft.com/fwlink/?LinkID=2171070 as "
+            "NDP462-KB3151800-x86-x64-AllOS-ENU.exe",
+            rf"INFO: Verify directory {redist}\LanguagePack\MobileDevice\SMSSETUP\BIN\X64" + "\\",
+            "INFO: Setup downloader setupdl.exe: FINISHED",
+        ],
+    )
+
+    # HMAN's CMUHandler, verbose: the guide's lines for each notification, 262146 last.
+    hman = log(site, "hman.log")
+    for state in (262145, 262146):
+        assert_in_order(
+            hman,
+            [
+                f"Validate CMU file {CMU} with no intune subscription.",
+                f"INFO: File without BOM : ({CMU})",
+                f"There is no additional error details {CMU} from file",
+                f"Updated CMUpdatePackage state to {state} (PackageGuid={GUID})",
+                f"deleted file {CMU}",
+            ],
+        )
+    updates = [line for line in hman if line.startswith("Updated CMUpdatePackage state")]
+    assert updates[-1].startswith("Updated CMUpdatePackage state to 262146")
+
+    # The content: payload extracted, redists beside it, all as the manifest says.
+    folder = site / "EasySetupPayload" / GUID
+    assert folder_hash(folder) == payload_hash(site)
+    assert folder_hash(folder / "redist") == folder_hash(site / "cloud" / GUID_2509 / "redist")
+    assert (folder / "SMSSetup" / "bin" / "x64" / "cmupdate.exe").is_file()
+    assert (site / "EasySetupPayload" / f"{GUID}.cab").is_file()
+    assert not (site / "EasySetupPayload" / f"{GUID}.cab.partial").exists()
+    assert not temporaries(site)
+    assert not list(site.rglob("BAD"))
+    site_status = query(site, "SELECT State FROM CM_UpdatePackageSiteStatus")
+    assert site_status == [(S.DOWNLOAD_SUCCESS,)]
+
+    status = cmlab("status", str(site)).stdout
+    assert re.search(rf"{GUID_2509}\s+DOWNLOAD_SUCCESS \(262146\)", status)
+
+
+def test_auto_download_takes_the_newest_applicable_update_after_sync(site: Path) -> None:
+    set_toml(site, "scp", "auto_download", "true")
+    with Daemon(site) as daemon:
+        daemon.start()
+        cmlab("sync", str(site))
+        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="auto-download")
+        assert daemon.stop() == 0
+    assert f"Automatic download is enabled. Added package {GUID_2509} to download queue." in log(
+        site, "hman.log"
+    )
+    # The filtered hotfixes were not downloaded.
+    assert sorted(p.name for p in (site / "EasySetupPayload").iterdir()) == [GUID, f"{GUID}.cab"]
+
+
+def set_state(site: Path, state: int) -> None:
+    conn = sqlite3.connect(site / "db" / "site.db")
+    try:
+        with conn:
+            conn.execute(
+                "UPDATE CM_UpdatePackages SET State = ? WHERE PackageGuid = ?", (state, GUID)
+            )
+    finally:
+        conn.close()
+
+
+def test_a_payload_already_local_is_not_downloaded_again_and_a_damaged_one_is(
+    site: Path,
+) -> None:
+    folder = site / "EasySetupPayload" / GUID
+    with Daemon(site) as daemon:
+        daemon.start()
+        sync(site)
+        cmlab("download", str(site), GUID_2509)
+        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="download")
+        expected = payload_hash(site)
+        cab_stat = os.stat(site / "EasySetupPayload" / f"{GUID}.cab")
+        before = len(log(site, "dmpdownloader.log"))
+
+        # Asked again (a failed later stage, an administrator): the content is local.
+        set_state(site, S.APPLICABILITY_SUCCESS)
+        cmlab("download", str(site), GUID_2509)
+        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="2nd download")
+        second = log(site, "dmpdownloader.log")[before:]
+        assert_in_order(
+            second,
+            [
+                "Checking IsPayloadLocal with HashAlgorithm = SHA256 ...~~",
+                f"expected hash = {expected}~~",
+                f"actual hash = {expected}~~",
+                "PayloadExist = 1~~",
+                f"Content for {GUID} exists locally. Skip downloading~~",
+                *cmu_block(262146),
+                f"EasySetupDownloadSinglePackage finishes downloading {GUID}. ~~",
+            ],
+        )
+        assert "Download large file with BITs~~" not in second
+        assert os.stat(site / "EasySetupPayload" / f"{GUID}.cab").st_ino == cab_stat.st_ino
+
+        # A file damaged after download: the hash differs, so the folder is rebuilt from the
+        # CAB already on disk (its hash is right, so it is not fetched again).
+        damaged = folder / "SMSSetup" / "bin" / "x64" / "cmupdate.exe"
+        damaged.write_bytes(b"tampered")
+        before = len(log(site, "dmpdownloader.log"))
+        set_state(site, S.APPLICABILITY_SUCCESS)
+        cmlab("download", str(site), GUID_2509)
+        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="3rd download")
+        third = log(site, "dmpdownloader.log")[before:]
+        assert "PayloadExist = 0~~" in third
+        assert f"Payload {PAYLOAD} is already downloaded with the expected hash~~" in third
+        assert "Download large file with BITs~~" not in third
+        assert daemon.stop() == 0
+    assert folder_hash(folder) == expected
+
+
+def test_download_through_a_remote_scp_goes_via_the_mp_outbox(site: Path) -> None:
+    set_toml(site, "scp", "remote", "true")
+    with Daemon(site) as daemon:
+        daemon.start()
+        sync(site)
+        cmlab("download", str(site), GUID_2509)
+        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="download")
+        assert daemon.stop() == 0
+    assert rf"The CMU file name is {ROOT}\MP\OUTBOXES\MCM.box\___CMU{GUID}.MCM~~" in log(
+        site, "dmpdownloader.log"
+    )
+
+
+def test_download_refuses_what_cannot_be_downloaded(site: Path) -> None:
+    with Daemon(site) as daemon:
+        daemon.start()
+        sync(site)
+        assert daemon.stop() == 0
+    unknown = cmlab("download", str(site), "00000000-0000-0000-0000-000000000001", check=False)
+    assert unknown.returncode == 1
+    assert "no update package" in unknown.stderr
+    hidden = cmlab("download", str(site), "6B0783D9-B8A2-4848-82F6-8EFE956F4988", check=False)
+    assert hidden.returncode == 1
+    assert "APPLICABILITY_HIDE (393213)" in hidden.stderr
+    assert query(site, "SELECT COUNT(*) FROM CM_UpdatePackagesToDownload") == [(0,)]

@@ -1,0 +1,442 @@
+"""`cmlab reset`: the Update Reset Tool (CMUpdateReset.exe) on a real synced site."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cmlab.commands.reset import Outcome, reset_package
+from cmlab.site.sitedb import connect, procs, transaction
+from cmlab.site.smslog import read_messages
+from cmlab.site.statecodes import IsComplete, SubStage
+from cmlab.site.statecodes import PackageState as S
+from tests.helpers.sites import (
+    GUID_2409_HFRU,
+    GUID_2503_HFRU,
+    GUID_2509,
+    Daemon,
+    cmlab,
+    copy_site,
+    inbox_files,
+    query,
+    set_toml,
+    states,
+    sync_once,
+)
+from tests.helpers.waiting import wait_until
+
+GUID = GUID_2509  # the package reset in these tests
+OTHER = GUID_2503_HFRU  # a package that must be left alone
+GUID_TABLES = (
+    "CM_UpdatePackages",
+    "CM_UpdatePackagesToDownload",
+    "CM_UpdatePackageSiteStatus",
+    "CM_UpdatePackage_MonitoringStatus",
+    "CM_UpdatePackagePrereqStatus",
+    "EasySetupSettings",
+)
+INSTALLING = "After an update package starts installing, don't use CMUpdateReset.exe."
+
+
+@pytest.fixture(scope="module")
+def synced(tmp_path_factory: pytest.TempPathFactory, template: Path) -> Path:
+    """A site synchronized once by the real daemon (auto-download off, so it stays there)."""
+    site = copy_site(template, tmp_path_factory.mktemp("synced") / "CAS")
+    set_toml(site, "scp", "auto_download", "false")
+    return sync_once(site)
+
+
+@pytest.fixture
+def site(synced: Path, tmp_path: Path) -> Path:
+    return copy_site(synced, tmp_path / "CAS")
+
+
+@pytest.fixture
+def db(site: Path) -> Iterator[sqlite3.Connection]:
+    conn = connect(site / "db" / "site.db", "CAS")
+    yield conn
+    conn.close()
+
+
+def seed(conn: sqlite3.Connection, guid: str, state: int, package_id: str) -> None:
+    """The rows the later stages leave for a package, as their procedures write them."""
+    with transaction(conn):
+        procs.spCMUSetUpdatePackageState(conn, guid, S.DOWNLOAD_IN_PROGRESS)
+        conn.execute("INSERT INTO CM_UpdatePackagesToDownload (PackageGuid) VALUES (?)", (guid,))
+        procs.spCMUSetUpdatePackageState(conn, guid, state)
+        procs.spCMUReportUpdateStatus(
+            conn, guid, SubStage.EASY_SETUP_PACKAGE_UPDATED, IsComplete.SUCCESS, 100
+        )
+        conn.execute(
+            "INSERT INTO CM_UpdatePackagePrereqStatus (PackageGuid, SiteNumber, ServerName, "
+            "RuleName, Status) VALUES (?, 1, 'cas.cmlab.local', 'Pending system restart', 0)",
+            (guid.lower(),),
+        )
+        # GUID columns are COLLATE NOCASE: HMAN's rows may spell the GUID in lower case.
+        conn.execute(
+            "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageVersion, PackageHash) "
+            "VALUES (?, ?, 1, 'AB12')",
+            (package_id, guid.lower()),
+        )
+        conn.execute(
+            "INSERT INTO SMSPackages (PkgID, Name, Source) VALUES (?, 'Configuration Manager "
+            "Updates', ?)",
+            (package_id.lower(), f"\\\\cas.cmlab.local\\EasySetupPayload\\{guid}"),
+        )
+
+
+def make_content(site: Path, guid: str) -> list[Path]:
+    """Downloaded content (GUID in lower case, as DMPDownloader writes it), the staging folder
+    (upper case) and pending drop files, in every place the reset cleans."""
+    low, up = guid.lower(), guid.upper()
+    files = [
+        site / "EasySetupPayload" / f"{low}.cab",
+        site / "EasySetupPayload" / f"{low}.cab.partial",
+        site / "EasySetupPayload" / low / "SMSSETUP" / "BIN" / "X64" / "setup.exe",
+        site / "EasySetupPayload" / low / "redist" / "ConfigMgr.Manifest.cab",
+        site / "CMUStaging" / up / "SMSSETUP" / "update.map",
+        site / "inboxes" / "dmpdownloader.box" / f"{up}.DMP",
+        site / "inboxes" / "hman.box" / "ForwardingMsg" / f"___CMU{low}.MCM",
+        site / "inboxes" / "hman.box" / "CFD" / f"{low}.CMU",
+        site / "inboxes" / "hman.box" / "CFD" / f"{up}.CME",
+    ]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x" * 10)
+    return files
+
+
+def count(site: Path, sql: str, *params: object) -> int:
+    return int(query(site, sql, params)[0][0])
+
+
+def rows_of(site: Path, guid: str) -> dict[str, int]:
+    counts = {
+        t: count(site, f"SELECT COUNT(*) FROM {t} WHERE PackageGuid = ? COLLATE NOCASE", guid)
+        for t in GUID_TABLES
+    }
+    counts["SMSPackages"] = count(
+        site,
+        "SELECT COUNT(*) FROM SMSPackages WHERE PkgID IN (SELECT PackageID FROM "
+        "EasySetupSettings WHERE PackageGuid = ? COLLATE NOCASE)",
+        guid,
+    )
+    counts["TableChangeNotifications"] = count(
+        site,
+        "SELECT COUNT(*) FROM TableChangeNotifications WHERE upper(FileName) LIKE ?",
+        guid.upper() + ".%",
+    )
+    return counts
+
+
+def snapshot(site: Path) -> tuple[dict[str, list[tuple[object, ...]]], set[str]]:
+    """Every row of the package tables and every path of the site tree except Logs and db."""
+    tables = {
+        t: sorted(map(tuple, query(site, f"SELECT * FROM {t}")), key=repr)
+        for t in (*GUID_TABLES, "SMSPackages", "TableChangeNotifications", "StateMessages")
+    }
+    paths = set()
+    for root, dirs, files in os.walk(site):
+        rel = Path(root).relative_to(site)
+        if rel.parts[:1] in (("Logs",), ("db",)):
+            continue
+        paths.update(str(rel / n) for n in dirs + files)
+    return tables, paths
+
+
+def prepared(site: Path, db: sqlite3.Connection, state: int) -> tuple[list[Path], list[Path]]:
+    seed(db, GUID, state, "CAS10001")
+    seed(db, OTHER, S.DOWNLOAD_IN_PROGRESS, "CAS10002")
+    return make_content(site, GUID), make_content(site, OTHER)
+
+
+@pytest.mark.parametrize("state", [S.APPLICABILITY_SUCCESS, S.DOWNLOAD_IN_PROGRESS])
+def test_reset_removes_a_package_that_has_not_started_installing(
+    site: Path, db: sqlite3.Connection, state: S
+) -> None:
+    mine, others = prepared(site, db, state)
+    assert all(rows_of(site, GUID).values())
+    history = count(site, "SELECT COUNT(*) FROM StateMessages")
+    staging_before = sorted(p.name for p in (site / "CMUStaging").iterdir())
+
+    proc = cmlab("reset", str(site), GUID.lower())  # the GUID matches in either case
+
+    assert f"Update package {GUID} (Configuration Manager 2509), was {state.name}" in proc.stdout
+    for table in (*GUID_TABLES, "SMSPackages", "TableChangeNotifications"):
+        assert table in proc.stdout
+    for path in (f"{GUID.lower()}.cab", f"___CMU{GUID.lower()}.MCM", f"{GUID}.DMP"):
+        assert path in proc.stdout
+    assert f"cmlab sync {site}" in proc.stdout
+    assert rows_of(site, GUID) == dict.fromkeys(rows_of(site, GUID), 0)
+    assert not [p for p in mine if os.path.lexists(p)]
+    assert not (site / "EasySetupPayload" / GUID.lower()).exists()
+    assert not (site / "CMUStaging" / GUID).exists()
+
+    # History stays; the other package, its rows and its content are untouched.
+    assert count(site, "SELECT COUNT(*) FROM StateMessages") == history
+    assert all(rows_of(site, OTHER).values())
+    assert all(p.is_file() for p in others)
+    assert states(site) == {
+        GUID_2503_HFRU: S.DOWNLOAD_IN_PROGRESS,
+        GUID_2409_HFRU: S.APPLICABILITY_NA,
+    }
+    # Only the package's own staging folder went: the manifest and applicability checks stay.
+    assert sorted(p.name for p in (site / "CMUStaging").iterdir()) == [
+        n for n in staging_before if n != GUID
+    ]
+    log = read_messages(site / "Logs" / "CMUpdateReset.log")
+    assert f"CMUpdateReset started on site CAS for update package {GUID}" in log
+    assert "Deleted 1 row(s) from CM_UpdatePackages" in log
+    assert f"Deleted folder {site / 'CMUStaging' / GUID}" in log
+    assert log[-1] == (
+        f"Successfully reset update package {GUID} (Configuration Manager 2509). Check for "
+        "updates to synchronize and download it again."
+    )
+
+    # Run again: the package is gone, so the GUID is now unknown.
+    again = cmlab("reset", str(site), GUID, check=False)
+    assert again.returncode == 1
+    assert f"There is no update package {GUID} in CM_UpdatePackages" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("state", "force"),
+    [
+        (S.INSTALL_IN_PROGRESS, False),
+        (S.INSTALL_WAITING_SERVICE_WINDOW, True),
+        (S.INSTALL_CMU_STARTED, True),
+        (S.INSTALL_UPGRADEDATABASE, False),
+        (S.INSTALL_PENDING_REBOOT, True),
+        (S.INSTALL_CMU_FAILED, True),
+        (S.INSTALL_FAILED, True),
+        (S.INSTALL_SUCCESS, True),
+    ],
+)
+def test_reset_refuses_a_package_that_started_installing(
+    site: Path, db: sqlite3.Connection, state: S, force: bool
+) -> None:
+    prepared(site, db, state)
+    before = snapshot(site)
+    report = reset_package(site, GUID, force=force)
+    assert report.outcome is Outcome.INSTALLING and not report.ok
+    assert f"is {state.name} ({int(state)})" in report.message
+    assert INSTALLING in report.message
+    assert snapshot(site) == before
+    assert f"ERROR: {report.message}" in read_messages(site / "Logs" / "CMUpdateReset.log")
+
+
+def test_cli_refusal_names_the_state_and_exits_1(site: Path, db: sqlite3.Connection) -> None:
+    prepared(site, db, S.INSTALL_IN_PROGRESS)
+    before = snapshot(site)
+    proc = cmlab("reset", str(site), GUID, "--force", check=False)
+    assert proc.returncode == 1
+    assert (
+        f"update package {GUID} (Configuration Manager 2509) is INSTALL_IN_PROGRESS (196609): "
+        "it has started installing." in proc.stderr
+    )
+    assert INSTALLING in proc.stderr and "Nothing was removed." in proc.stderr
+    assert snapshot(site) == before
+
+
+def test_a_child_site_that_is_installing_blocks_the_reset(
+    site: Path, db: sqlite3.Connection
+) -> None:
+    """The top-level site has the package downloaded; a child primary already installs it."""
+    prepared(site, db, S.DOWNLOAD_SUCCESS)
+    with transaction(db):
+        db.execute(
+            "INSERT INTO ServerData (ID, SiteCode, ParentSiteCode, SiteServerName, SiteType) "
+            "VALUES (2, 'PR1', 'CAS', 'pr1.cmlab.local', 2)"
+        )
+        db.execute(
+            "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State) "
+            "VALUES (?, 2, ?)",
+            (GUID, int(S.INSTALL_IN_PROGRESS)),
+        )
+    before = snapshot(site)
+    report = reset_package(site, GUID, force=True)
+    assert report.outcome is Outcome.INSTALLING
+    assert "is INSTALL_IN_PROGRESS (196609) at site PR1" in report.message
+    assert snapshot(site) == before
+
+
+@pytest.mark.parametrize("state", [S.DOWNLOAD_SUCCESS, S.CONTENT_REPLICATION_FAILED])
+def test_a_downloaded_package_is_deleted_only_with_force(
+    site: Path, db: sqlite3.Connection, state: S
+) -> None:
+    mine, _ = prepared(site, db, state)
+    before = snapshot(site)
+    proc = cmlab("reset", str(site), GUID, check=False)
+    assert proc.returncode == 1
+    assert f"is {state.name} ({int(state)}), a post-download state" in proc.stderr
+    assert "--force" in proc.stderr
+    assert snapshot(site) == before
+
+    proc = cmlab("reset", str(site), GUID, "--force")
+    assert rows_of(site, GUID) == dict.fromkeys(rows_of(site, GUID), 0)
+    assert not [p for p in mine if os.path.lexists(p)]
+    log = read_messages(site / "Logs" / "CMUpdateReset.log")
+    assert (
+        f"CMUpdateReset started on site CAS for update package {GUID} with force delete "
+        "(-FDELETE)" in log
+    )
+
+
+def test_unknown_and_malformed_guids(site: Path) -> None:
+    before = snapshot(site)
+    unknown = "61F16B3C-F1F6-4F9F-8647-2A524B0C802C"
+    proc = cmlab("reset", str(site), unknown, check=False)
+    assert proc.returncode == 1
+    assert f"There is no update package {unknown} in CM_UpdatePackages" in proc.stderr
+    doc = json.loads(cmlab("reset", str(site), unknown, "--json", check=False).stdout)
+    assert doc["outcome"] == "unknown-package" and doc["ok"] is False and doc["removed"] == []
+    for bad in ("../../etc", f"{GUID}/..", "not-a-guid"):
+        proc = cmlab("reset", str(site), bad, check=False)
+        assert proc.returncode == 2 and "is not an update package GUID" in proc.stderr
+    assert snapshot(site) == before
+
+
+def test_json_output(site: Path, db: sqlite3.Connection) -> None:
+    prepared(site, db, S.DOWNLOAD_FAILED)
+    doc = json.loads(cmlab("reset", str(site), f"{{{GUID.lower()}}}", "--json").stdout)
+    assert doc["outcome"] == "reset" and doc["ok"] is True
+    assert doc["guid"] == GUID and doc["name"] == "Configuration Manager 2509"
+    assert doc["state"] == S.DOWNLOAD_FAILED and doc["state_name"] == "DOWNLOAD_FAILED"
+    assert doc["rows"] == {
+        "SMSPackages": 1,
+        "EasySetupSettings": 1,
+        "TableChangeNotifications": 2,  # the pending <GUID>.DMP and <GUID>.CME
+        "CM_UpdatePackagesToDownload": 0,  # a failed download has left the queue
+        "CM_UpdatePackageSiteStatus": 1,
+        "CM_UpdatePackage_MonitoringStatus": 1,
+        "CM_UpdatePackagePrereqStatus": 1,
+        "CM_UpdatePackages": 1,
+    }
+    removed = {Path(r["path"]).relative_to(site).as_posix(): r["kind"] for r in doc["removed"]}
+    low = GUID.lower()
+    assert removed == {
+        f"EasySetupPayload/{low}": "folder",
+        f"EasySetupPayload/{low}.cab": "file",
+        f"EasySetupPayload/{low}.cab.partial": "file",
+        f"CMUStaging/{GUID}": "folder",
+        f"inboxes/dmpdownloader.box/{GUID}.DMP": "file",
+        f"inboxes/hman.box/ForwardingMsg/___CMU{low}.MCM": "file",
+        f"inboxes/hman.box/CFD/{low}.CMU": "file",
+        f"inboxes/hman.box/CFD/{GUID}.CME": "file",
+    }
+    assert doc["log"] == str(site / "Logs" / "CMUpdateReset.log")
+
+
+def test_links_are_removed_never_followed(
+    site: Path, db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    seed(db, GUID, S.DOWNLOAD_FAILED, "CAS10001")
+    outside = tmp_path / "outside"
+    (outside / "payload" / "redist").mkdir(parents=True)
+    (outside / "payload" / "redist" / "keep.cab").write_text("keep")
+    (outside / "keep.cab").write_text("keep")
+    (outside / "staging").mkdir()
+    (outside / "staging" / "keep.txt").write_text("keep")
+    low = GUID.lower()
+    # The package's content folder and CAB are links; its staging folder holds one.
+    (site / "EasySetupPayload" / low).symlink_to(outside / "payload", target_is_directory=True)
+    (site / "EasySetupPayload" / f"{low}.cab").symlink_to(outside / "keep.cab")
+    (site / "CMUStaging" / GUID).mkdir()
+    (site / "CMUStaging" / GUID / "SMSSETUP").symlink_to(outside / "staging")
+
+    report = reset_package(site, GUID)
+
+    assert report.ok
+    kinds = {r.path.name: r.kind for r in report.removed}
+    assert kinds == {low: "link", f"{low}.cab": "link", GUID: "folder"}
+    assert not os.path.lexists(site / "EasySetupPayload" / low)
+    assert not os.path.lexists(site / "EasySetupPayload" / f"{low}.cab")
+    assert not os.path.lexists(site / "CMUStaging" / GUID)
+    assert (outside / "payload" / "redist" / "keep.cab").read_text() == "keep"
+    assert (outside / "keep.cab").read_text() == "keep"
+    assert (outside / "staging" / "keep.txt").read_text() == "keep"
+    log = read_messages(site / "Logs" / "CMUpdateReset.log")
+    assert (
+        f"Deleted link {site / 'EasySetupPayload' / low} (the link only: its target is left "
+        "alone)" in log
+    )
+
+
+def test_leftovers_of_an_interrupted_reset_are_cleaned(site: Path, db: sqlite3.Connection) -> None:
+    """The package's row is gone (a crash, or a hand-made DELETE) but other rows and its files
+    are left: running the reset again removes them."""
+    seed(db, GUID, S.DOWNLOAD_FAILED, "CAS10001")
+    with transaction(db):
+        db.execute("DELETE FROM CM_UpdatePackages WHERE PackageGuid = ?", (GUID,))
+    files = make_content(site, GUID)
+    report = reset_package(site, GUID)
+    assert report.ok and report.state is None
+    assert not [p for p in files if os.path.lexists(p)]
+    assert rows_of(site, GUID) == dict.fromkeys(rows_of(site, GUID), 0)
+    assert report.rows["EasySetupSettings"] == 1
+    # Only files left (the database part had committed): cleaned too.
+    files = make_content(site, GUID)
+    report = reset_package(site, GUID)
+    assert report.ok and not any(report.rows.values())
+    assert not [p for p in files if os.path.lexists(p)]
+
+
+def test_only_the_top_level_site_runs_the_reset(site: Path, db: sqlite3.Connection) -> None:
+    prepared(site, db, S.DOWNLOAD_FAILED)
+    set_toml(site, "site", "role", "'primary'")
+    set_toml(site, "site", "parent", f"'{site.parent / 'CAS-parent'}'")
+    before = snapshot(site)
+    proc = cmlab("reset", str(site), GUID, check=False)
+    assert proc.returncode == 1 and "not the top-level site" in proc.stderr
+    assert snapshot(site) == before
+
+
+def test_reset_while_the_daemon_runs_then_sync_brings_the_package_back(site: Path) -> None:
+    """The guide's case: the download finished but the content is suspect. Reset it (forced,
+    as it is downloaded) with the daemon running; the next sync starts it over."""
+    payload = site / "EasySetupPayload"
+    low = GUID.lower()
+    downloaded = (S.DOWNLOAD_SUCCESS, S.DOWNLOAD_FAILED)
+    with Daemon(site) as daemon:
+        daemon.start()
+        cmlab("download", str(site), GUID)
+        wait_until(lambda: states(site)[GUID] in downloaded, timeout=60, what="download")
+        assert states(site)[GUID] == S.DOWNLOAD_SUCCESS
+        wait_until(lambda: not inbox_files(site), timeout=30, what="drop files consumed")
+        assert (payload / low).is_dir() and (payload / f"{low}.cab").is_file()
+        (payload / low / "tampered.txt").write_text("not from Microsoft")
+
+        refused = cmlab("reset", str(site), GUID, check=False)
+        assert refused.returncode == 1 and "DOWNLOAD_SUCCESS (262146)" in refused.stderr
+        assert states(site)[GUID] == S.DOWNLOAD_SUCCESS
+
+        cmlab("reset", str(site), GUID, "--force")
+        assert GUID not in states(site)
+        assert not [n for n in os.listdir(payload) if n.lower().startswith(low)]
+        assert rows_of(site, GUID) == dict.fromkeys(rows_of(site, GUID), 0)
+        assert daemon.alive()
+
+        cmlab("sync", str(site))
+        # Back at the start: applicable again (or further on, if the site downloads by itself).
+        # HMAN rechecks every package of the manifest: wait for all of them.
+        back = (S.APPLICABILITY_SUCCESS, S.DOWNLOAD_IN_PROGRESS, S.DOWNLOAD_SUCCESS)
+        others = {GUID_2503_HFRU: S.APPLICABILITY_HIDE, GUID_2409_HFRU: S.APPLICABILITY_NA}
+
+        def resynced() -> bool:
+            now = states(site)
+            return now.get(GUID) in back and all(now.get(g) == s for g, s in others.items())
+
+        wait_until(resynced, timeout=60, what="the package back, the others rechecked")
+
+        # And it downloads again, cleanly.
+        if states(site)[GUID] == S.APPLICABILITY_SUCCESS:
+            cmlab("download", str(site), GUID)
+        wait_until(lambda: states(site)[GUID] in downloaded, timeout=60, what="download again")
+        assert states(site)[GUID] == S.DOWNLOAD_SUCCESS
+        assert not (payload / low / "tampered.txt").exists()
+        assert daemon.stop() == 0

@@ -1,0 +1,1 @@
+"""The faults tests: see tests/__init__.py."""

@@ -1,0 +1,1 @@
+"""The unit tests: see tests/__init__.py."""

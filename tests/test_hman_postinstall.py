@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cmlab.core.fs import write_atomic
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from sites import GUID_2509, Daemon, assert_in_order, copy_site, log, query, set_toml, temporaries
 from waiting import wait_until
 
@@ -144,7 +144,7 @@ def assert_client_packages(site: Path, *, piloting: bool) -> None:
 
 
 def test_early_notification_waits_then_updates_the_client_packages(site: Path) -> None:
-    set_state(site, S.INSTALL_WAITING_PARENT)
+    set_state(site, PackageState.INSTALL_WAITING_PARENT)
     with Daemon(site) as daemon:
         daemon.start()
         drop_esc(site)
@@ -156,7 +156,7 @@ def test_early_notification_waits_then_updates_the_client_packages(site: Path) -
         assert monitoring(site) == {}
         assert_in_order(log(site, "hman.log"), [FOUND, WARN])
 
-        set_state(site, S.INSTALL_SUCCESS)
+        set_state(site, PackageState.INSTALL_SUCCESS)
         wait_until(lambda: handled(site), timeout=30, what="196612.ESC handled")
         messages = log(site, "hman.log")
         assert messages.count(WARN) == 1  # retries while the state stays are not logged again
@@ -188,7 +188,7 @@ def test_early_notification_waits_then_updates_the_client_packages(site: Path) -
 def test_piloting_also_updates_the_piloting_package(site: Path) -> None:
     with (site / "site.toml").open("a") as f:
         f.write("\n[client]\npiloting = true\n")
-    set_state(site, S.INSTALL_SUCCESS)
+    set_state(site, PackageState.INSTALL_SUCCESS)
     with Daemon(site) as daemon:
         daemon.start()
         drop_esc(site)
@@ -232,7 +232,7 @@ def test_missing_client_files_go_to_bad(site: Path, broken: str) -> None:
     else:
         (site / "CMUClient" / "ccmsetup.exe").unlink()
         what = "CMUClient has no ccmsetup.exe"
-    set_state(site, S.INSTALL_SUCCESS)
+    set_state(site, PackageState.INSTALL_SUCCESS)
     with Daemon(site) as daemon:
         daemon.start()
         drop_esc(site)
@@ -253,7 +253,7 @@ def test_missing_client_files_go_to_bad(site: Path, broken: str) -> None:
 
 
 def test_sigkill_after_client_copy_then_restart_converges(site: Path) -> None:
-    set_state(site, S.INSTALL_SUCCESS)
+    set_state(site, PackageState.INSTALL_SUCCESS)
     with Daemon(site) as daemon:
         daemon.start(CMLAB_CRASHPOINTS="hman.postinstall.after_client_copy")
         drop_esc(site)

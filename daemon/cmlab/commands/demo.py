@@ -17,8 +17,8 @@ from cmlab.daemon import SiteDaemon
 from cmlab.site.config import load_config
 from cmlab.site.contract import waiting_drop_files
 from cmlab.site.sitedb import connect, overview, procs, servicing, transaction
-from cmlab.site.smslog import read_messages
-from cmlab.site.statecodes import PackageFlag, PackageState
+from cmlab.site.sms_log import read_messages
+from cmlab.site.state_codes import PackageFlag, PackageState
 
 # The states at which a package stops moving on its own (auto-download takes the applicable
 # update on to DOWNLOAD_SUCCESS, "Ready to install"; the administrator takes it further).
@@ -36,7 +36,7 @@ RESTING = {
     PackageState.INSTALL_FAILED,
     PackageState.INSTALL_CMU_FAILED,
 }
-STAGE_OF: dict[int, str] = {
+STAGE_NAMES: dict[int, str] = {
     PackageState.APPLICABILITY_CHECKING: "Applicability",
     PackageState.APPLICABILITY_SUCCESS: "Applicability",
     PackageState.APPLICABILITY_HIDE: "Applicability",
@@ -57,8 +57,8 @@ STAGE_OF: dict[int, str] = {
 INSTALL_STEP = re.compile(r"INFO: Running install step (\d+) \((\w+)\): (.*)")
 
 
-def stage_of(state: int) -> str:
-    return STAGE_OF.get(state, "Installation" if state >> 16 == 3 else "Update")
+def stage_name(state: int) -> str:
+    return STAGE_NAMES.get(state, "Installation" if state >> 16 == 3 else "Update")
 
 
 def label(state: int) -> str:
@@ -99,14 +99,14 @@ class Watcher:
             self.names[p.guid] = p.name
             if self.states.get(p.guid) != p.state:
                 self.states[p.guid] = p.state
-                print(f"{self.stamp()} {stage_of(p.state):16} {p.name}: {label(p.state)}")
+                print(f"{self.stamp()} {stage_name(p.state):16} {p.name}: {label(p.state)}")
         # The site's own states: during install steps 5 to 13 SMSDBMon's triggers are gone, so
         # the package's state stands still while the site's moves (the console shows the same).
         for hist_id, guid, state in overview.site_history_after(self.conn, self.seen_history):
             self.seen_history = hist_id
             if state >> 16 in (1, 2, 3):  # replication, prerequisite check, installation
                 name = self.names.get(guid, guid)
-                print(f"{self.stamp()} {stage_of(state):16} {name} at site: {label(state)}")
+                print(f"{self.stamp()} {stage_name(state):16} {name} at site: {label(state)}")
         log = self.root / "Logs" / "CMUpdate.log"
         size = log.stat().st_size if log.exists() else 0
         if size == self.cmupdate_size:
@@ -153,7 +153,7 @@ async def _demo(site: Path, deadline_s: float) -> int:
     watcher = Watcher(site)
     try:
         with transaction(watcher.conn):
-            procs.spRequestSync(watcher.conn, "admin")
+            procs.spRequestSync(watcher.conn, procs.SyncReason.ADMIN)
         print(f"{watcher.stamp()} Administrator    Check for updates (SyncHistory request)")
         deadline = time.monotonic() + deadline_s
         if not await _settle(watcher, deadline):

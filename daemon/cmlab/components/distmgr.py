@@ -36,11 +36,9 @@ from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import hierarchy, scheduler_jobs, servicing
 from cmlab.site.sitedb.scheduler_jobs import JobState, SwdJob
 from cmlab.site.sitedb.servicing import DistributionState
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
-S = PackageState
-
-REPLICATING = (S.CONTENT_REPLICATING,)
+REPLICATING = (PackageState.CONTENT_REPLICATING,)
 
 
 class DistributionManager(Component):
@@ -134,7 +132,7 @@ class DistributionManager(Component):
             "Package stored",
         )
         servicing.spCMUSetSiteState(
-            conn, esp.package_guid, S.CONTENT_REPLICATION_SUCCESS, only_from=REPLICATING
+            conn, esp.package_guid, PackageState.CONTENT_REPLICATION_SUCCESS, only_from=REPLICATING
         )
 
     async def _failed(self, esp: servicing.EasySetupPackage, version: int, reason: str) -> None:
@@ -150,7 +148,10 @@ class DistributionManager(Component):
                 reason,
             )
             servicing.spCMUSetSiteState(
-                conn, esp.package_guid, S.CONTENT_REPLICATION_FAILED, only_from=REPLICATING
+                conn,
+                esp.package_guid,
+                PackageState.CONTENT_REPLICATION_FAILED,
+                only_from=REPLICATING,
             )
 
         await self.db.tx(record)
@@ -312,7 +313,7 @@ class DistributionManager(Component):
 
         def record(conn: sqlite3.Connection) -> None:
             servicing.spCMUSetSiteState(
-                conn, esp.package_guid, S.CONTENT_REPLICATION_FAILED, site_code=child
+                conn, esp.package_guid, PackageState.CONTENT_REPLICATION_FAILED, site_code=child
             )
             servicing.set_distribution_state(
                 conn, esp.package_id, child, DistributionState.INSTALL_FAILED, version, reason

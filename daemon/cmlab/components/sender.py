@@ -93,7 +93,7 @@ def _read_send_request(path: Path) -> bytes:
         raise BadInput(str(exc)) from None
 
 
-def receive_folder(site_root: Path, address: str) -> Path:
+def despoolr_receive_folder(site_root: Path, address: str) -> Path:
     """`<address>/inboxes/despoolr.box/receive`, which must exist: Unreachable otherwise. A
     relative address is taken from this site's folder."""
     if not address:
@@ -194,7 +194,7 @@ class Sender(Component):
         try:
             if site is None:
                 raise Unreachable("this site database does not know it (ServerData)")
-            receive = receive_folder(self.paths.root, site.folder)
+            receive = despoolr_receive_folder(self.paths.root, site.folder)
             d = delivery_for(receive, name)
             self.say(f"~Sending Started [{self.show(source)}]")
             await self._deliver(source, d, job, data)

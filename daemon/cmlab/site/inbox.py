@@ -36,7 +36,7 @@ from cmlab.core.errors import BadInput as BadInput
 from cmlab.core.errors import CmlabError
 from cmlab.core.fs import remove_stale_tmp, write_atomic
 from cmlab.site.contract import matches_any
-from cmlab.site.smslog import SmsLog
+from cmlab.site.sms_log import SmsLog
 
 BAD_FOLDER = "BAD"
 

@@ -8,10 +8,14 @@ Each function runs inside the caller's transaction and is safe to replay."""
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 
 __all__ = [
     "SETTINGS_COLUMNS",
+    "ServiceBrokerState",
+    "ServiceState",
+    "WmiProvidersState",
     "client_upgrade_ids",
     "load_client_upgrade_settings",
     "piloting_advertisement_id",
@@ -23,6 +27,29 @@ __all__ = [
 ]
 
 
+class ServiceState(enum.StrEnum):
+    """SiteServices.State: a Windows service of the site server."""
+
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+
+
+class ServiceBrokerState(enum.StrEnum):
+    """SiteServerSettings' ServiceBroker value: SQL Server Service Broker on the site
+    database, turned off and on again by the install steps SSB_OFF and SSB_ON."""
+
+    ON = "ON"
+    OFF = "OFF"
+
+
+class WmiProvidersState(enum.StrEnum):
+    """SiteServerSettings' WMIProviders value: the SMS Provider's WMI providers, unloaded while
+    the installation replaces the site server's files."""
+
+    LOADED = "Loaded"
+    UNLOADED = "Unloaded"
+
+
 def service_build(conn: sqlite3.Connection, name: str) -> int | None:
     """The build the service `name` runs; None when it has no row or no build."""
     row = conn.execute("SELECT Build FROM SiteServices WHERE ServiceName = ?", (name,)).fetchone()
@@ -32,11 +59,11 @@ def service_build(conn: sqlite3.Connection, name: str) -> int | None:
 def set_service_build(conn: sqlite3.Connection, name: str, build: int) -> None:
     """The service `name` is Running at `build` (a row unchanged is not written)."""
     conn.execute(
-        "INSERT INTO SiteServices (ServiceName, State, Build) VALUES (?, 'Running', ?) "
-        "ON CONFLICT (ServiceName) DO UPDATE SET State = 'Running', Build = excluded.Build, "
+        "INSERT INTO SiteServices (ServiceName, State, Build) VALUES (?, ?, ?) "
+        "ON CONFLICT (ServiceName) DO UPDATE SET State = excluded.State, Build = excluded.Build, "
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE SiteServices.State <> 'Running' OR SiteServices.Build IS NOT excluded.Build",
-        (name, build),
+        "WHERE SiteServices.State <> excluded.State OR SiteServices.Build IS NOT excluded.Build",
+        (name, ServiceState.RUNNING, build),
     )
 
 

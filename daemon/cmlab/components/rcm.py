@@ -111,7 +111,7 @@ class ReplicationMonitor(Component):
 
     async def _send(self, link: Link) -> Outgoing | None:
         folder = rcm_receive_folder(link.folder, self.paths.root)
-        if not folder.is_dir():
+        if not await self.in_thread(folder.is_dir):  # another site's folder, perhaps a share
             # Checked before a seq is reserved, so an unreachable site does not use one up
             # every pass; write_message checks again.
             self._cannot(link, f"the folder {folder} does not exist")

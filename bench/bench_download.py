@@ -54,8 +54,8 @@ from typing import Any
 import cmlab
 from bench._common import Target, result, spread
 from cmlab.site.sitedb import connect, procs, transaction
-from cmlab.site.smslog import LINE_RE
-from cmlab.site.statecodes import PackageState
+from cmlab.site.sms_log import LINE_RE
+from cmlab.site.state_codes import PackageState
 
 MB = 1_000_000
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"  # Configuration Manager 2509 in payloads/

@@ -91,7 +91,7 @@ from typing import Any
 from bench._common import result, slope_per_unit, spread
 from bench.bench_download import GUID, MB, _child_env
 from bench.bench_lifecycle import FAILED, RESCAN, SETTLE, _init, inbox_files
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 
 CAS = "CAS"
 INTERVAL = 0.5  # seconds: replication.cmupdates_interval at every site (the product: 60)
@@ -103,12 +103,12 @@ RUN_TIMEOUT = 600.0
 STOP_TIMEOUT = 30.0
 HISTORY = "CM_UpdatePackageSiteStatus_HIST"
 MILESTONES = (
-    S.ENABLED,
-    S.CONTENT_REPLICATION_SUCCESS,
-    S.PREREQ_SUCCESS,
-    S.INSTALL_WAITING_PARENT,
-    S.INSTALL_IN_PROGRESS,
-    S.INSTALL_SUCCESS,
+    PackageState.ENABLED,
+    PackageState.CONTENT_REPLICATION_SUCCESS,
+    PackageState.PREREQ_SUCCESS,
+    PackageState.INSTALL_WAITING_PARENT,
+    PackageState.INSTALL_IN_PROGRESS,
+    PackageState.INSTALL_SUCCESS,
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -173,10 +173,15 @@ def build_template(work: Path, env: dict[str, str]) -> Path:
     with Daemons(sites, work / "out" / "template", env) as daemons:
         daemons.start()
         _cmlab(env, "sync", str(site))
-        _wait(lambda: _package_state(site) == S.APPLICABILITY_SUCCESS, "the template's sync")
+        _wait(
+            lambda: _package_state(site) == PackageState.APPLICABILITY_SUCCESS,
+            "the template's sync",
+        )
         _wait(lambda: _quiet(site), "the template's sync to settle")
         _cmlab(env, "download", str(site), GUID)
-        _wait(lambda: _package_state(site) == S.DOWNLOAD_SUCCESS, "the template's download")
+        _wait(
+            lambda: _package_state(site) == PackageState.DOWNLOAD_SUCCESS, "the template's download"
+        )
         _wait(lambda: _quiet(site), "the template's download to settle")
     return site
 
@@ -451,7 +456,7 @@ def _utc_epoch(stamp: str) -> float:
 def _log_lines(sites: dict[str, Path]) -> dict[str, dict[str, list[str]]]:
     """ERROR and WARNING lines of every site's logs, the site's folder shown as `<site>`:
     kind -> "log: message" -> the sites that wrote it."""
-    from cmlab.site.smslog import read_messages
+    from cmlab.site.sms_log import read_messages
 
     found: dict[str, dict[str, list[str]]] = {}
     for code, site in sites.items():
@@ -510,7 +515,7 @@ def run_once(tree: Tree, out: Path, env: dict[str, str]) -> HierarchyRun:
         t_quiet = time.perf_counter()
         idle_cores = _wait_quiet(sites, daemons)
         quiet_wait = time.perf_counter() - t_quiet
-        if _package_state(cas) != S.DOWNLOAD_SUCCESS:
+        if _package_state(cas) != PackageState.DOWNLOAD_SUCCESS:
             raise RuntimeError(f"the CAS is not Ready to install: {_package_state(cas)}")
         last_ids = {c: _history_id(s) for c, s in sites.items()}
         os.sync()
@@ -532,7 +537,7 @@ def run_once(tree: Tree, out: Path, env: dict[str, str]) -> HierarchyRun:
         # Every child's own row, in its own database (the roll-up implies it: check).
         for code in children:
             _wait(
-                lambda code=code: _own_state(sites[code], code) == S.INSTALL_SUCCESS,
+                lambda code=code: _own_state(sites[code], code) == PackageState.INSTALL_SUCCESS,
                 f"{code}'s own row at INSTALL_SUCCESS",
                 timeout=30,
             )
@@ -548,15 +553,15 @@ def run_once(tree: Tree, out: Path, env: dict[str, str]) -> HierarchyRun:
         rows = _history(site, last_ids[code])
         own = [(on_clock(e), s) for c, e, s in rows if c == code]
         milestones[code] = {
-            S.name_of(m): next((t for t, s in own if s == m), None) for m in MILESTONES
+            PackageState.name_of(m): next((t for t, s in own if s == m), None) for m in MILESTONES
         }
-        end = milestones[code][S.name_of(S.INSTALL_SUCCESS)]
+        end = milestones[code][PackageState.name_of(PackageState.INSTALL_SUCCESS)]
         if end is None:
             raise RuntimeError(f"{code}: no INSTALL_SUCCESS in its own history: {own}")
         own_end[code] = end
         if code == CAS:
             for c, e, s in rows:
-                if c != CAS and s == S.INSTALL_SUCCESS and c not in cas_view:
+                if c != CAS and s == PackageState.INSTALL_SUCCESS and c not in cas_view:
                     cas_view[c] = on_clock(e)
     missing = [c for c in children if c not in cas_view]
     if missing:
@@ -652,22 +657,24 @@ def _watch_rollup(
             if cli.returncode != 0:
                 err = cli.stderr.read().decode(errors="replace") if cli.stderr else ""
                 raise RuntimeError(f"cmlab install -> {cli.returncode}: {err[-2000:]}")
-        if row is not None and int(row[0]) == S.INSTALL_SUCCESS:
+        if row is not None and int(row[0]) == PackageState.INSTALL_SUCCESS:
             if math.isnan(cli_seconds):
                 cli.wait(60)
                 cli_seconds = time.perf_counter() - t0
             return now - t0, cli_seconds
         if now - last_check > 0.5:
             last_check = now
-            failed = {c: S.name_of(s) for c, s in _site_rows(reader).items() if s in FAILED}
+            failed = {
+                c: PackageState.name_of(s) for c, s in _site_rows(reader).items() if s in FAILED
+            }
             if row is not None and int(row[0]) in FAILED:
-                failed[f"{CAS} roll-up"] = S.name_of(int(row[0]))
+                failed[f"{CAS} roll-up"] = PackageState.name_of(int(row[0]))
             if failed:
                 raise RuntimeError(f"failed: {failed}; {_errors(sites)}")
             if not daemons.alive():
                 raise RuntimeError(f"daemons exited during the run: {daemons.dead()}")
         if time.monotonic() > deadline:
-            state = None if row is None else S.name_of(int(row[0]))
+            state = None if row is None else PackageState.name_of(int(row[0]))
             raise TimeoutError(f"the roll-up is {state} after {RUN_TIMEOUT} s")
         time.sleep(POLL)
 
@@ -819,10 +826,10 @@ def _rows(
                 return None if x is None or y is None else y - x
 
             ok, ip, ws, ins = (
-                S.name_of(S.INSTALL_SUCCESS),
-                S.name_of(S.INSTALL_IN_PROGRESS),
-                S.name_of(S.INSTALL_WAITING_PARENT),
-                S.name_of(S.CONTENT_REPLICATION_SUCCESS),
+                PackageState.name_of(PackageState.INSTALL_SUCCESS),
+                PackageState.name_of(PackageState.INSTALL_IN_PROGRESS),
+                PackageState.name_of(PackageState.INSTALL_WAITING_PARENT),
+                PackageState.name_of(PackageState.CONTENT_REPLICATION_SUCCESS),
             )
             phases: dict[str, list[float]] = {
                 "content_replicated": [],
@@ -836,7 +843,7 @@ def _rows(
                     m = r.milestones[c]
                     if m[ins] is not None:
                         phases["content_replicated"].append(m[ins])
-                    pq = gap(r, ins, S.name_of(S.PREREQ_SUCCESS), c)
+                    pq = gap(r, ins, PackageState.name_of(PackageState.PREREQ_SUCCESS), c)
                     if pq is not None:
                         phases["prereq_check"].append(pq)
                     w = gap(r, ws, ip, c)

@@ -36,7 +36,7 @@ from cmlab.site.config import Facts, Intervals
 from cmlab.site.contract import load_contract
 from cmlab.site.inbox import InboxEngine, InboxSpec, Outcome
 from cmlab.site.sitedb import SiteDB, connect, create_site_db, transaction
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 # What HMAN's CFD holds (DESIGN.md, "The site tree"); the engine matches every name against these.
 CFD_PATTERNS = ("*.ESC", "*.CME", "*.CMU", "ConfigMgr.Update.Manifest.CAB")

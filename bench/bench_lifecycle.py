@@ -101,7 +101,7 @@ from bench.bench_download import (
     _state,
     build_lab,
 )
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 
 RESCAN = 0.5  # seconds: the inbox safety-net rescan
 SETTLE = 0.05  # seconds: a drop file with no close/rename event is taken once this old
@@ -110,15 +110,15 @@ SETTLE_POLL = 0.01  # seconds between looks at the inboxes after a command's las
 
 FAILED = frozenset(
     {
-        S.APPLICABILITY_FAILED,
-        S.APPLICABILITY_NA,
-        S.APPLICABILITY_HIDE,
-        S.DOWNLOAD_FAILED,
-        S.CONTENT_REPLICATION_FAILED,
-        S.PREREQ_ERROR,
-        S.PREREQ_WARNING,
-        S.INSTALL_FAILED,
-        S.INSTALL_CMU_FAILED,
+        PackageState.APPLICABILITY_FAILED,
+        PackageState.APPLICABILITY_NA,
+        PackageState.APPLICABILITY_HIDE,
+        PackageState.DOWNLOAD_FAILED,
+        PackageState.CONTENT_REPLICATION_FAILED,
+        PackageState.PREREQ_ERROR,
+        PackageState.PREREQ_WARNING,
+        PackageState.INSTALL_FAILED,
+        PackageState.INSTALL_CMU_FAILED,
     }
 )
 
@@ -145,8 +145,8 @@ class Stage:
     # The `cmlab` command that starts it: (subcommand, *args after SITE; "GUID" is replaced by
     # the update's GUID). None: it follows the previous stage inside the same command's run.
     command: tuple[str, ...] | None
-    ends_at: S
-    passes: tuple[S, ...]  # the states it goes through before `ends_at`, in order
+    ends_at: PackageState
+    passes: tuple[PackageState, ...]  # the states it goes through before `ends_at`, in order
     what: str
     # The bare file work of the stage (200 MB baseline); returns its steps' seconds.
     work: Callable[[Scratch], dict[str, float]] | None
@@ -238,8 +238,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "sync",
         ("sync",),
-        S.APPLICABILITY_SUCCESS,
-        passes=(S.APPLICABILITY_CHECKING,),
+        PackageState.APPLICABILITY_SUCCESS,
+        passes=(PackageState.APPLICABILITY_CHECKING,),
         what="`cmlab sync` -> APPLICABILITY_SUCCESS: DMPDownloader's synchronization (manifest "
         "CAB copied, verified, extracted), HMAN's applicability check",
         work=None,
@@ -250,8 +250,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "download",
         ("download", "GUID"),
-        S.DOWNLOAD_SUCCESS,
-        passes=(S.DOWNLOAD_IN_PROGRESS,),
+        PackageState.DOWNLOAD_SUCCESS,
+        passes=(PackageState.DOWNLOAD_IN_PROGRESS,),
         what="`cmlab download` -> DOWNLOAD_SUCCESS: DMPDownloader copies, verifies and extracts "
         "the payload and redists, hashes the folder; HMAN records it",
         work=work_download,
@@ -261,8 +261,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "replication",
         ("install", "GUID"),
-        S.CONTENT_REPLICATION_SUCCESS,
-        passes=(S.ENABLED, S.CONTENT_REPLICATING),
+        PackageState.CONTENT_REPLICATION_SUCCESS,
+        passes=(PackageState.ENABLED, PackageState.CONTENT_REPLICATING),
         what="`cmlab install` (Flag 0) -> CONTENT_REPLICATION_SUCCESS: InitiateUpgrade, "
         "SMSDBMon, HMAN's folder hash of EasySetupPayload, DistMgr's snapshot into "
         "SCCMContentLib",
@@ -272,8 +272,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "prereq_check",
         None,
-        S.PREREQ_SUCCESS,
-        passes=(S.PREREQ_IN_PROGRESS,),
+        PackageState.PREREQ_SUCCESS,
+        passes=(PackageState.PREREQ_IN_PROGRESS,),
         what="CONTENT_REPLICATION_SUCCESS -> PREREQ_SUCCESS: HMAN's CMI, CMUpdate's extraction "
         "from the content library into CMUStaging, update.map, the prerequisite checker",
         work=work_prereq_check,
@@ -282,23 +282,23 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "install",
         None,
-        S.INSTALL_SUCCESS,
+        PackageState.INSTALL_SUCCESS,
         passes=(
-            S.INSTALL_IN_PROGRESS,
-            S.INSTALL_CMU_VALIDATING,
-            S.INSTALL_CMU_STOPPED,
-            S.INSTALL_CMU_INSTALLFILES,
-            S.INSTALL_CMU_STARTED,
-            S.INSTALL_CMU_SUCCESS,
-            S.INSTALL_UPGRADEDATABASE,
-            S.INSTALL_INSTALLSYSTEM,
-            S.INSTALL_INSTALLFILES,
-            S.INSTALL_UPGRADESITECTRLIMAGE,
-            S.INSTALL_CONFIGURESERVICEBROKER,
-            S.INSTALL_INSTALLBASESERVICES,
-            S.INSTALL_UPDATE_SITES,
-            S.INSTALL_UPDATEADMINCONSOLE,
-            S.INSTALL_SSB_ACTIVATION_ON,
+            PackageState.INSTALL_IN_PROGRESS,
+            PackageState.INSTALL_CMU_VALIDATING,
+            PackageState.INSTALL_CMU_STOPPED,
+            PackageState.INSTALL_CMU_INSTALLFILES,
+            PackageState.INSTALL_CMU_STARTED,
+            PackageState.INSTALL_CMU_SUCCESS,
+            PackageState.INSTALL_UPGRADEDATABASE,
+            PackageState.INSTALL_INSTALLSYSTEM,
+            PackageState.INSTALL_INSTALLFILES,
+            PackageState.INSTALL_UPGRADESITECTRLIMAGE,
+            PackageState.INSTALL_CONFIGURESERVICEBROKER,
+            PackageState.INSTALL_INSTALLBASESERVICES,
+            PackageState.INSTALL_UPDATE_SITES,
+            PackageState.INSTALL_UPDATEADMINCONSOLE,
+            PackageState.INSTALL_SSB_ACTIVATION_ON,
         ),
         what="PREREQ_SUCCESS -> INSTALL_SUCCESS: CMUpdate's self-upgrade, the staging folder "
         "checked against the content library, the redists and media check, install.map's 16 "
@@ -504,7 +504,8 @@ def run_lifecycle(case: Case) -> LifecycleRun:
                 _wait_empty(lab, daemon)
                 settle[label] = time.perf_counter() - end
                 transitions[label] = [
-                    (round(t - t0, 4), "none" if s is None else S.name_of(s)) for t, s in seen
+                    (round(t - t0, 4), "none" if s is None else PackageState.name_of(s))
+                    for t, s in seen
                 ]
                 # The site's history, on the bench's clock: its database timestamps are UTC
                 # wall-clock time, placed against the command's start read on both clocks.
@@ -512,7 +513,7 @@ def run_lifecycle(case: Case) -> LifecycleRun:
                     (t0 + (epoch - t0_epoch), state)
                     for epoch, state in _history_since(reader, last_id)
                 ]
-                history[label] = [(round(t - t0, 4), S.name_of(s)) for t, s in recorded]
+                history[label] = [(round(t - t0, 4), PackageState.name_of(s)) for t, s in recorded]
                 # seen[0] is the state the command found; the stage's states come after.
                 polled = seen[1:]
                 start = t0
@@ -526,7 +527,8 @@ def run_lifecycle(case: Case) -> LifecycleRun:
                     hit = next((t for t, s in after if s in later), None)
                     if hit is None:
                         raise RuntimeError(
-                            f"{stage.name}: no {S.name_of(stage.ends_at)} nor a later state in "
+                            f"{stage.name}: no {PackageState.name_of(stage.ends_at)} "
+                            "nor a later state in "
                             f"the {stage.clock} states: {history[label]} / {transitions[label]}"
                         )
                     if not any(s == stage.ends_at for _, s in after):
@@ -631,7 +633,7 @@ def _watch(
             return w
         for failed in (state, _site_state(reader)):
             if failed is not None and failed in FAILED:
-                raise RuntimeError(f"{GUID} is {S.name_of(failed)}: {_log_errors(lab)}")
+                raise RuntimeError(f"{GUID} is {PackageState.name_of(failed)}: {_log_errors(lab)}")
         if daemon.proc is None or daemon.proc.poll() is not None:
             raise RuntimeError("the daemon exited during the lifecycle")
         if time.monotonic() > deadline:
@@ -917,7 +919,7 @@ def _measure(
         result(
             name=f"lifecycle.{case.name}.total",
             measured="seconds, the sum of the stages: "
-            + " -> ".join(f"{s.name} ({S.name_of(s.ends_at)})" for s in STAGES)
+            + " -> ".join(f"{s.name} ({PackageState.name_of(s.ends_at)})" for s in STAGES)
             + f"; real daemon, {case.name} payload (waits for empty inboxes left out)",
             unit="s",
             figure=statistics.median(totals),

@@ -72,8 +72,8 @@ from bench.bench_lifecycle import (
     extractor,
 )
 from bench.bench_lifecycle import _reset as reset_site
-from cmlab.site.smslog import LINE_RE
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.sms_log import LINE_RE
+from cmlab.site.state_codes import PackageState
 
 if TYPE_CHECKING:
     from cmlab.site.trust import Signer
@@ -105,7 +105,7 @@ class Package:
     guid: str
     sql_name: str
     sql: str
-    expect: S
+    expect: PackageState
 
 
 def packages(n: int) -> list[Package]:
@@ -118,10 +118,10 @@ def packages(n: int) -> list[Package]:
         first = first or guid
         kind = i % 3
         if kind == 0:
-            low, high, expect = 5009128, SITE_VERSION_INT, S.APPLICABILITY_SUCCESS
+            low, high, expect = 5009128, SITE_VERSION_INT, PackageState.APPLICABILITY_SUCCESS
         else:
             low, high = 5009130, SITE_VERSION_INT - 1
-            expect = S.APPLICABILITY_NA if kind == 1 else S.APPLICABILITY_HIDE
+            expect = PackageState.APPLICABILITY_NA if kind == 1 else PackageState.APPLICABILITY_HIDE
         if kind == 2:
             sql = (
                 f"-- Bench package {i}: superseded by {first} once that one is offered.\n"
@@ -243,13 +243,15 @@ def run_sync(case: Case) -> SyncRun:
                     queued = now
                 if first_row is None and rows:
                     first_row = now
-                decided = {g: s for g, s in rows.items() if s != S.APPLICABILITY_CHECKING}
+                decided = {
+                    g: s for g, s in rows.items() if s != PackageState.APPLICABILITY_CHECKING
+                }
                 if first_decided is None and decided:
                     first_decided = now
                 if len(decided) == case.n:
                     end = now
                     break
-                failed = [g for g, s in rows.items() if s == S.APPLICABILITY_FAILED]
+                failed = [g for g, s in rows.items() if s == PackageState.APPLICABILITY_FAILED]
                 if failed:
                     raise RuntimeError(f"{failed[0]} is APPLICABILITY_FAILED: {_log_errors(lab)}")
                 if daemon.proc is None or daemon.proc.poll() is not None:
@@ -266,7 +268,7 @@ def run_sync(case: Case) -> SyncRun:
             reader.close()
         ready = daemon.ready_seconds
     wrong = {
-        g: S.name_of(rows.get(g)) if g in rows else "missing"
+        g: PackageState.name_of(rows.get(g)) if g in rows else "missing"
         for g, want in expect.items()
         if rows.get(g) != want
     }
@@ -418,8 +420,12 @@ def _run(plan: Plan, work: Path) -> list[dict[str, Any]]:
             **common,
             "packages": n,
             "expected_states": {
-                S.name_of(s): sum(1 for p in _case(cases, n).packages if p.expect == s)
-                for s in (S.APPLICABILITY_SUCCESS, S.APPLICABILITY_NA, S.APPLICABILITY_HIDE)
+                PackageState.name_of(s): sum(1 for p in _case(cases, n).packages if p.expect == s)
+                for s in (
+                    PackageState.APPLICABILITY_SUCCESS,
+                    PackageState.APPLICABILITY_NA,
+                    PackageState.APPLICABILITY_HIDE,
+                )
             },
             "manifest_cab_bytes": _case(cases, n).manifest_cab.stat().st_size,
             "samples": [round(x.seconds, 4) for x in r],

@@ -22,14 +22,14 @@ from cmlab.components.scheduler import Scheduler
 from cmlab.components.sender import Sender
 from cmlab.components.smsdbmon import SMSDBMon
 from cmlab.components.statesys import StateSystem
-from cmlab.core import sdnotify
+from cmlab.core import sd_notify
 from cmlab.core.errors import ConfigError
 from cmlab.core.fs import remove_stale_tmp
 from cmlab.site.component import Component, SiteContext
 from cmlab.site.config import SiteConfig, load_config
 from cmlab.site.inbox import InboxEngine
 from cmlab.site.sitedb import SiteDB, connect, migrate
-from cmlab.site.smslog import LogRegistry, LogSink
+from cmlab.site.sms_log import LogRegistry, LogSink
 
 # Start order: the database monitor and state system first, so nothing another component
 # causes at start-up is missed; stop order is the reverse.
@@ -119,13 +119,13 @@ async def serve(site_dir: Path, *, json_stdout: bool | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await daemon.start()
-        sdnotify.notify("READY=1\nSTATUS=serving site " + config.site_code)
+        sd_notify.notify("READY=1\nSTATUS=serving site " + config.site_code)
         pinger = None
-        interval = sdnotify.watchdog_interval()
+        interval = sd_notify.watchdog_interval()
         if interval:
             pinger = asyncio.create_task(_watchdog_pings(interval))
         await stop.wait()
-        sdnotify.notify("STOPPING=1")
+        sd_notify.notify("STOPPING=1")
         # A stop that takes this long is a bug: leave every thread's stack on stderr (the
         # journal) so it can be found.
         faulthandler.dump_traceback_later(SLOW_STOP_SECONDS)
@@ -138,7 +138,7 @@ async def serve(site_dir: Path, *, json_stdout: bool | None = None) -> int:
 
 async def _watchdog_pings(interval: float) -> None:
     while True:
-        sdnotify.notify("WATCHDOG=1")
+        sd_notify.notify("WATCHDOG=1")
         await asyncio.sleep(interval)
 
 

@@ -15,7 +15,7 @@ from cmlab.commands.lab_cloud import build_content_source
 from cmlab.components.dmpdownloader.dmpdownloader import COPY_CHUNK
 from cmlab.core.hashing import folder_hash
 from cmlab.site.resources import data_dir
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from cmlab.site.trust import create_lab_ca
 from tests.helpers.sites import (
     GUID_2509,
@@ -72,7 +72,7 @@ def folder(site: Path) -> Path:
 
 def assert_never_reported_early(site: Path) -> None:
     """Whenever CM_UpdatePackages says DOWNLOAD_SUCCESS, the whole package is in place."""
-    if states(site).get(G) == S.DOWNLOAD_SUCCESS:
+    if states(site).get(G) == PackageState.DOWNLOAD_SUCCESS:
         assert folder(site).is_dir(), "DOWNLOAD_SUCCESS without EasySetupPayload\\<guid>"
         assert folder_hash(folder(site)) == payload_hash(site), "DOWNLOAD_SUCCESS, bad content"
 
@@ -80,7 +80,11 @@ def assert_never_reported_early(site: Path) -> None:
 def converged(site: Path) -> bool:
     assert_never_reported_early(site)
     queued = query(site, "SELECT 1 FROM CM_UpdatePackagesToDownload WHERE PackageGuid = ?", [G])
-    return states(site).get(G) == S.DOWNLOAD_SUCCESS and not queued and not inbox_files(site)
+    return (
+        states(site).get(G) == PackageState.DOWNLOAD_SUCCESS
+        and not queued
+        and not inbox_files(site)
+    )
 
 
 def assert_success_only_after_complete(runs: list[list[str]], cab: Path) -> None:
@@ -175,7 +179,7 @@ def test_sigkill_during_download_then_restart_converges(site: Path, point: str) 
         assert not any(line.endswith(" is being extracted~~") for line in restarted)
 
     # Converged, clean, hash-correct.
-    assert states(site)[G] == S.DOWNLOAD_SUCCESS
+    assert states(site)[G] == PackageState.DOWNLOAD_SUCCESS
     assert folder_hash(folder(site)) == payload_hash(site)
     assert (folder(site) / BIG_FILE).stat().st_size == BIG_SIZE
     assert not partial.exists()

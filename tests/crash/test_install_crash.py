@@ -29,7 +29,7 @@ from cmlab.site.formats.sample_binary import sample_build_number
 from cmlab.site.installation import ACTIONS, CONSOLE_EXE
 from cmlab.site.sitedb import servicing
 from cmlab.site.sitedb.triggers import trigger_defs
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers import sites
 from tests.helpers.sites import (
     GUID_2509,
@@ -118,7 +118,7 @@ def reference(downloaded_template: Path, tmp_path_factory: pytest.TempPathFactor
         install(site)
         wait_until(lambda: installing(site), timeout=60, what="the reference's installation")
         started = time.monotonic()
-        wait_settled(site, S.INSTALL_SUCCESS, "the reference run")
+        wait_settled(site, PackageState.INSTALL_SUCCESS, "the reference run")
         stage_seconds = time.monotonic() - started
         assert daemon.stop() == 0
     assert_installed(site)
@@ -241,7 +241,7 @@ def marker(site: Path) -> Path:
 def assert_installed(site: Path, ref: Reference | None = None, since: int = 0) -> None:
     """INSTALL_SUCCESS and the site really at the new version, working and clean; with `ref`,
     exactly what the clean run left. `since`: where this installation's history starts."""
-    assert site_state(site) == package_state(site) == S.INSTALL_SUCCESS
+    assert site_state(site) == package_state(site) == PackageState.INSTALL_SUCCESS
     assert site_version(site) == NEW_VERSION
     assert builds(site) == dict.fromkeys(BINARIES, NEW_BUILD)
     services = query(site, "SELECT ServiceName, State, Build FROM SiteServices")
@@ -277,16 +277,16 @@ def assert_installed(site: Path, ref: Reference | None = None, since: int = 0) -
     ) == [(OLD_BUILD, NEW_BUILD)]
 
     states = site_history(site)[since:]
-    assert states[-1] == S.INSTALL_SUCCESS, states
+    assert states[-1] == PackageState.INSTALL_SUCCESS, states
     failed = [s for s in states if s in servicing.FAILED_STATES]
-    assert not failed, f"a failure was reported: {[S.name_of(s) for s in failed]}"
+    assert not failed, f"a failure was reported: {[PackageState.name_of(s) for s in failed]}"
 
     if ref is not None:
         expected = ref.history
         if since:
             # A new run after a failure: no download, and CMUpdate already runs the new
             # build, so no self-upgrade; every install step's state is reported again.
-            cmu_done = len(expected) - expected[::-1].index(S.INSTALL_CMU_SUCCESS)
+            cmu_done = len(expected) - expected[::-1].index(PackageState.INSTALL_CMU_SUCCESS)
             expected = expected[cmu_done:]
         assert_subsequence(expected, states)
         assert db_facts(site) == ref.db
@@ -300,8 +300,9 @@ def assert_subsequence(expected: list[int], got: list[int]) -> None:
     rest = iter(got)
     for want in expected:
         assert any(s == want for s in rest), (
-            f"{S.name_of(want)} missing or out of order: "
-            f"{[S.name_of(s) for s in got]} (clean run: {[S.name_of(s) for s in expected]})"
+            f"{PackageState.name_of(want)} missing or out of order: "
+            f"{[PackageState.name_of(s) for s in got]} "
+            f"(clean run: {[PackageState.name_of(s) for s in expected]})"
         )
 
 
@@ -340,7 +341,7 @@ def console(site: Path) -> Path:
 
 # What the site looks like at each kill, so each test proves the kill landed where it says.
 def at_self_upgrade(site: Path) -> None:
-    assert site_state(site) == S.INSTALL_CMU_INSTALLFILES
+    assert site_state(site) == PackageState.INSTALL_CMU_INSTALLFILES
     assert builds(site)["cmupdate.exe"] == NEW_BUILD
     assert query(
         site,
@@ -365,7 +366,7 @@ def in_install_files(renamed: int) -> Callable[[Path], None]:
 
     def check(site: Path) -> None:
         assert steps_done(site) == list(range(1, 10))
-        assert site_state(site) == S.INSTALL_INSTALLFILES
+        assert site_state(site) == PackageState.INSTALL_INSTALLFILES
         new = sorted(n for n, b in builds(site).items() if b == NEW_BUILD and n != "cmupdate.exe")
         assert len(new) == renamed, new
         assert any(t.startswith("bin/x64/.~cmlab-") for t in temporaries(site))
@@ -387,11 +388,11 @@ def before_notification(site: Path) -> None:
     assert not backup(site).exists()
     assert (site / "cd.latest").is_dir()
     assert not site.joinpath(*INSTALLED_ESC).exists()
-    assert site_state(site) != S.INSTALL_SUCCESS
+    assert site_state(site) != PackageState.INSTALL_SUCCESS
 
 
 def in_client_copy(site: Path) -> None:
-    assert site_state(site) == S.INSTALL_SUCCESS
+    assert site_state(site) == PackageState.INSTALL_SUCCESS
     assert site.joinpath(*INSTALLED_ESC).exists()
     assert files_of(site / "Client") == files_of(site / "CMUClient")
 
@@ -422,7 +423,7 @@ def test_sigkill_during_the_installation_then_restart_converges(
         CRASHPOINTS[point](site)
 
         daemon.start()
-        wait_settled(site, S.INSTALL_SUCCESS, f"convergence after {point}")
+        wait_settled(site, PackageState.INSTALL_SUCCESS, f"convergence after {point}")
         wait_serving(site, daemon)
         assert daemon.stop() == 0
     assert_installed(site, reference)
@@ -452,9 +453,10 @@ def test_sigkill_at_a_random_moment_of_the_installation_then_restart_converges(
         daemon.start()
         wait_settled(
             site,
-            S.INSTALL_SUCCESS,
+            PackageState.INSTALL_SUCCESS,
             f"convergence after a kill {delay:.3f} s into an installation stage of "
-            f"{reference.stage_seconds:.3f} s (state then {at_kill and S.name_of(at_kill)})",
+            f"{reference.stage_seconds:.3f} s "
+            f"(state then {at_kill and PackageState.name_of(at_kill)})",
         )
         wait_serving(site, daemon)
         assert daemon.stop() == 0
@@ -479,11 +481,11 @@ def test_a_kill_restart_cycle_repeated_through_the_installation_converges(
             time.sleep(rng.uniform(0.0, reference.install_seconds / 2))
             daemon.kill()
             state = site_state(site)
-            at_kills.append(S.name_of(state or 0))
+            at_kills.append(PackageState.name_of(state or 0))
             assert state not in servicing.FAILED_STATES, at_kills
             daemon.start()
             wait_serving(site, daemon)
-        wait_settled(site, S.INSTALL_SUCCESS, f"convergence after kills at {at_kills}")
+        wait_settled(site, PackageState.INSTALL_SUCCESS, f"convergence after kills at {at_kills}")
         assert daemon.stop() == 0
     assert_installed(site, reference)
 
@@ -519,22 +521,22 @@ def test_sigkill_during_a_rollback_then_restart_finishes_it(
         assert steps_done(site) == list(range(1, 15))
         assert marker(site).is_file()
         assert backup(site).is_dir()
-        assert site_state(site) == S.INSTALL_UPDATEADMINCONSOLE
+        assert site_state(site) == PackageState.INSTALL_UPDATEADMINCONSOLE
         if point.startswith("siteinstall."):
             # Half the files back, half still new: neither version.
             assert {OLD_BUILD, NEW_BUILD} <= set(builds(site).values())
 
         daemon.start()
-        wait_settled(site, S.INSTALL_FAILED, f"the rollback's end after {point}")
+        wait_settled(site, PackageState.INSTALL_FAILED, f"the rollback's end after {point}")
         assert_old_site_working(site)
         failed = site_history(site)
-        assert failed[-1] == S.INSTALL_FAILED
-        assert S.INSTALL_CMU_FAILED not in failed
+        assert failed[-1] == PackageState.INSTALL_FAILED
+        assert PackageState.INSTALL_CMU_FAILED not in failed
 
         exe.unlink()
         exe.write_bytes(original)
         cmlab(retry, str(site), G)
-        wait_settled(site, S.INSTALL_SUCCESS, f"the installation after {retry}")
+        wait_settled(site, PackageState.INSTALL_SUCCESS, f"the installation after {retry}")
         wait_serving(site, daemon)
         assert daemon.stop() == 0
     assert_installed(site, reference, since=len(failed))
@@ -566,7 +568,7 @@ def test_a_failed_self_upgrade_killed_before_its_rollback_still_ends_install_cmu
         rc = daemon.wait_exit(timeout=60)
         assert rc == -signal.SIGKILL, f"the daemon did not reach the rollback: {daemon.stderr()}"
         assert marker(site).is_file()
-        assert site_state(site) == S.INSTALL_CMU_VALIDATING
+        assert site_state(site) == PackageState.INSTALL_CMU_VALIDATING
 
         daemon.start()
         wait_until(lambda: settled_failed(site), timeout=60, what="the rollback's end")
@@ -575,4 +577,4 @@ def test_a_failed_self_upgrade_killed_before_its_rollback_still_ends_install_cmu
     assert not marker(site).exists()
     assert builds(site) == dict.fromkeys(BINARIES, OLD_BUILD), "nothing was installed"
     state = site_state(site)
-    assert state is not None and S.name_of(state) == S.INSTALL_CMU_FAILED.name
+    assert state is not None and PackageState.name_of(state) == PackageState.INSTALL_CMU_FAILED.name

@@ -18,7 +18,7 @@ import pytest
 
 from cmlab.core.hashing import folder_hash, staging_hash
 from cmlab.site.content_library import ContentLibrary
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import (
     GUID_2509,
     Daemon,
@@ -84,7 +84,7 @@ def settled(site: Path) -> bool:
     return (
         not inbox_files(site)
         and notifications(site) == 0
-        and states(site).get(G) == S.PREREQ_SUCCESS
+        and states(site).get(G) == PackageState.PREREQ_SUCCESS
         and not inbox_files(site)
     )
 
@@ -101,11 +101,11 @@ def rules(site: Path) -> list[tuple[str, str]]:
 
 
 def assert_converged(site: Path, ref: Reference | None) -> None:
-    assert states(site)[G] == S.PREREQ_SUCCESS
+    assert states(site)[G] == PackageState.PREREQ_SUCCESS
     assert query(site, "SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [G]) == [(1,)]
     assert query(
         site, "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", [G]
-    ) == [(S.PREREQ_SUCCESS,)]
+    ) == [(PackageState.PREREQ_SUCCESS,)]
 
     # One hash everywhere: the source, what HMAN and DistMgr recorded, the library, staging.
     (row,) = query(
@@ -150,7 +150,7 @@ def assert_converged(site: Path, ref: Reference | None) -> None:
 
 def assert_not_reported_early(site: Path) -> None:
     """A killed run never says PREREQ_SUCCESS: the kill landed before the end of the flow."""
-    assert states(site)[G] != S.PREREQ_SUCCESS
+    assert states(site)[G] != PackageState.PREREQ_SUCCESS
 
 
 CRASHPOINTS = [
@@ -181,7 +181,7 @@ def test_sigkill_during_replication_or_prereq_then_restart_converges(
         # The kill landed where the test says.
         if name == "hman.before_cme_delete":
             # The end state is in the database; only the marker is left.
-            assert states(site)[G] == S.PREREQ_SUCCESS
+            assert states(site)[G] == PackageState.PREREQ_SUCCESS
             assert (site / "inboxes" / "hman.box" / "CFD" / f"{G}.CME").exists()
         else:
             assert_not_reported_early(site)
@@ -196,12 +196,12 @@ def test_sigkill_during_replication_or_prereq_then_restart_converges(
             assert not (site / "SCCMContentLib" / "DataLib" / f"{PKG}.1.INI").exists()
         elif name in ("contentlib.after_content_ini", "distmgr.after_snapshot"):
             assert (site / "SCCMContentLib" / "DataLib" / f"{PKG}.1.INI").exists()
-            assert states(site)[G] == S.CONTENT_REPLICATING
+            assert states(site)[G] == PackageState.CONTENT_REPLICATING
         elif name == "cmupdate.during_staging_extract":
             assert not staging.exists()
             assert any("CMUStaging" in t for t in temporaries(site))
         elif name == "cmupdate.during_prereq":
-            assert states(site)[G] == S.PREREQ_IN_PROGRESS
+            assert states(site)[G] == PackageState.PREREQ_IN_PROGRESS
             assert staging_hash(staging) == folder_hash(site / "EasySetupPayload" / g)
 
         daemon.start()
@@ -260,7 +260,7 @@ def test_a_damaged_staging_folder_is_replaced_from_the_content_library(
             lambda: (
                 settled(site)
                 and "Prerequisite check of "
-                f"{G} completed: PREREQ_SUCCESS ({int(S.PREREQ_SUCCESS)})."
+                f"{G} completed: PREREQ_SUCCESS ({int(PackageState.PREREQ_SUCCESS)})."
                 in log(site, "CMUpdate.log")[before:]
             ),
             timeout=60,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cmlab.commands.demo import run_demo
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import GUID_2409_HFRU, GUID_2503_HFRU, GUID_2509, states
 
 
@@ -17,9 +17,9 @@ def test_demo_takes_the_sample_update_to_install_success(
 ) -> None:
     assert run_demo(tmp_path, deadline_s=120) == 0
     assert states(tmp_path / "CAS") == {
-        GUID_2509: S.INSTALL_SUCCESS,
-        GUID_2503_HFRU: S.APPLICABILITY_HIDE,
-        GUID_2409_HFRU: S.APPLICABILITY_NA,
+        GUID_2509: PackageState.INSTALL_SUCCESS,
+        GUID_2503_HFRU: PackageState.APPLICABILITY_HIDE,
+        GUID_2409_HFRU: PackageState.APPLICABILITY_NA,
     }
     out = capsys.readouterr().out
     assert "Configuration Manager 2509: DOWNLOAD_SUCCESS (262146)" in out

@@ -23,8 +23,8 @@ from cmlab.site.content_library import ContentLibrary
 from cmlab.site.formats.replication import Instruction, Recovery, build_instruction
 from cmlab.site.inbox import InboxEngine
 from cmlab.site.sitedb import SiteDB, connect, servicing, transaction
-from cmlab.site.smslog import LogRegistry, LogSink
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.sms_log import LogRegistry, LogSink
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import (
     GUID_2509,
     Daemon,
@@ -201,12 +201,12 @@ def seed_replicated_run(site: Path, package_hash: str | None) -> None:
             conn.execute(
                 "INSERT INTO CM_UpdatePackages (PackageGuid, Name, State, RunNumber) "
                 "VALUES (?, 'Configuration Manager 2509', ?, 1)",
-                (GUID_2509, int(S.CONTENT_REPLICATING)),
+                (GUID_2509, int(PackageState.CONTENT_REPLICATING)),
             )
             conn.execute(
                 "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, "
                 "RunNumber) VALUES (?, 1, ?, 1)",
-                (GUID_2509, int(S.CONTENT_REPLICATING)),
+                (GUID_2509, int(PackageState.CONTENT_REPLICATING)),
             )
             conn.execute(
                 "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageVersion, "
@@ -261,7 +261,7 @@ async def test_good_package_is_stored_recorded_and_moves_the_run_on(
     ) == [(2, 100)]
     # The stored hash is the one the top-level site recorded: this site's run goes on.
     assert query(pr1, "SELECT State FROM CM_UpdatePackageSiteStatus WHERE SiteNumber = 1") == [
-        (S.CONTENT_REPLICATION_SUCCESS,)
+        (PackageState.CONTENT_REPLICATION_SUCCESS,)
     ]
     assert sorted(os.listdir(receive(pr1))) == []
     assert leftovers(pr1) == []

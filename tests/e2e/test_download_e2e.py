@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cmlab.core.hashing import folder_hash
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import (
     GUID_2509,
     Daemon,
@@ -84,10 +84,14 @@ def test_download_end_to_end(site: Path) -> None:
     with Daemon(site) as daemon:
         daemon.start()
         sync(site)
-        assert state_of(site) == S.APPLICABILITY_SUCCESS  # auto-download is off in this site
+        assert (
+            state_of(site) == PackageState.APPLICABILITY_SUCCESS
+        )  # auto-download is off in this site
         out = cmlab("download", str(site), GUID_2509)
         assert "added to CM_UpdatePackagesToDownload" in out.stdout
-        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="download")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what="download"
+        )
         assert daemon.stop() == 0
 
     # State messages: the sync's 0-4 (no package), then the download's, in the guide's order.
@@ -192,7 +196,7 @@ def test_download_end_to_end(site: Path) -> None:
     assert not temporaries(site)
     assert not list(site.rglob("BAD"))
     site_status = query(site, "SELECT State FROM CM_UpdatePackageSiteStatus")
-    assert site_status == [(S.DOWNLOAD_SUCCESS,)]
+    assert site_status == [(PackageState.DOWNLOAD_SUCCESS,)]
 
     status = cmlab("status", str(site)).stdout
     assert re.search(rf"{GUID_2509}\s+DOWNLOAD_SUCCESS \(262146\)", status)
@@ -203,7 +207,9 @@ def test_auto_download_takes_the_newest_applicable_update_after_sync(site: Path)
     with Daemon(site) as daemon:
         daemon.start()
         cmlab("sync", str(site))
-        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="auto-download")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what="auto-download"
+        )
         assert daemon.stop() == 0
     assert f"Automatic download is enabled. Added package {GUID_2509} to download queue." in log(
         site, "hman.log"
@@ -231,15 +237,19 @@ def test_a_payload_already_local_is_not_downloaded_again_and_a_damaged_one_is(
         daemon.start()
         sync(site)
         cmlab("download", str(site), GUID_2509)
-        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="download")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what="download"
+        )
         expected = payload_hash(site)
         cab_stat = os.stat(site / "EasySetupPayload" / f"{GUID}.cab")
         before = len(log(site, "dmpdownloader.log"))
 
         # Asked again (a failed later stage, an administrator): the content is local.
-        set_state(site, S.APPLICABILITY_SUCCESS)
+        set_state(site, PackageState.APPLICABILITY_SUCCESS)
         cmlab("download", str(site), GUID_2509)
-        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="2nd download")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what="2nd download"
+        )
         second = log(site, "dmpdownloader.log")[before:]
         assert_in_order(
             second,
@@ -261,9 +271,11 @@ def test_a_payload_already_local_is_not_downloaded_again_and_a_damaged_one_is(
         damaged = folder / "SMSSetup" / "bin" / "x64" / "cmupdate.exe"
         damaged.write_bytes(b"tampered")
         before = len(log(site, "dmpdownloader.log"))
-        set_state(site, S.APPLICABILITY_SUCCESS)
+        set_state(site, PackageState.APPLICABILITY_SUCCESS)
         cmlab("download", str(site), GUID_2509)
-        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="3rd download")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what="3rd download"
+        )
         third = log(site, "dmpdownloader.log")[before:]
         assert "PayloadExist = 0~~" in third
         assert f"Payload {PAYLOAD} is already downloaded with the expected hash~~" in third
@@ -278,7 +290,9 @@ def test_download_through_a_remote_scp_goes_via_the_mp_outbox(site: Path) -> Non
         daemon.start()
         sync(site)
         cmlab("download", str(site), GUID_2509)
-        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="download")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what="download"
+        )
         assert daemon.stop() == 0
     assert rf"The CMU file name is {ROOT}\MP\OUTBOXES\MCM.box\___CMU{GUID}.MCM~~" in log(
         site, "dmpdownloader.log"

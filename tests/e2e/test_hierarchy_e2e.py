@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cmlab.site.content_library import ContentLibrary
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.hierarchy_sites import (
     Hierarchy,
     bind_mounts_work,
@@ -46,10 +46,12 @@ PRIMARIES = ("CAS", "PR1", "PR2")
 CHILDREN = ("PR1", "PR2")
 
 
-def assert_subsequence(history: list[int], expected: list[S]) -> None:
+def assert_subsequence(history: list[int], expected: list[PackageState]) -> None:
     it = iter(history)
     missing = [s for s in expected if not any(h == s for h in it)]
-    assert not missing, f"{[S.name_of(h) for h in history]} lacks {[s.name for s in missing]}"
+    assert not missing, (
+        f"{[PackageState.name_of(h) for h in history]} lacks {[s.name for s in missing]}"
+    )
 
 
 @pytest.fixture(params=["second-path", "bind-mount"])
@@ -75,7 +77,7 @@ def test_an_update_goes_from_the_cas_to_every_primary_and_the_secondary_waits(
         assert h.daemons["CAS"].wait_exit() == -signal.SIGKILL
         for code in CHILDREN:
             wait_until(
-                lambda code=code: own_state(h[code], code) == S.INSTALL_WAITING_PARENT,
+                lambda code=code: own_state(h[code], code) == PackageState.INSTALL_WAITING_PARENT,
                 timeout=120,
                 what=f"{code} waiting for its parent",
             )
@@ -127,9 +129,11 @@ def test_an_update_goes_from_the_cas_to_every_primary_and_the_secondary_waits(
         h.daemons["CAS"].start()
         wait_until(
             lambda: (
-                states(cas).get(GUID) == S.INSTALL_SUCCESS
-                and all(own_state(h[c], c) == S.INSTALL_SUCCESS for c in PRIMARIES)
-                and all(site_states(cas, GUID).get(c) == S.INSTALL_SUCCESS for c in PRIMARIES)
+                states(cas).get(GUID) == PackageState.INSTALL_SUCCESS
+                and all(own_state(h[c], c) == PackageState.INSTALL_SUCCESS for c in PRIMARIES)
+                and all(
+                    site_states(cas, GUID).get(c) == PackageState.INSTALL_SUCCESS for c in PRIMARIES
+                )
             ),
             timeout=240,
             what="INSTALL_SUCCESS at the CAS and both primaries, rolled up at the CAS",
@@ -148,13 +152,13 @@ def test_an_update_goes_from_the_cas_to_every_primary_and_the_secondary_waits(
             assert_subsequence(
                 own_history(h[code], code),
                 [
-                    S.ENABLED,
-                    S.CONTENT_REPLICATION_SUCCESS,
-                    S.PREREQ_IN_PROGRESS,
-                    S.PREREQ_SUCCESS,
-                    S.INSTALL_WAITING_PARENT,
-                    S.INSTALL_IN_PROGRESS,
-                    S.INSTALL_SUCCESS,
+                    PackageState.ENABLED,
+                    PackageState.CONTENT_REPLICATION_SUCCESS,
+                    PackageState.PREREQ_IN_PROGRESS,
+                    PackageState.PREREQ_SUCCESS,
+                    PackageState.INSTALL_WAITING_PARENT,
+                    PackageState.INSTALL_IN_PROGRESS,
+                    PackageState.INSTALL_SUCCESS,
                 ],
             )
             assert any(
@@ -214,8 +218,12 @@ def test_the_cas_shows_the_worst_prerequisite_result_of_all_its_primary_sites(
         wait_until(
             lambda: (
                 site_states(h["CAS"], GUID)
-                == {"CAS": S.PREREQ_SUCCESS, "PR1": S.PREREQ_WARNING, "PR2": S.PREREQ_SUCCESS}
-                and states(h["CAS"]).get(GUID) == S.PREREQ_WARNING
+                == {
+                    "CAS": PackageState.PREREQ_SUCCESS,
+                    "PR1": PackageState.PREREQ_WARNING,
+                    "PR2": PackageState.PREREQ_SUCCESS,
+                }
+                and states(h["CAS"]).get(GUID) == PackageState.PREREQ_WARNING
             ),
             timeout=180,
             what="every site's prerequisite result at the CAS",
@@ -229,4 +237,4 @@ def test_the_cas_shows_the_worst_prerequisite_result_of_all_its_primary_sites(
         assert [(r[0], r[2]) for r in rules] == [("PR1", 1)]
     for code in PRIMARIES:
         assert site_version(h[code]) == OLD_VERSION
-        assert S.INSTALL_IN_PROGRESS not in own_history(h[code], code)
+        assert PackageState.INSTALL_IN_PROGRESS not in own_history(h[code], code)

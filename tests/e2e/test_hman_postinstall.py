@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cmlab.core.fs import write_atomic
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import (
     GUID_2509,
     Daemon,
@@ -153,7 +153,7 @@ def assert_client_packages(site: Path, *, piloting: bool) -> None:
 
 
 def test_early_notification_waits_then_updates_the_client_packages(site: Path) -> None:
-    set_state(site, S.INSTALL_WAITING_PARENT)
+    set_state(site, PackageState.INSTALL_WAITING_PARENT)
     with Daemon(site) as daemon:
         daemon.start()
         drop_esc(site)
@@ -165,7 +165,7 @@ def test_early_notification_waits_then_updates_the_client_packages(site: Path) -
         assert monitoring(site) == {}
         assert_in_order(log(site, "hman.log"), [FOUND, WARN])
 
-        set_state(site, S.INSTALL_SUCCESS)
+        set_state(site, PackageState.INSTALL_SUCCESS)
         wait_until(lambda: handled(site), timeout=30, what="196612.ESC handled")
         messages = log(site, "hman.log")
         assert messages.count(WARN) == 1  # retries while the state stays are not logged again
@@ -197,7 +197,7 @@ def test_early_notification_waits_then_updates_the_client_packages(site: Path) -
 def test_piloting_also_updates_the_piloting_package(site: Path) -> None:
     with (site / "site.toml").open("a") as f:
         f.write("\n[client]\npiloting = true\n")
-    set_state(site, S.INSTALL_SUCCESS)
+    set_state(site, PackageState.INSTALL_SUCCESS)
     with Daemon(site) as daemon:
         daemon.start()
         drop_esc(site)
@@ -229,6 +229,12 @@ def test_stray_notification_is_deleted(site: Path) -> None:
         assert daemon.stop() == 0
 
 
+def moved_bad_file_errors(site: Path) -> list[str]:
+    """hman.log's ERROR lines once the engine has logged a quarantine; [] until then."""
+    errors = [line for line in log(site, "hman.log") if line.startswith("ERROR")]
+    return errors if any(e.startswith("ERROR: Moved bad file") for e in errors) else []
+
+
 @pytest.mark.parametrize("broken", ["no CMUClient", "no ccmsetup"])
 def test_missing_client_files_go_to_bad(site: Path, broken: str) -> None:
     if broken == "no CMUClient":
@@ -241,7 +247,7 @@ def test_missing_client_files_go_to_bad(site: Path, broken: str) -> None:
     else:
         (site / "CMUClient" / "ccmsetup.exe").unlink()
         what = "CMUClient has no ccmsetup.exe"
-    set_state(site, S.INSTALL_SUCCESS)
+    set_state(site, PackageState.INSTALL_SUCCESS)
     with Daemon(site) as daemon:
         daemon.start()
         drop_esc(site)
@@ -250,9 +256,11 @@ def test_missing_client_files_go_to_bad(site: Path, broken: str) -> None:
         reason = (bad.parent / f"{ESC}.reason").read_text()
         assert "the client files to update the client packages from are missing" in reason
         assert what in reason
-        errors = [line for line in log(site, "hman.log") if line.startswith("ERROR")]
+        # Quarantine writes the .reason file before it logs the move: wait for the line.
+        errors = wait_until(
+            lambda: moved_bad_file_errors(site), timeout=30, what="ERROR: Moved bad file"
+        )
         assert any("Failed to update client packages" in e and what in e for e in errors)
-        assert any(e.startswith("ERROR: Moved bad file") for e in errors)
         # Nothing half-copied.
         assert tree(site / "Client") == {"old-client.msi": b"the previous build's client"}
         assert tree(site / "ClientUpgrade") == {}
@@ -262,7 +270,7 @@ def test_missing_client_files_go_to_bad(site: Path, broken: str) -> None:
 
 
 def test_sigkill_after_client_copy_then_restart_converges(site: Path) -> None:
-    set_state(site, S.INSTALL_SUCCESS)
+    set_state(site, PackageState.INSTALL_SUCCESS)
     with Daemon(site) as daemon:
         daemon.start(CMLAB_CRASHPOINTS="hman.postinstall.after_client_copy")
         drop_esc(site)

@@ -19,7 +19,7 @@ from cmlab.commands.payload import build_cab_from_dir
 from cmlab.core.hashing import sha256_file
 from cmlab.site.formats.sample_binary import sample_build_number
 from cmlab.site.resources import data_dir
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from cmlab.site.trust import load_lab_ca
 from tests.helpers.sites import (
     GUID_2509,
@@ -50,30 +50,30 @@ CFD_ESC = rf"{ROOT}\inboxes\hman.box\CFD\196612.ESC"
 # as the _HIST table records it): the run from InitiateUpgrade, the prerequisite rerun, the
 # self-upgrade, then one state per group of install.map steps.
 INSTALL_STATES = [
-    S.INSTALL_IN_PROGRESS,
-    S.INSTALL_CMU_VALIDATING,
-    S.INSTALL_CMU_STOPPED,
-    S.INSTALL_CMU_INSTALLFILES,
-    S.INSTALL_CMU_STARTED,
-    S.INSTALL_CMU_SUCCESS,
-    S.INSTALL_IN_PROGRESS,
-    S.INSTALL_UPGRADEDATABASE,
-    S.INSTALL_INSTALLSYSTEM,
-    S.INSTALL_INSTALLFILES,
-    S.INSTALL_UPGRADESITECTRLIMAGE,
-    S.INSTALL_CONFIGURESERVICEBROKER,
-    S.INSTALL_INSTALLBASESERVICES,
-    S.INSTALL_UPDATE_SITES,
-    S.INSTALL_UPDATEADMINCONSOLE,
-    S.INSTALL_SSB_ACTIVATION_ON,
-    S.INSTALL_SUCCESS,
+    PackageState.INSTALL_IN_PROGRESS,
+    PackageState.INSTALL_CMU_VALIDATING,
+    PackageState.INSTALL_CMU_STOPPED,
+    PackageState.INSTALL_CMU_INSTALLFILES,
+    PackageState.INSTALL_CMU_STARTED,
+    PackageState.INSTALL_CMU_SUCCESS,
+    PackageState.INSTALL_IN_PROGRESS,
+    PackageState.INSTALL_UPGRADEDATABASE,
+    PackageState.INSTALL_INSTALLSYSTEM,
+    PackageState.INSTALL_INSTALLFILES,
+    PackageState.INSTALL_UPGRADESITECTRLIMAGE,
+    PackageState.INSTALL_CONFIGURESERVICEBROKER,
+    PackageState.INSTALL_INSTALLBASESERVICES,
+    PackageState.INSTALL_UPDATE_SITES,
+    PackageState.INSTALL_UPDATEADMINCONSOLE,
+    PackageState.INSTALL_SSB_ACTIVATION_ON,
+    PackageState.INSTALL_SUCCESS,
 ]
 RUN_STATES = [
-    S.ENABLED,
-    S.CONTENT_REPLICATING,
-    S.CONTENT_REPLICATION_SUCCESS,
-    S.PREREQ_IN_PROGRESS,
-    S.PREREQ_SUCCESS,
+    PackageState.ENABLED,
+    PackageState.CONTENT_REPLICATING,
+    PackageState.CONTENT_REPLICATION_SUCCESS,
+    PackageState.PREREQ_IN_PROGRESS,
+    PackageState.PREREQ_SUCCESS,
     *INSTALL_STATES,
 ]
 
@@ -109,7 +109,7 @@ def install(site: Path, *extra: str) -> None:
 
 
 def wait_settled(site: Path, state: int, timeout: float = 120) -> None:
-    wait_until(lambda: settled_at(site, state), timeout=timeout, what=S.name_of(state))
+    wait_until(lambda: settled_at(site, state), timeout=timeout, what=PackageState.name_of(state))
 
 
 def assert_old_site_working(site: Path) -> None:
@@ -135,15 +135,15 @@ def test_install_takes_the_update_to_install_success_and_updates_the_site(site: 
     with Daemon(site) as daemon:
         daemon.start()
         install(site)
-        wait_settled(site, S.INSTALL_SUCCESS)
+        wait_settled(site, PackageState.INSTALL_SUCCESS)
         assert daemon.stop() == 0
 
     assert site_history(site) == [
-        S.DOWNLOAD_IN_PROGRESS,
-        S.DOWNLOAD_SUCCESS,
+        PackageState.DOWNLOAD_IN_PROGRESS,
+        PackageState.DOWNLOAD_SUCCESS,
         *RUN_STATES,
     ]
-    assert states(site)[GUID] == S.INSTALL_SUCCESS
+    assert states(site)[GUID] == PackageState.INSTALL_SUCCESS
 
     # The site really changed.
     assert site_version(site) == NEW_VERSION
@@ -321,7 +321,8 @@ def fail_then_fix(
                 error,
                 re.compile(
                     rf"ERROR: Failed to install update package {GUID}: "
-                    rf"{S.name_of(failed)} \({failed}\)\. Fix the cause above, then install the "
+                    rf"{PackageState.name_of(failed)} \({failed}\)\. "
+                    r"Fix the cause above, then install the "
                     r"update again\."
                 ),
             ],
@@ -340,7 +341,7 @@ def fail_then_fix(
 
         fix()
         install(site)
-        wait_settled(site, S.INSTALL_SUCCESS)
+        wait_settled(site, PackageState.INSTALL_SUCCESS)
         assert daemon.stop() == 0
     assert site_version(site) == NEW_VERSION
     assert binary_builds(site) == {NEW_BUILD}
@@ -355,7 +356,7 @@ def test_a_file_whose_hash_does_not_match_update_map_fails_before_any_change(
     original = flip_byte(dll)
     failed_log = fail_then_fix(
         site,
-        S.INSTALL_FAILED,
+        PackageState.INSTALL_FAILED,
         re.compile(
             r"ERROR: .*\\SMSSetup\\bin\\x64\\hman\.dll has hash [0-9A-F]{64}, update\.map "
             r"expects [0-9A-F]{64}, and no redist .* provides hman\.dll"
@@ -380,7 +381,7 @@ def test_a_step_that_fails_midway_is_rolled_back(site: Path) -> None:
 
     failed_log = fail_then_fix(
         site,
-        S.INSTALL_FAILED,
+        PackageState.INSTALL_FAILED,
         re.compile(r"ERROR: install step 15 \(UPDATE_ADMIN_CONSOLE\) failed: .*"),
         fix,
     )
@@ -402,7 +403,7 @@ def test_a_redist_missing_from_both_paths_fails_before_any_change(site: Path) ->
     redist.unlink()
     failed_log = fail_then_fix(
         site,
-        S.INSTALL_FAILED,
+        PackageState.INSTALL_FAILED,
         re.compile(r"ERROR: .*sqlncli.*", re.IGNORECASE),
         lambda: redist.write_bytes(original),
     )
@@ -422,7 +423,7 @@ def test_a_failing_pre_upgrade_script_fails_and_applies_nothing(site: Path, tmp_
     build_cab_from_dir(scripts, cab, load_lab_ca(site / "trust").signer())
     fail_then_fix(
         site,
-        S.INSTALL_FAILED,
+        PackageState.INSTALL_FAILED,
         "ERROR: Pre-upgrade script 002_broken.sql failed: no such table: NoSuchTable",
         lambda: cab.write_bytes(original),
     )
@@ -434,7 +435,7 @@ def test_a_damaged_cmupdate_exe_fails_the_self_upgrade(site: Path) -> None:
     original = flip_byte(exe)
     failed_log = fail_then_fix(
         site,
-        S.INSTALL_CMU_FAILED,
+        PackageState.INSTALL_CMU_FAILED,
         re.compile(r"ERROR: The new cmupdate\.exe .* does not match update\.map: .*"),
         lambda: exe.write_bytes(original),
     )
@@ -465,7 +466,7 @@ def test_outside_its_service_window_the_site_waits_across_a_restart(site: Path) 
         daemon.start()
         install(site)
         wait_until(
-            lambda: site_state(site) == S.INSTALL_WAITING_SERVICE_WINDOW,
+            lambda: site_state(site) == PackageState.INSTALL_WAITING_SERVICE_WINDOW,
             timeout=120,
             what="INSTALL_WAITING_SERVICE_WINDOW",
         )
@@ -492,14 +493,14 @@ def test_outside_its_service_window_the_site_waits_across_a_restart(site: Path) 
             timeout=60,
             what="the wait taken up again after the restart",
         )
-        assert site_state(site) == S.INSTALL_WAITING_SERVICE_WINDOW
+        assert site_state(site) == PackageState.INSTALL_WAITING_SERVICE_WINDOW
         assert daemon.stop() == 0
 
     # The window now opens a few seconds after the start: CMUpdate wakes for it on its own.
     set_service_window(site, datetime.now() + timedelta(seconds=4), 60)
     with Daemon(site) as daemon:
         daemon.start()
-        wait_settled(site, S.INSTALL_SUCCESS)
+        wait_settled(site, PackageState.INSTALL_SUCCESS)
         assert daemon.stop() == 0
     lines = log(site, "CMUpdate.log")
     assert_in_order(
@@ -516,5 +517,5 @@ def test_outside_its_service_window_the_site_waits_across_a_restart(site: Path) 
     )
     assert site_version(site) == NEW_VERSION
     hist = site_history(site)
-    assert hist.count(S.INSTALL_WAITING_SERVICE_WINDOW) == 1
-    assert hist[-1] == S.INSTALL_SUCCESS
+    assert hist.count(PackageState.INSTALL_WAITING_SERVICE_WINDOW) == 1
+    assert hist[-1] == PackageState.INSTALL_SUCCESS

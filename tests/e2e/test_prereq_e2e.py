@@ -12,7 +12,7 @@ import pytest
 
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash, staging_hash
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import (
     GUID_2509,
     Daemon,
@@ -75,7 +75,9 @@ def test_prereq_only_reaches_prereq_success_with_the_guides_lines(site: Path) ->
         daemon.start()
         out = cmlab("prereq", str(site), GUID).stdout
         assert "ENABLED (2)" in out
-        wait_until(lambda: settled_at(site, S.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS")
+        wait_until(
+            lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS"
+        )
         assert daemon.stop() == 0
 
     assert_in_order(
@@ -216,7 +218,9 @@ def test_prereq_warning_then_install_ignoring_warnings(site: Path) -> None:
     with Daemon(site) as daemon:
         daemon.start()
         cmlab("prereq", str(site), GUID)
-        wait_until(lambda: settled_at(site, S.PREREQ_WARNING), timeout=90, what="PREREQ_WARNING")
+        wait_until(
+            lambda: settled_at(site, PackageState.PREREQ_WARNING), timeout=90, what="PREREQ_WARNING"
+        )
         warned = [r for r in prereq_rows(site) if r[1] == 1]
         assert warned and all(message for _, _, message in warned), warned
         prereq_log = log(site, "ConfigMgrPrereq.log")
@@ -232,7 +236,11 @@ def test_prereq_warning_then_install_ignoring_warnings(site: Path) -> None:
             what="the ignore-warnings line",
         )
         # Flag 2 goes on to the installation despite the warning.
-        wait_until(lambda: settled_at(site, S.INSTALL_SUCCESS), timeout=120, what="INSTALL_SUCCESS")
+        wait_until(
+            lambda: settled_at(site, PackageState.INSTALL_SUCCESS),
+            timeout=120,
+            what="INSTALL_SUCCESS",
+        )
         assert daemon.stop() == 0
     assert "Easy setup source folder hash is not changed. Skip updating." in log(site, "hman.log")
     assert "Content is already found at the staging folder" in log(site, "CMUpdate.log")
@@ -248,7 +256,9 @@ def test_prereq_error_names_the_rule_and_its_fix(site: Path) -> None:
     with Daemon(site) as daemon:
         daemon.start()
         cmlab("prereq", str(site), GUID)
-        wait_until(lambda: settled_at(site, S.PREREQ_ERROR), timeout=90, what="PREREQ_ERROR")
+        wait_until(
+            lambda: settled_at(site, PackageState.PREREQ_ERROR), timeout=90, what="PREREQ_ERROR"
+        )
         assert daemon.stop() == 0
     failed = [r for r in prereq_rows(site) if r[1] == 2]
     assert len(failed) >= 1
@@ -269,7 +279,7 @@ def test_unreadable_source_keeps_enabled_until_2esc_is_dropped_again(site: Path)
             timeout=60,
             what="Failed to calculate hash",
         )
-        assert states(site)[GUID] == S.ENABLED
+        assert states(site)[GUID] == PackageState.ENABLED
         assert (
             "Successfully reported ConfigMgr update status (SiteCode=CAS, SubStageID=0xb0001, "
             "IsComplete=4, Progress=0, Applicable=1)" in log(site, "hman.log")
@@ -277,7 +287,9 @@ def test_unreadable_source_keeps_enabled_until_2esc_is_dropped_again(site: Path)
         # The guide's fix: make the share readable, then re-create 2.esc in CFD by hand.
         shutil.move(aside, source)
         write_atomic(site / "inboxes" / "hman.box" / "CFD" / "2.esc", b"")
-        wait_until(lambda: settled_at(site, S.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS")
+        wait_until(
+            lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS"
+        )
         assert daemon.stop() == 0
     assert_in_order(
         log(site, "hman.log"),
@@ -300,7 +312,9 @@ def test_tampered_update_map_cab_gives_the_guides_error_and_retry_recovers(site:
     with Daemon(site) as daemon:
         daemon.start()
         cmlab("prereq", str(site), GUID)
-        wait_until(lambda: settled_at(site, S.PREREQ_ERROR), timeout=90, what="PREREQ_ERROR")
+        wait_until(
+            lambda: settled_at(site, PackageState.PREREQ_ERROR), timeout=90, what="PREREQ_ERROR"
+        )
         assert_in_order(
             log(site, "CMUpdate.log"),
             [
@@ -313,7 +327,9 @@ def test_tampered_update_map_cab_gives_the_guides_error_and_retry_recovers(site:
         cab.write_bytes(good)
         out = cmlab("retry-replication", str(site), GUID).stdout
         assert "ReturnValue 0" in out
-        wait_until(lambda: settled_at(site, S.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS")
+        wait_until(
+            lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS"
+        )
         assert daemon.stop() == 0
     assert_in_order(
         log(site, "distmgr.log"),

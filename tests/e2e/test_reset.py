@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.commands.reset import Outcome, reset_package
+from cmlab.commands.reset import ResetResult, reset_package
 from cmlab.site.sitedb import connect, procs, transaction
-from cmlab.site.smslog import read_messages
-from cmlab.site.statecodes import IsComplete, SubStage
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.sms_log import read_messages
+from cmlab.site.state_codes import IsComplete, PackageState, SubStage
 from tests.helpers.sites import (
     GUID_2409_HFRU,
     GUID_2503_HFRU,
@@ -66,7 +65,7 @@ def db(site: Path) -> Iterator[sqlite3.Connection]:
 def seed(conn: sqlite3.Connection, guid: str, state: int, package_id: str) -> None:
     """The rows the later stages leave for a package, as their procedures write them."""
     with transaction(conn):
-        procs.spCMUSetUpdatePackageState(conn, guid, S.DOWNLOAD_IN_PROGRESS)
+        procs.spCMUSetUpdatePackageState(conn, guid, PackageState.DOWNLOAD_IN_PROGRESS)
         conn.execute("INSERT INTO CM_UpdatePackagesToDownload (PackageGuid) VALUES (?)", (guid,))
         procs.spCMUSetUpdatePackageState(conn, guid, state)
         procs.spCMUReportUpdateStatus(
@@ -151,13 +150,15 @@ def snapshot(site: Path) -> tuple[dict[str, list[tuple[object, ...]]], set[str]]
 
 def prepared(site: Path, db: sqlite3.Connection, state: int) -> tuple[list[Path], list[Path]]:
     seed(db, GUID, state, "CAS10001")
-    seed(db, OTHER, S.DOWNLOAD_IN_PROGRESS, "CAS10002")
+    seed(db, OTHER, PackageState.DOWNLOAD_IN_PROGRESS, "CAS10002")
     return make_content(site, GUID), make_content(site, OTHER)
 
 
-@pytest.mark.parametrize("state", [S.APPLICABILITY_SUCCESS, S.DOWNLOAD_IN_PROGRESS])
+@pytest.mark.parametrize(
+    "state", [PackageState.APPLICABILITY_SUCCESS, PackageState.DOWNLOAD_IN_PROGRESS]
+)
 def test_reset_removes_a_package_that_has_not_started_installing(
-    site: Path, db: sqlite3.Connection, state: S
+    site: Path, db: sqlite3.Connection, state: PackageState
 ) -> None:
     mine, others = prepared(site, db, state)
     assert all(rows_of(site, GUID).values())
@@ -182,8 +183,8 @@ def test_reset_removes_a_package_that_has_not_started_installing(
     assert all(rows_of(site, OTHER).values())
     assert all(p.is_file() for p in others)
     assert states(site) == {
-        GUID_2503_HFRU: S.DOWNLOAD_IN_PROGRESS,
-        GUID_2409_HFRU: S.APPLICABILITY_NA,
+        GUID_2503_HFRU: PackageState.DOWNLOAD_IN_PROGRESS,
+        GUID_2409_HFRU: PackageState.APPLICABILITY_NA,
     }
     # Only the package's own staging folder went: the manifest and applicability checks stay.
     assert sorted(p.name for p in (site / "CMUStaging").iterdir()) == [
@@ -207,23 +208,23 @@ def test_reset_removes_a_package_that_has_not_started_installing(
 @pytest.mark.parametrize(
     ("state", "force"),
     [
-        (S.INSTALL_IN_PROGRESS, False),
-        (S.INSTALL_WAITING_SERVICE_WINDOW, True),
-        (S.INSTALL_CMU_STARTED, True),
-        (S.INSTALL_UPGRADEDATABASE, False),
-        (S.INSTALL_PENDING_REBOOT, True),
-        (S.INSTALL_CMU_FAILED, True),
-        (S.INSTALL_FAILED, True),
-        (S.INSTALL_SUCCESS, True),
+        (PackageState.INSTALL_IN_PROGRESS, False),
+        (PackageState.INSTALL_WAITING_SERVICE_WINDOW, True),
+        (PackageState.INSTALL_CMU_STARTED, True),
+        (PackageState.INSTALL_UPGRADEDATABASE, False),
+        (PackageState.INSTALL_PENDING_REBOOT, True),
+        (PackageState.INSTALL_CMU_FAILED, True),
+        (PackageState.INSTALL_FAILED, True),
+        (PackageState.INSTALL_SUCCESS, True),
     ],
 )
 def test_reset_refuses_a_package_that_started_installing(
-    site: Path, db: sqlite3.Connection, state: S, force: bool
+    site: Path, db: sqlite3.Connection, state: PackageState, force: bool
 ) -> None:
     prepared(site, db, state)
     before = snapshot(site)
     report = reset_package(site, GUID, force=force)
-    assert report.outcome is Outcome.INSTALLING and not report.ok
+    assert report.outcome is ResetResult.INSTALLING and not report.ok
     assert f"is {state.name} ({int(state)})" in report.message
     assert INSTALLING in report.message
     assert snapshot(site) == before
@@ -231,7 +232,7 @@ def test_reset_refuses_a_package_that_started_installing(
 
 
 def test_cli_refusal_names_the_state_and_exits_1(site: Path, db: sqlite3.Connection) -> None:
-    prepared(site, db, S.INSTALL_IN_PROGRESS)
+    prepared(site, db, PackageState.INSTALL_IN_PROGRESS)
     before = snapshot(site)
     proc = cmlab("reset", str(site), GUID, "--force", check=False)
     assert proc.returncode == 1
@@ -247,7 +248,7 @@ def test_a_child_site_that_is_installing_blocks_the_reset(
     site: Path, db: sqlite3.Connection
 ) -> None:
     """The top-level site has the package downloaded; a child primary already installs it."""
-    prepared(site, db, S.DOWNLOAD_SUCCESS)
+    prepared(site, db, PackageState.DOWNLOAD_SUCCESS)
     with transaction(db):
         db.execute(
             "INSERT INTO ServerData (ID, SiteCode, ParentSiteCode, SiteServerName, SiteType) "
@@ -256,18 +257,20 @@ def test_a_child_site_that_is_installing_blocks_the_reset(
         db.execute(
             "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State) "
             "VALUES (?, 2, ?)",
-            (GUID, int(S.INSTALL_IN_PROGRESS)),
+            (GUID, int(PackageState.INSTALL_IN_PROGRESS)),
         )
     before = snapshot(site)
     report = reset_package(site, GUID, force=True)
-    assert report.outcome is Outcome.INSTALLING
+    assert report.outcome is ResetResult.INSTALLING
     assert "is INSTALL_IN_PROGRESS (196609) at site PR1" in report.message
     assert snapshot(site) == before
 
 
-@pytest.mark.parametrize("state", [S.DOWNLOAD_SUCCESS, S.CONTENT_REPLICATION_FAILED])
+@pytest.mark.parametrize(
+    "state", [PackageState.DOWNLOAD_SUCCESS, PackageState.CONTENT_REPLICATION_FAILED]
+)
 def test_a_downloaded_package_is_deleted_only_with_force(
-    site: Path, db: sqlite3.Connection, state: S
+    site: Path, db: sqlite3.Connection, state: PackageState
 ) -> None:
     mine, _ = prepared(site, db, state)
     before = snapshot(site)
@@ -302,11 +305,11 @@ def test_unknown_and_malformed_guids(site: Path) -> None:
 
 
 def test_json_output(site: Path, db: sqlite3.Connection) -> None:
-    prepared(site, db, S.DOWNLOAD_FAILED)
+    prepared(site, db, PackageState.DOWNLOAD_FAILED)
     doc = json.loads(cmlab("reset", str(site), f"{{{GUID.lower()}}}", "--json").stdout)
     assert doc["outcome"] == "reset" and doc["ok"] is True
     assert doc["guid"] == GUID and doc["name"] == "Configuration Manager 2509"
-    assert doc["state"] == S.DOWNLOAD_FAILED and doc["state_name"] == "DOWNLOAD_FAILED"
+    assert doc["state"] == PackageState.DOWNLOAD_FAILED and doc["state_name"] == "DOWNLOAD_FAILED"
     assert doc["rows"] == {
         "SMSPackages": 1,
         "EasySetupSettings": 1,
@@ -335,7 +338,7 @@ def test_json_output(site: Path, db: sqlite3.Connection) -> None:
 def test_links_are_removed_never_followed(
     site: Path, db: sqlite3.Connection, tmp_path: Path
 ) -> None:
-    seed(db, GUID, S.DOWNLOAD_FAILED, "CAS10001")
+    seed(db, GUID, PackageState.DOWNLOAD_FAILED, "CAS10001")
     outside = tmp_path / "outside"
     (outside / "payload" / "redist").mkdir(parents=True)
     (outside / "payload" / "redist" / "keep.cab").write_text("keep")
@@ -370,7 +373,7 @@ def test_links_are_removed_never_followed(
 def test_leftovers_of_an_interrupted_reset_are_cleaned(site: Path, db: sqlite3.Connection) -> None:
     """The package's row is gone (a crash, or a hand-made DELETE) but other rows and its files
     are left: running the reset again removes them."""
-    seed(db, GUID, S.DOWNLOAD_FAILED, "CAS10001")
+    seed(db, GUID, PackageState.DOWNLOAD_FAILED, "CAS10001")
     with transaction(db):
         db.execute("DELETE FROM CM_UpdatePackages WHERE PackageGuid = ?", (GUID,))
     files = make_content(site, GUID)
@@ -387,7 +390,7 @@ def test_leftovers_of_an_interrupted_reset_are_cleaned(site: Path, db: sqlite3.C
 
 
 def test_only_the_top_level_site_runs_the_reset(site: Path, db: sqlite3.Connection) -> None:
-    prepared(site, db, S.DOWNLOAD_FAILED)
+    prepared(site, db, PackageState.DOWNLOAD_FAILED)
     set_toml(site, "site", "role", "'primary'")
     set_toml(site, "site", "parent", f"'{site.parent / 'CAS-parent'}'")
     before = snapshot(site)
@@ -401,19 +404,19 @@ def test_reset_while_the_daemon_runs_then_sync_brings_the_package_back(site: Pat
     as it is downloaded) with the daemon running; the next sync starts it over."""
     payload = site / "EasySetupPayload"
     low = GUID.lower()
-    downloaded = (S.DOWNLOAD_SUCCESS, S.DOWNLOAD_FAILED)
+    downloaded = (PackageState.DOWNLOAD_SUCCESS, PackageState.DOWNLOAD_FAILED)
     with Daemon(site) as daemon:
         daemon.start()
         cmlab("download", str(site), GUID)
         wait_until(lambda: states(site)[GUID] in downloaded, timeout=60, what="download")
-        assert states(site)[GUID] == S.DOWNLOAD_SUCCESS
+        assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
         wait_until(lambda: not inbox_files(site), timeout=30, what="drop files consumed")
         assert (payload / low).is_dir() and (payload / f"{low}.cab").is_file()
         (payload / low / "tampered.txt").write_text("not from Microsoft")
 
         refused = cmlab("reset", str(site), GUID, check=False)
         assert refused.returncode == 1 and "DOWNLOAD_SUCCESS (262146)" in refused.stderr
-        assert states(site)[GUID] == S.DOWNLOAD_SUCCESS
+        assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
 
         cmlab("reset", str(site), GUID, "--force")
         assert GUID not in states(site)
@@ -424,8 +427,15 @@ def test_reset_while_the_daemon_runs_then_sync_brings_the_package_back(site: Pat
         cmlab("sync", str(site))
         # Back at the start: applicable again (or further on, if the site downloads by itself).
         # HMAN rechecks every package of the manifest: wait for all of them.
-        back = (S.APPLICABILITY_SUCCESS, S.DOWNLOAD_IN_PROGRESS, S.DOWNLOAD_SUCCESS)
-        others = {GUID_2503_HFRU: S.APPLICABILITY_HIDE, GUID_2409_HFRU: S.APPLICABILITY_NA}
+        back = (
+            PackageState.APPLICABILITY_SUCCESS,
+            PackageState.DOWNLOAD_IN_PROGRESS,
+            PackageState.DOWNLOAD_SUCCESS,
+        )
+        others = {
+            GUID_2503_HFRU: PackageState.APPLICABILITY_HIDE,
+            GUID_2409_HFRU: PackageState.APPLICABILITY_NA,
+        }
 
         def resynced() -> bool:
             now = states(site)
@@ -434,9 +444,9 @@ def test_reset_while_the_daemon_runs_then_sync_brings_the_package_back(site: Pat
         wait_until(resynced, timeout=60, what="the package back, the others rechecked")
 
         # And it downloads again, cleanly.
-        if states(site)[GUID] == S.APPLICABILITY_SUCCESS:
+        if states(site)[GUID] == PackageState.APPLICABILITY_SUCCESS:
             cmlab("download", str(site), GUID)
         wait_until(lambda: states(site)[GUID] in downloaded, timeout=60, what="download again")
-        assert states(site)[GUID] == S.DOWNLOAD_SUCCESS
+        assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
         assert not (payload / low / "tampered.txt").exists()
         assert daemon.stop() == 0

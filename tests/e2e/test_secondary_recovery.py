@@ -29,7 +29,7 @@ from cmlab.site.formats.replication import (
 from cmlab.site.installation import installed_build
 from cmlab.site.sitedb import connect, hierarchy, transaction
 from cmlab.site.sitedb.recovery import request_secondary_recovery
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.e2e.test_despooler import ROOT, bad, make_hierarchy, receive, running
 from tests.helpers.sites import GUID_2509, Daemon, log, query
 from tests.helpers.waiting import await_until, wait_until
@@ -60,9 +60,9 @@ def hier(tmp_path: Path) -> dict[str, Path]:
                 (NEW_VERSION, NEW_VERSION, NEW_BUILD),
             )
             for guid, state in (
-                (GUID_2509, S.INSTALL_SUCCESS),
-                (HOTFIX, S.INSTALL_SUCCESS),
-                (NOT_INSTALLED, S.PREREQ_SUCCESS),
+                (GUID_2509, PackageState.INSTALL_SUCCESS),
+                (HOTFIX, PackageState.INSTALL_SUCCESS),
+                (NOT_INSTALLED, PackageState.PREREQ_SUCCESS),
             ):
                 conn.execute(
                     "INSERT INTO CM_UpdatePackages (PackageGuid, Name, State, RunNumber) "
@@ -309,7 +309,10 @@ async def test_secondary_is_reinstalled_with_its_parent_files(hier: dict[str, Pa
         "JOIN CM_UpdatePackages p ON p.PackageGuid = ss.PackageGuid "
         "JOIN ServerData sd ON sd.ID = ss.SiteNumber AND sd.SiteCode = 'SEC' "
         "ORDER BY ss.PackageGuid",
-    ) == [(HOTFIX, S.INSTALL_SUCCESS, HOTFIX), (GUID_2509, S.INSTALL_SUCCESS, GUID_2509)]
+    ) == [
+        (HOTFIX, PackageState.INSTALL_SUCCESS, HOTFIX),
+        (GUID_2509, PackageState.INSTALL_SUCCESS, GUID_2509),
+    ]
     ctrl = (sec / "inboxes" / "sitectrl.box" / "sitectrl.ct0").read_text()
     assert f"PROPERTY <Build Number><><{NEW_BUILD}><0>" in ctrl
     assert f"PROPERTY <Full Version><><{NEW_VERSION}><0>" in ctrl

@@ -26,7 +26,7 @@ from cmlab.site.config import load_config
 from cmlab.site.file_replication import build_package_file
 from cmlab.site.formats.replication import parse_instruction, read_instruction
 from cmlab.site.sitedb import connect, hierarchy, servicing
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import Daemon, assert_in_order, copy_site, log, query, set_toml
 from tests.helpers.waiting import await_until, wait_until
 
@@ -82,10 +82,12 @@ def hier(template: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
             conn.execute(
                 "INSERT INTO CM_UpdatePackages (PackageGuid, Name, State, RunNumber) "
                 "VALUES (?, 'Test update', ?, 1)",
-                (GUID, int(S.CONTENT_REPLICATING)),
+                (GUID, int(PackageState.CONTENT_REPLICATING)),
             )
             for code in ("CAS", "PR1"):
-                servicing.spCMUSetSiteState(conn, GUID, S.CONTENT_REPLICATING, site_code=code)
+                servicing.spCMUSetSiteState(
+                    conn, GUID, PackageState.CONTENT_REPLICATING, site_code=code
+                )
             servicing.sp_UpdateEasySetupSettings(
                 conn,
                 PKG,
@@ -276,9 +278,9 @@ async def test_unreachable_child_is_retried_then_the_job_fails(hier: tuple[Path,
         and "RetryContentReplication" in line
         for line in log(cas, "sender.log")
     )
-    assert site_state(cas, "PR1") == S.CONTENT_REPLICATION_FAILED
+    assert site_state(cas, "PR1") == PackageState.CONTENT_REPLICATION_FAILED
     # The CAS's own row is its own: it went on (to its prerequisite check) regardless.
-    assert site_state(cas, "CAS") != S.CONTENT_REPLICATION_FAILED
+    assert site_state(cas, "CAS") != PackageState.CONTENT_REPLICATION_FAILED
     assert dist_state(cas, "PR1") == 3
     assert not child.exists()  # the Sender never makes a destination
     assert not (cas / SCHEDULE / "tosend" / f"{JOB1}.Idb").exists()
@@ -301,7 +303,7 @@ async def test_child_that_comes_back_before_the_limit_gets_the_package(
         await complete(cas, 1)
     assert delivered(child, JOB1)
     assert (child / RECEIVE / "ds_00000001.pkg").read_bytes() == pck(cas).read_bytes()
-    assert site_state(cas, "PR1") == S.CONTENT_REPLICATING
+    assert site_state(cas, "PR1") == PackageState.CONTENT_REPLICATING
 
 
 @pytest.mark.parametrize("damaged", [False, True])
@@ -381,7 +383,7 @@ async def test_resend_requests_then_giving_up(hier: tuple[Path, Path]) -> None:
         and "RetryContentReplication" in line
         for line in lines
     )
-    assert site_state(cas, "PR1") == S.CONTENT_REPLICATION_FAILED
+    assert site_state(cas, "PR1") == PackageState.CONTENT_REPLICATION_FAILED
     assert dist_state(cas, "PR1") == 3
 
 

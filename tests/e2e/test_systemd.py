@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "systemd"
@@ -367,7 +367,7 @@ def test_daemon_sends_ready_watchdog_and_stopping(
 def test_a_vanished_notify_socket_does_not_stop_the_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cmlab.core import sdnotify
+    from cmlab.core import sd_notify
 
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
-    assert sdnotify.notify("STOPPING=1") is False
+    assert sd_notify.notify("STOPPING=1") is False

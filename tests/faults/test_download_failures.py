@@ -19,7 +19,7 @@ from cmlab.core.hashing import folder_hash
 from cmlab.site.cab import create_cab, extract_cab
 from cmlab.site.config import load_config
 from cmlab.site.formats.manifest import parse_manifest
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from cmlab.site.trust import (
     TrustStore,
     VerdictStatus,
@@ -73,7 +73,7 @@ def queued(site: Path) -> set[str]:
     }
 
 
-def settled(site: Path, state: S) -> bool:
+def settled(site: Path, state: PackageState) -> bool:
     """HMAN recorded `state`, the queue entry is gone and every drop file was consumed."""
     return states(site).get(G) == state and G not in queued(site) and not inbox_files(site)
 
@@ -91,7 +91,7 @@ def assert_downloaded(site: Path) -> None:
     folder = site / "EasySetupPayload" / g
     assert folder_hash(folder) == stored
     assert (folder / "redist" / "ConfigMgr.Manifest.cab").is_file()
-    assert states(site)[G] == S.DOWNLOAD_SUCCESS
+    assert states(site)[G] == PackageState.DOWNLOAD_SUCCESS
     assert G not in queued(site)
     assert inbox_files(site) == []
     assert temporaries(site) == []
@@ -346,7 +346,9 @@ def test_failed_download_is_reported_quarantined_and_retried_cleanly(
     with Daemon(site) as daemon:
         daemon.start()
         cmlab("download", str(site), G)
-        wait_until(lambda: settled(site, S.DOWNLOAD_FAILED), timeout=60, what=f"{case} failed")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_FAILED), timeout=60, what=f"{case} failed"
+        )
 
         # The logs say why, in the order the code writes it.
         moved = []
@@ -359,8 +361,9 @@ def test_failed_download_is_reported_quarantined_and_retried_cleanly(
             f"ERROR: Failed to download package {g}~~",
         ]
         assert error_lines(site, "ConfigMgrSetup.log") == brk.setup_errors
-        assert f"Updated CMUpdatePackage state to {int(S.DOWNLOAD_FAILED)} (PackageGuid={g})" in (
-            log(site, "hman.log")
+        assert (
+            f"Updated CMUpdatePackage state to {int(PackageState.DOWNLOAD_FAILED)} "
+            f"(PackageGuid={g})" in (log(site, "hman.log"))
         )
 
         # The offending file is kept, with its reason; nothing half-made is left.
@@ -380,7 +383,9 @@ def test_failed_download_is_reported_quarantined_and_retried_cleanly(
         # Repair the content source: the same request goes through cleanly.
         brk.target.write_bytes(original)
         cmlab("download", str(site), G)
-        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what=f"{case} retried")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what=f"{case} retried"
+        )
         assert error_lines(site, "dmpdownloader.log") == errors  # no new error
         assert daemon.stop() == 0
     assert_downloaded(site)
@@ -418,7 +423,7 @@ BAD_CMUS: dict[str, tuple[bytes, str]] = {
         f"{GUID_2409_HFRU}.CMU: the file names package {GUID_2409_HFRU} but its Guid is {G}",
     ),
     f"{g}.CMU": (
-        cmu(g, int(S.APPLICABILITY_SUCCESS)),
+        cmu(g, int(PackageState.APPLICABILITY_SUCCESS)),
         f"{g}.CMU: State '327682' is not a download state {DOWNLOAD_STATES}",
     ),
     f"{GUID_2503_HFRU.lower()}.CMU": (
@@ -484,7 +489,9 @@ def test_malformed_cmu_files_are_quarantined_and_change_nothing(site: Path) -> N
         # HMAN's CMUHandler keeps serving: a real download is recorded.
         assert daemon.alive()
         cmlab("download", str(site), G)
-        wait_until(lambda: settled(site, S.DOWNLOAD_SUCCESS), timeout=60, what="a good download")
+        wait_until(
+            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what="a good download"
+        )
         assert daemon.stop() == 0
     assert_downloaded(site)
 

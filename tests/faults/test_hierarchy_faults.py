@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.hierarchy_sites import (
     Hierarchy,
     drained,
@@ -66,7 +66,10 @@ def converge(h: Hierarchy, codes: tuple[str, ...]) -> None:
     roll-up INSTALL_SUCCESS, then every inbox drained and nothing half-written left behind."""
     cas = h["CAS"]
     wait_until(
-        lambda: installed_everywhere(h, GUID, codes) and states(cas).get(GUID) == S.INSTALL_SUCCESS,
+        lambda: (
+            installed_everywhere(h, GUID, codes)
+            and states(cas).get(GUID) == PackageState.INSTALL_SUCCESS
+        ),
         timeout=240,
         what=f"INSTALL_SUCCESS at {', '.join(codes)}, rolled up at the CAS",
     )
@@ -93,9 +96,9 @@ def installed_once(h: Hierarchy, code: str) -> None:
     """The site installed the update once: one INSTALL_SUCCESS in its own status row's history,
     and nothing after it (a later run did not reinstall it)."""
     history = own_history(h[code], code)
-    names = [S.name_of(s) for s in history]
-    assert history.count(S.INSTALL_SUCCESS) == 1, names
-    assert history[-1] == S.INSTALL_SUCCESS, names
+    names = [PackageState.name_of(s) for s in history]
+    assert history.count(PackageState.INSTALL_SUCCESS) == 1, names
+    assert history[-1] == PackageState.INSTALL_SUCCESS, names
 
 
 def test_a_package_waits_in_the_inbox_of_a_child_whose_daemon_is_down(
@@ -121,18 +124,18 @@ def test_a_package_waits_in_the_inbox_of_a_child_whose_daemon_is_down(
         # The rest of the hierarchy goes on without PR1.
         wait_until(
             lambda: (
-                own_state(cas, "CAS") == S.INSTALL_SUCCESS
-                and site_states(cas, GUID).get("PR2") == S.INSTALL_SUCCESS
-                and own_state(h["PR2"], "PR2") == S.INSTALL_SUCCESS
+                own_state(cas, "CAS") == PackageState.INSTALL_SUCCESS
+                and site_states(cas, GUID).get("PR2") == PackageState.INSTALL_SUCCESS
+                and own_state(h["PR2"], "PR2") == PackageState.INSTALL_SUCCESS
             ),
             timeout=240,
             what="the CAS and PR2 to install",
         )
         # The CAS has heard nothing from PR1: its row is where the run put it, and the roll-up
         # waits for it (content replication is not over until PR1's despooler has run).
-        assert site_states(cas, GUID)["PR1"] == S.ENABLED
-        assert states(cas)[GUID] == S.CONTENT_REPLICATING
-        assert own_state(pr1, "PR1") != S.INSTALL_SUCCESS
+        assert site_states(cas, GUID)["PR1"] == PackageState.ENABLED
+        assert states(cas)[GUID] == PackageState.CONTENT_REPLICATING
+        assert own_state(pr1, "PR1") != PackageState.INSTALL_SUCCESS
         assert sorted(p.name for p in receive.iterdir()) == [f"{job:08X}.INS", f"ds_{job:08x}.pkg"]
 
         pr1_daemon.start()
@@ -185,8 +188,8 @@ def test_a_broken_link_fails_content_replication_and_retry_recovers(
         cmlab("install", str(cas), GUID)
         wait_until(
             lambda: (
-                site_states(cas, GUID).get("PR2") == S.CONTENT_REPLICATION_FAILED
-                and own_state(cas, "CAS") == S.INSTALL_WAITING_SERVICE_WINDOW
+                site_states(cas, GUID).get("PR2") == PackageState.CONTENT_REPLICATION_FAILED
+                and own_state(cas, "CAS") == PackageState.INSTALL_WAITING_SERVICE_WINDOW
             ),
             timeout=120,
             what="CONTENT_REPLICATION_FAILED for PR2 at the CAS",
@@ -228,16 +231,18 @@ def test_a_broken_link_fails_content_replication_and_retry_recovers(
         daemon.start()
         wait_until(
             lambda: (
-                own_state(cas, "CAS") == S.INSTALL_SUCCESS
-                and own_state(pr1, "PR1") == S.INSTALL_SUCCESS
-                and site_states(cas, GUID).get("PR1") == S.INSTALL_SUCCESS
+                own_state(cas, "CAS") == PackageState.INSTALL_SUCCESS
+                and own_state(pr1, "PR1") == PackageState.INSTALL_SUCCESS
+                and site_states(cas, GUID).get("PR1") == PackageState.INSTALL_SUCCESS
             ),
             timeout=240,
             what="INSTALL_SUCCESS at the CAS and PR1",
         )
-        assert site_states(cas, GUID)["PR2"] == S.CONTENT_REPLICATION_FAILED
-        assert states(cas)[GUID] == S.CONTENT_REPLICATION_FAILED  # a failure anywhere wins
-        assert own_state(pr2, "PR2") != S.INSTALL_SUCCESS
+        assert site_states(cas, GUID)["PR2"] == PackageState.CONTENT_REPLICATION_FAILED
+        assert (
+            states(cas)[GUID] == PackageState.CONTENT_REPLICATION_FAILED
+        )  # a failure anywhere wins
+        assert own_state(pr2, "PR2") != PackageState.INSTALL_SUCCESS
 
         link.symlink_to(target)
         cmlab("retry-replication", str(cas), GUID)
@@ -257,16 +262,16 @@ def test_a_child_failing_its_prerequisites_does_not_stop_the_others(
         cmlab("install", str(cas), GUID)
         wait_until(
             lambda: (
-                site_states(cas, GUID).get("PR2") == S.PREREQ_ERROR
-                and own_state(cas, "CAS") == S.INSTALL_SUCCESS
-                and own_state(pr1, "PR1") == S.INSTALL_SUCCESS
-                and site_states(cas, GUID).get("PR1") == S.INSTALL_SUCCESS
+                site_states(cas, GUID).get("PR2") == PackageState.PREREQ_ERROR
+                and own_state(cas, "CAS") == PackageState.INSTALL_SUCCESS
+                and own_state(pr1, "PR1") == PackageState.INSTALL_SUCCESS
+                and site_states(cas, GUID).get("PR1") == PackageState.INSTALL_SUCCESS
             ),
             timeout=240,
             what="PREREQ_ERROR for PR2 and INSTALL_SUCCESS for the CAS and PR1, at the CAS",
         )
-        assert own_state(pr2, "PR2") == S.PREREQ_ERROR
-        assert states(cas)[GUID] == S.PREREQ_ERROR  # the worst of all sites
+        assert own_state(pr2, "PR2") == PackageState.PREREQ_ERROR
+        assert states(cas)[GUID] == PackageState.PREREQ_ERROR  # the worst of all sites
         assert any(
             re.fullmatch(r"\S+;    Pending system restart;    Error;    A system restart .*", x)
             for x in log(pr2, "ConfigMgrPrereq.log")
@@ -329,7 +334,7 @@ def test_a_site_killed_mid_replication_converges_after_a_restart(
             assert state == "Sending"
             assert [p.name for p in receive.iterdir()] == [f"ds_{job:08x}.pkg.part"]
         else:
-            assert own_state(pr1, "PR1") != S.CONTENT_REPLICATION_SUCCESS
+            assert own_state(pr1, "PR1") != PackageState.CONTENT_REPLICATION_SUCCESS
             assert not any(
                 line.startswith(f"Stored Package {pkg_id}") for line in log(pr1, "despool.log")
             )

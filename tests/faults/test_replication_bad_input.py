@@ -13,7 +13,7 @@ import pytest
 
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import (
     GUID_2509,
     Daemon,
@@ -67,9 +67,11 @@ def expect_bad(site: Path, box: Path, name: str, reason: str, log_name: str) -> 
 def prereq_still_succeeds(site: Path, daemon: Daemon) -> None:
     """The good flow after the bad input: the daemon is alive and serves a prerequisite check."""
     assert daemon.alive()
-    assert states(site)[GUID] == S.DOWNLOAD_SUCCESS
+    assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
     cmlab("prereq", str(site), GUID)
-    wait_until(lambda: settled_at(site, S.PREREQ_SUCCESS), timeout=60, what="PREREQ_SUCCESS")
+    wait_until(
+        lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=60, what="PREREQ_SUCCESS"
+    )
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.stderr(), daemon.stderr()
 
@@ -212,7 +214,7 @@ def test_source_changed_after_hman_hashed_it_fails_replication_and_retry_recover
         assert query(site, "SELECT PackageID, PackageHash FROM vEasySetupPackage") == [
             ("CAS10001", recorded)
         ]
-        assert states(site)[GUID] == S.CONTENT_REPLICATING
+        assert states(site)[GUID] == PackageState.CONTENT_REPLICATING
         assert (site / CFD / "2.ESC").exists()
 
         # The source changes before DistMgr takes its snapshot.
@@ -223,7 +225,7 @@ def test_source_changed_after_hman_hashed_it_fails_replication_and_retry_recover
 
         daemon.start()
         wait_until(
-            lambda: settled_at(site, S.CONTENT_REPLICATION_FAILED),
+            lambda: settled_at(site, PackageState.CONTENT_REPLICATION_FAILED),
             timeout=60,
             what="CONTENT_REPLICATION_FAILED",
         )
@@ -242,7 +244,7 @@ def test_source_changed_after_hman_hashed_it_fails_replication_and_retry_recover
         assert query(site, "SELECT State FROM ObjectDistributionState") == [(3,)]
         assert query(
             site, "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", [GUID]
-        ) == [(S.CONTENT_REPLICATION_FAILED,)]
+        ) == [(PackageState.CONTENT_REPLICATION_FAILED,)]
         # The CME was deleted (the run ended), the replayed 2.ESC found nothing ENABLED, and
         # CMUpdate was never asked to check.
         assert not (site / CFD / f"{GUID}.CME").exists()
@@ -255,7 +257,9 @@ def test_source_changed_after_hman_hashed_it_fails_replication_and_retry_recover
 
         out = cmlab("retry-replication", str(site), GUID).stdout
         assert "ReturnValue 0" in out
-        wait_until(lambda: settled_at(site, S.PREREQ_SUCCESS), timeout=60, what="PREREQ_SUCCESS")
+        wait_until(
+            lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=60, what="PREREQ_SUCCESS"
+        )
         assert daemon.stop() == 0
         assert "Traceback" not in daemon.stderr(), daemon.stderr()
 

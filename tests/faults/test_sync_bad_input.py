@@ -11,7 +11,7 @@ import pytest
 
 from cmlab.core.fs import write_atomic
 from cmlab.site.cab import create_cab, extract_cab
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from cmlab.site.trust import create_lab_ca, load_lab_ca, sign_cab
 from tests.helpers.sites import GUID_2509, Daemon, cmlab, log, states
 from tests.helpers.waiting import wait_until
@@ -134,7 +134,7 @@ def sync_and_settle(site: Path) -> None:
     cmlab("sync", str(site))
     wait_until(
         lambda: (
-            states(site).get(GUID_2509) == S.APPLICABILITY_SUCCESS
+            states(site).get(GUID_2509) == PackageState.APPLICABILITY_SUCCESS
             and not (site / "inboxes" / "hman.box" / "CAS.SCU").exists()
         ),
         timeout=60,
@@ -163,8 +163,11 @@ def test_bad_manifest_is_quarantined_and_the_daemon_keeps_serving(
         ).read_bytes() == data
         if case == "sql_hash_mismatch":
             # The guide's state for a failed applicability check; the other packages go on.
-            assert states(site)[GUID_2509] == S.APPLICABILITY_FAILED
-            assert states(site)["345A6BE1-3D07-43ED-B6E5-FAC0889DA04C"] == S.APPLICABILITY_NA
+            assert states(site)[GUID_2509] == PackageState.APPLICABILITY_FAILED
+            assert (
+                states(site)["345A6BE1-3D07-43ED-B6E5-FAC0889DA04C"]
+                == PackageState.APPLICABILITY_NA
+            )
         assert not Path("/tmp/cmlab-evil.txt").exists()
         assert not (site / "evil.txt").exists() and not (site.parent / "evil.txt").exists()
         sync_and_settle(site)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmlab.commands.init import InitOptions, init_site
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import GUID_2509, Daemon, copy_site, inbox_files, query, set_toml
 
 
@@ -149,8 +149,8 @@ def site_states(site: Path, guid: str) -> dict[str, int]:
 
 def installed_everywhere(h: Hierarchy, guid: str, codes: tuple[str, ...]) -> bool:
     cas = site_states(h["CAS"], guid)
-    return all(cas.get(c) == S.INSTALL_SUCCESS for c in codes) and all(
-        site_states(h[c], guid).get(c) == S.INSTALL_SUCCESS for c in codes
+    return all(cas.get(c) == PackageState.INSTALL_SUCCESS for c in codes) and all(
+        site_states(h[c], guid).get(c) == PackageState.INSTALL_SUCCESS for c in codes
     )
 
 

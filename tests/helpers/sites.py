@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.site.contract import waiting_drop_files
-from cmlab.site.smslog import read_messages
-from cmlab.site.statecodes import PackageState
+from cmlab.site.sms_log import read_messages
+from cmlab.site.state_codes import PackageState
 from tests.helpers.waiting import wait_until
 
 GUID_2509 = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"

@@ -21,7 +21,7 @@ import pytest
 from cryptography import x509
 
 from cmlab.site.trust import LabCA, TrustStore, create_lab_ca, sign_cab
-from cmlab.site.trust.labca import (
+from cmlab.site.trust.lab_ca import (
     INTERMEDIATE_CERT,
     INTERMEDIATE_KEY,
     ROOT_CERT,

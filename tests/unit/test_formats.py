@@ -73,7 +73,7 @@ from cmlab.site.formats.state_message import (
     random_smx_name,
     render_state_message,
 )
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 GUID = "3B1E0A8D-5C2F-4E6A-9D7B-B3C1F2E6A9D0"
 HASH = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"

@@ -14,8 +14,7 @@ import pytest
 from cmlab.commands.init import InitOptions, init_site
 from cmlab.core.errors import ConfigError
 from cmlab.site.sitedb import connect, hierarchy, servicing, transaction
-from cmlab.site.statecodes import PackageFlag
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageFlag, PackageState
 from tests.helpers.sites import copy_site, query
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
@@ -52,7 +51,7 @@ def dbs(sites: dict[str, Path]) -> Iterator[dict[str, sqlite3.Connection]]:
         c.close()
 
 
-def add_update(conn: sqlite3.Connection, state: int = S.DOWNLOAD_SUCCESS) -> None:
+def add_update(conn: sqlite3.Connection, state: int = PackageState.DOWNLOAD_SUCCESS) -> None:
     with transaction(conn):
         conn.execute(
             "INSERT INTO CM_UpdatePackages (PackageGuid, Name, FullVersion, State) "
@@ -133,16 +132,22 @@ def test_a_run_gives_every_primary_a_row_and_installed_sites_stay_installed(
     add_update(cas)
     with transaction(cas):
         servicing.InitiateUpgrade(cas, GUID, PackageFlag.NORMAL)
-    assert query_states(cas) == {"PR1": (S.ENABLED, 1)}
+    assert query_states(cas) == {"PR1": (PackageState.ENABLED, 1)}
     with transaction(cas):
-        assert servicing.spCMUSetSiteState(cas, GUID, S.INSTALL_SUCCESS, site_code="PR1")
-        assert not servicing.spCMUSetSiteState(cas, GUID, S.PREREQ_ERROR, site_code="PR1")
-        servicing.spCMUSetSiteState(cas, GUID, S.PREREQ_ERROR)
+        assert servicing.spCMUSetSiteState(cas, GUID, PackageState.INSTALL_SUCCESS, site_code="PR1")
+        assert not servicing.spCMUSetSiteState(
+            cas, GUID, PackageState.PREREQ_ERROR, site_code="PR1"
+        )
+        servicing.spCMUSetSiteState(cas, GUID, PackageState.PREREQ_ERROR)
         cas.execute(
-            "UPDATE CM_UpdatePackages SET State = ? WHERE PackageGuid = ?", (S.PREREQ_ERROR, GUID)
+            "UPDATE CM_UpdatePackages SET State = ? WHERE PackageGuid = ?",
+            (PackageState.PREREQ_ERROR, GUID),
         )
         servicing.InitiateUpgrade(cas, GUID, PackageFlag.NORMAL)
-    assert query_states(cas) == {"CAS": (S.ENABLED, 2), "PR1": (S.INSTALL_SUCCESS, 2)}
+    assert query_states(cas) == {
+        "CAS": (PackageState.ENABLED, 2),
+        "PR1": (PackageState.INSTALL_SUCCESS, 2),
+    }
 
 
 def query_states(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
@@ -160,11 +165,11 @@ def test_a_child_starts_a_newer_run_and_waits_for_content_with_the_recorded_hash
     dbs: dict[str, sqlite3.Connection],
 ) -> None:
     pr1 = dbs["PR1"]
-    add_update(pr1, S.CONTENT_REPLICATING)
+    add_update(pr1, PackageState.CONTENT_REPLICATING)
     with transaction(pr1):
         pr1.execute("UPDATE CM_UpdatePackages SET RunNumber = 1, Flag = 2")
-        assert servicing.child_run_progress(pr1) == [(GUID, S.CONTENT_REPLICATING)]
-    assert own(pr1) == S.CONTENT_REPLICATING
+        assert servicing.child_run_progress(pr1) == [(GUID, PackageState.CONTENT_REPLICATING)]
+    assert own(pr1) == PackageState.CONTENT_REPLICATING
     with transaction(pr1):
         pr1.execute(
             "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageHash) "
@@ -178,7 +183,9 @@ def test_a_child_starts_a_newer_run_and_waits_for_content_with_the_recorded_hash
         )
         assert servicing.child_run_progress(pr1) == []  # another version is stored
         pr1.execute("UPDATE SMSPackages SET StoredPkgHash = ?", (HASH,))
-        assert servicing.child_run_progress(pr1) == [(GUID, S.CONTENT_REPLICATION_SUCCESS)]
+        assert servicing.child_run_progress(pr1) == [
+            (GUID, PackageState.CONTENT_REPLICATION_SUCCESS)
+        ]
         assert servicing.child_run_progress(pr1) == []  # replayed: nothing more
     assert [p.guid for p in servicing.spCMUGetPendingUpdatePackage(pr1)] == [GUID]
     # SMSPackages rows from the parent never wake this site's DistMgr.
@@ -191,7 +198,7 @@ def test_a_child_without_its_own_row_has_nothing_pending_and_does_not_roll_up(
     dbs: dict[str, sqlite3.Connection],
 ) -> None:
     pr1 = dbs["PR1"]
-    add_update(pr1, S.CONTENT_REPLICATION_SUCCESS)
+    add_update(pr1, PackageState.CONTENT_REPLICATION_SUCCESS)
     with transaction(pr1):
         pr1.execute(
             "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageHash) "
@@ -204,15 +211,15 @@ def test_a_child_without_its_own_row_has_nothing_pending_and_does_not_roll_up(
 
 def test_fn_get_secondary_site_cmupdate_status(dbs: dict[str, sqlite3.Connection]) -> None:
     pr1 = dbs["PR1"]
-    add_update(pr1, S.INSTALL_SUCCESS)
+    add_update(pr1, PackageState.INSTALL_SUCCESS)
     fn = "SELECT fnGetSecondarySiteCMUpdateStatus(?)"
     assert pr1.execute(fn, ("SEC",)).fetchone() == (1,)  # nothing installed here yet
     with transaction(pr1):
         pr1.execute("UPDATE CM_UpdatePackages SET RunNumber = 1")
-        servicing.spCMUSetSiteState(pr1, GUID, S.INSTALL_SUCCESS)
+        servicing.spCMUSetSiteState(pr1, GUID, PackageState.INSTALL_SUCCESS)
     assert pr1.execute(fn, ("SEC",)).fetchone() == (0,)
     with transaction(pr1):
-        servicing.spCMUSetSiteState(pr1, GUID, S.INSTALL_SUCCESS, site_code="SEC")
+        servicing.spCMUSetSiteState(pr1, GUID, PackageState.INSTALL_SUCCESS, site_code="SEC")
     assert pr1.execute(fn, ("SEC",)).fetchone() == (1,)
     assert pr1.execute(fn, ("CAS",)).fetchone() == (None,)  # not a secondary of PR1
     assert pr1.execute(fn, ("ZZZ",)).fetchone() == (None,)
@@ -231,13 +238,13 @@ def test_the_roll_up_waits_for_a_child_the_run_has_not_reached(
         )
         servicing.InitiateUpgrade(cas, GUID, PackageFlag.NORMAL)
         # Until HMAN takes 2.ESC, the package stays ENABLED whatever the sites' rows say.
-        assert servicing.spProcessCMUPackages(cas) == {GUID: S.ENABLED}
-        servicing.set_package_state(cas, GUID, S.CONTENT_REPLICATING)  # HMAN took it
-        servicing.spCMUSetSiteState(cas, GUID, S.INSTALL_SUCCESS)
+        assert servicing.spProcessCMUPackages(cas) == {GUID: PackageState.ENABLED}
+        servicing.set_package_state(cas, GUID, PackageState.CONTENT_REPLICATING)  # HMAN took it
+        servicing.spCMUSetSiteState(cas, GUID, PackageState.INSTALL_SUCCESS)
         # PR1 has not even started: the update is still replicating to it, not installed.
-        assert servicing.spProcessCMUPackages(cas) == {GUID: S.CONTENT_REPLICATING}
-        servicing.spCMUSetSiteState(cas, GUID, S.INSTALL_SUCCESS, site_code="PR1")
-        assert servicing.spProcessCMUPackages(cas) == {GUID: S.INSTALL_SUCCESS}
+        assert servicing.spProcessCMUPackages(cas) == {GUID: PackageState.CONTENT_REPLICATING}
+        servicing.spCMUSetSiteState(cas, GUID, PackageState.INSTALL_SUCCESS, site_code="PR1")
+        assert servicing.spProcessCMUPackages(cas) == {GUID: PackageState.INSTALL_SUCCESS}
     # Never back to ENABLED by the roll-up: SMSDBMon would drop 2.ESC again.
     assert not cas.execute(
         "SELECT 1 FROM TableChangeNotifications WHERE FileName = '2.ESC' AND ID > "

@@ -22,7 +22,7 @@ from cmlab.components import rcm
 from cmlab.site.formats import cmupdates_message
 from cmlab.site.inbox import BadInput
 from cmlab.site.sitedb import connect, create_site_db, hierarchy, replication_group, transaction
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import Daemon, inbox_files, log, make_template, query, set_toml
 from tests.helpers.waiting import wait_until
 
@@ -137,7 +137,9 @@ def edit(data: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
     return json.dumps(doc).encode()
 
 
-def add_package(site: Site, guid: str = GUID, *, run: int = 1, state: int = S.ENABLED) -> None:
+def add_package(
+    site: Site, guid: str = GUID, *, run: int = 1, state: int = PackageState.ENABLED
+) -> None:
     site.sql(
         "INSERT INTO CM_UpdatePackages (PackageGuid, Name, State, Flag, RunNumber) "
         "VALUES (?, 'Configuration Manager 2509', ?, 0, ?)",
@@ -184,7 +186,9 @@ def snapshot(site: Site) -> dict[str, list[tuple[Any, ...]]]:
     return {t: site.sql(f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
 
 
-def seed_site_rows(site: Site, about: str, state: int = S.PREREQ_SUCCESS, run: int = 1) -> None:
+def seed_site_rows(
+    site: Site, about: str, state: int = PackageState.PREREQ_SUCCESS, run: int = 1
+) -> None:
     number = site.number(about)
     set_status(site, about, state, run)
     site.sql(
@@ -302,7 +306,7 @@ def test_a_send_interrupted_before_it_was_recorded_goes_again_with_a_new_seq(
 def test_stale_and_replayed_messages_change_nothing(tree: dict[str, Site]) -> None:
     cas, pr1 = tree["CAS"], tree["PR1"]
     add_package(cas)
-    seed_site_rows(cas, "CAS", S.INSTALL_SUCCESS)
+    seed_site_rows(cas, "CAS", PackageState.INSTALL_SUCCESS)
     one = send(cas, pr1)
     cas.sql("UPDATE CM_UpdatePackages SET Description = 'second'")
     two = send(cas, pr1)
@@ -327,9 +331,9 @@ def test_a_site_never_takes_rows_about_itself(tree: dict[str, Site]) -> None:
     cas, pr1 = tree["CAS"], tree["PR1"]
     add_package(cas)
     add_package(pr1)
-    set_status(pr1, "PR1", S.PREREQ_ERROR, 1)
-    set_status(cas, "PR1", S.ENABLED, 1)
-    set_status(cas, "CAS", S.INSTALL_SUCCESS, 1)
+    set_status(pr1, "PR1", PackageState.PREREQ_ERROR, 1)
+    set_status(cas, "PR1", PackageState.ENABLED, 1)
+    set_status(cas, "CAS", PackageState.INSTALL_SUCCESS, 1)
     data = send(cas, pr1)
     assert data is not None
     assert "PR1" not in {r["site"] for r in json.loads(data)["site_status"]}
@@ -337,12 +341,18 @@ def test_a_site_never_takes_rows_about_itself(tree: dict[str, Site]) -> None:
     def claim_pr1(doc: dict[str, Any]) -> None:
         doc["sites"].append({**doc["sites"][0], "code": "PR1", "parent": "CAS", "type": 2})
         doc["site_status"].append(
-            {"guid": GUID, "site": "PR1", "state": int(S.INSTALL_SUCCESS), "flag": 0, "run": 1}
+            {
+                "guid": GUID,
+                "site": "PR1",
+                "state": int(PackageState.INSTALL_SUCCESS),
+                "flag": 0,
+                "run": 1,
+            }
         )
 
     deliver(pr1, edit(data, claim_pr1))
-    assert status(pr1, "PR1") == (S.PREREQ_ERROR, 1)
-    assert status(pr1, "CAS") == (S.INSTALL_SUCCESS, 1)
+    assert status(pr1, "PR1") == (PackageState.PREREQ_ERROR, 1)
+    assert status(pr1, "CAS") == (PackageState.INSTALL_SUCCESS, 1)
 
     # Up: PR1 cannot speak for the CAS (nor for PR2, its sibling).
     up = send(pr1, cas)
@@ -352,63 +362,69 @@ def test_a_site_never_takes_rows_about_itself(tree: dict[str, Site]) -> None:
         for code, parent in (("CAS", None), ("PR2", "CAS")):
             doc["sites"].append({**doc["sites"][0], "code": code, "parent": parent, "type": 2})
             doc["site_status"].append(
-                {"guid": GUID, "site": code, "state": int(S.INSTALL_FAILED), "flag": 0, "run": 1}
+                {
+                    "guid": GUID,
+                    "site": code,
+                    "state": int(PackageState.INSTALL_FAILED),
+                    "flag": 0,
+                    "run": 1,
+                }
             )
 
     deliver(cas, edit(up, claim_others))
-    assert status(cas, "CAS") == (S.INSTALL_SUCCESS, 1)
+    assert status(cas, "CAS") == (PackageState.INSTALL_SUCCESS, 1)
     assert status(cas, "PR2") is None
-    assert status(cas, "PR1") == (S.PREREQ_ERROR, 1)  # what PR1 says of itself is taken
+    assert status(cas, "PR1") == (PackageState.PREREQ_ERROR, 1)  # what PR1 says of itself is taken
     assert hierarchy.local_site(cas.conn).parent is None
 
 
 def test_rows_of_an_older_run_are_ignored(tree: dict[str, Site]) -> None:
     cas, pr1 = tree["CAS"], tree["PR1"]
     add_package(cas, run=2)  # the CAS started run 2 ...
-    set_status(cas, "PR1", S.ENABLED, 2)  # ... and waits for PR1
-    set_status(pr1, "PR1", S.INSTALL_FAILED, 1)  # PR1 has not heard of run 2 yet
+    set_status(cas, "PR1", PackageState.ENABLED, 2)  # ... and waits for PR1
+    set_status(pr1, "PR1", PackageState.INSTALL_FAILED, 1)  # PR1 has not heard of run 2 yet
     data = send(pr1, cas)
     assert data is not None
     deliver(cas, data)
-    assert status(cas, "PR1") == (S.ENABLED, 2)
-    set_status(pr1, "PR1", S.CONTENT_REPLICATING, 2)
+    assert status(cas, "PR1") == (PackageState.ENABLED, 2)
+    set_status(pr1, "PR1", PackageState.CONTENT_REPLICATING, 2)
     data = send(pr1, cas)
     assert data is not None
     assert deliver(cas, data).changes == 1
-    assert status(cas, "PR1") == (S.CONTENT_REPLICATING, 2)
+    assert status(cas, "PR1") == (PackageState.CONTENT_REPLICATING, 2)
 
 
 def test_the_senders_content_replication_failed_verdict_stays(tree: dict[str, Site]) -> None:
     cas, pr1 = tree["CAS"], tree["PR1"]
     add_package(cas, run=2)
     # The CAS's Sender gave up on PR1 in run 2.
-    set_status(cas, "PR1", S.CONTENT_REPLICATION_FAILED, 2)
-    for waiting in (S.ENABLED, S.CONTENT_REPLICATING):
+    set_status(cas, "PR1", PackageState.CONTENT_REPLICATION_FAILED, 2)
+    for waiting in (PackageState.ENABLED, PackageState.CONTENT_REPLICATING):
         set_status(pr1, "PR1", waiting, 2)
         data = send(pr1, cas)
         assert data is not None
         deliver(cas, data)
-        assert status(cas, "PR1") == (S.CONTENT_REPLICATION_FAILED, 2)
+        assert status(cas, "PR1") == (PackageState.CONTENT_REPLICATION_FAILED, 2)
     # The package arrived after all: a later state replaces the verdict.
-    set_status(pr1, "PR1", S.CONTENT_REPLICATION_SUCCESS, 2)
+    set_status(pr1, "PR1", PackageState.CONTENT_REPLICATION_SUCCESS, 2)
     data = send(pr1, cas)
     assert data is not None
     deliver(cas, data)
-    assert status(cas, "PR1") == (S.CONTENT_REPLICATION_SUCCESS, 2)
+    assert status(cas, "PR1") == (PackageState.CONTENT_REPLICATION_SUCCESS, 2)
     # And a new run (RetryContentReplication) starts over from the child's report.
-    set_status(cas, "PR1", S.CONTENT_REPLICATION_FAILED, 2)
+    set_status(cas, "PR1", PackageState.CONTENT_REPLICATION_FAILED, 2)
     cas.sql("UPDATE CM_UpdatePackages SET RunNumber = 3")
-    set_status(pr1, "PR1", S.ENABLED, 3)
+    set_status(pr1, "PR1", PackageState.ENABLED, 3)
     data = send(pr1, cas)
     assert data is not None
     deliver(cas, data)
-    assert status(cas, "PR1") == (S.ENABLED, 3)
+    assert status(cas, "PR1") == (PackageState.ENABLED, 3)
 
 
 def test_a_new_run_from_the_parent_starts_the_childs_run(tree: dict[str, Site]) -> None:
     cas, pr1, sec = tree["CAS"], tree["PR1"], tree["SEC"]
     add_package(cas, run=1)
-    set_status(cas, "CAS", S.CONTENT_REPLICATION_SUCCESS, 1)
+    set_status(cas, "CAS", PackageState.CONTENT_REPLICATION_SUCCESS, 1)
     cas.sql(
         "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageVersion, PackageHash) "
         "VALUES ('CAS10001', ?, 1, 'HASH1')",
@@ -417,14 +433,14 @@ def test_a_new_run_from_the_parent_starts_the_childs_run(tree: dict[str, Site]) 
     data = send(cas, pr1)
     assert data is not None
     applied = deliver(pr1, data)
-    assert applied.progress == ((GUID, int(S.CONTENT_REPLICATING)),)
-    assert status(pr1, "PR1") == (S.CONTENT_REPLICATING, 1)
-    assert status(pr1, "CAS") == (S.CONTENT_REPLICATION_SUCCESS, 1)
+    assert applied.progress == ((GUID, int(PackageState.CONTENT_REPLICATING)),)
+    assert status(pr1, "PR1") == (PackageState.CONTENT_REPLICATING, 1)
+    assert status(pr1, "CAS") == (PackageState.CONTENT_REPLICATION_SUCCESS, 1)
     hist = pr1.sql(
         "SELECT State FROM CM_UpdatePackageSiteStatus_HIST WHERE SiteNumber = ? ORDER BY ID",
         pr1.number("PR1"),
     )
-    assert [r[0] for r in hist] == [S.ENABLED, S.CONTENT_REPLICATING]
+    assert [r[0] for r in hist] == [PackageState.ENABLED, PackageState.CONTENT_REPLICATING]
     assert pr1.sql("SELECT PackageID, PackageHash FROM EasySetupSettings") == [
         ("CAS10001", "HASH1")
     ]
@@ -441,13 +457,13 @@ def test_a_new_run_from_the_parent_starts_the_childs_run(tree: dict[str, Site]) 
     up = send(pr1, cas)
     assert up is not None
     deliver(cas, up)
-    assert status(cas, "PR1") == (S.CONTENT_REPLICATING, 1)
+    assert status(cas, "PR1") == (PackageState.CONTENT_REPLICATING, 1)
     # And down to SEC, which learns the CAS and PR2 through PR1 (no address: no link).
     down = send(pr1, sec)
     assert down is not None
     deliver(sec, down)
-    assert status(sec, "PR1") == (S.CONTENT_REPLICATING, 1)
-    assert status(sec, "CAS") == (S.CONTENT_REPLICATION_SUCCESS, 1)
+    assert status(sec, "PR1") == (PackageState.CONTENT_REPLICATING, 1)
+    assert status(sec, "CAS") == (PackageState.CONTENT_REPLICATION_SUCCESS, 1)
     assert sec.sql("SELECT RunNumber FROM CM_UpdatePackages") == [(1,)]
 
 
@@ -477,13 +493,13 @@ def test_prerequisite_rows_follow_the_senders_set(tree: dict[str, Site]) -> None
 def test_a_grandchild_is_learned_through_its_parent(tree: dict[str, Site]) -> None:
     cas, pr1 = tree["CAS"], tree["PR1"]
     add_package(cas)
-    seed_site_rows(pr1, "SEC", S.INSTALL_SUCCESS)
+    seed_site_rows(pr1, "SEC", PackageState.INSTALL_SUCCESS)
     data = send(pr1, cas)
     assert data is not None
     deliver(cas, data)
     found = hierarchy.site_by_code(cas.conn, "SEC")
     assert found is not None and (found.parent, found.folder) == ("PR1", "")
-    assert status(cas, "SEC") == (S.INSTALL_SUCCESS, 1)
+    assert status(cas, "SEC") == (PackageState.INSTALL_SUCCESS, 1)
     assert cas.sql("SELECT Version FROM Sites WHERE SiteCode = 'SEC'") == [(f"5.00.{BUILD}.1000",)]
 
 
@@ -495,7 +511,13 @@ def test_a_site_the_parent_places_below_this_one_is_not_taken(tree: dict[str, Si
     def place_below(doc: dict[str, Any]) -> None:
         doc["sites"].append({**doc["sites"][0], "code": "PR9", "parent": "PR1", "type": 1})
         doc["site_status"].append(
-            {"guid": GUID, "site": "PR9", "state": int(S.INSTALL_SUCCESS), "flag": 0, "run": 0}
+            {
+                "guid": GUID,
+                "site": "PR9",
+                "state": int(PackageState.INSTALL_SUCCESS),
+                "flag": 0,
+                "run": 0,
+            }
         )
 
     deliver(pr1, edit(data, place_below))
@@ -665,7 +687,7 @@ def test_bad_messages_are_refused_whole(
 ) -> None:
     cas, pr1 = tree["CAS"], tree["PR1"]
     add_package(cas)
-    set_status(cas, "CAS", S.ENABLED, 1)
+    set_status(cas, "CAS", PackageState.ENABLED, 1)
     data = send(cas, pr1)
     assert data is not None
     before = snapshot(pr1)
@@ -728,7 +750,7 @@ def test_a_huge_file_is_refused_unread(tmp_path: Path) -> None:
 
 
 def test_the_other_sites_folders_are_never_created(tmp_path: Path) -> None:
-    missing = rcm.receive_folder(str(tmp_path / "PR1"), tmp_path)
+    missing = rcm.rcm_receive_folder(str(tmp_path / "PR1"), tmp_path)
     with pytest.raises(FileNotFoundError):
         rcm.write_message(missing, "x.RPL", b"{}")
     assert not (tmp_path / "PR1").exists()
@@ -782,11 +804,11 @@ def test_two_daemons_exchange_the_group(tmp_path: Path) -> None:
             )
 
         wait_until(
-            lambda: pr1_row_at(pr1) == [(S.CONTENT_REPLICATING, 1)],
+            lambda: pr1_row_at(pr1) == [(PackageState.CONTENT_REPLICATING, 1)],
             what="PR1 starting run 1",
         )
         wait_until(
-            lambda: pr1_row_at(cas) == [(S.CONTENT_REPLICATING, 1)],
+            lambda: pr1_row_at(cas) == [(PackageState.CONTENT_REPLICATING, 1)],
             what="PR1's state replicated up to the CAS",
         )
         sent = [m for m in log(cas, "rcmctrl.log") if m.startswith("Sent CMUpdates")]

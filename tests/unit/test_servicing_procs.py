@@ -33,8 +33,7 @@ from cmlab.site.sitedb.servicing import (
     spProcessCMU,
     spProcessCMUPackages,
 )
-from cmlab.site.statecodes import PackageFlag
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import PackageFlag, PackageState
 from tests.helpers.sites import cmlab, copy_site
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"  # 2509
@@ -58,16 +57,20 @@ GUIDE_COLUMNS = [
     "SourceVersion",
     "SourceSize",
 ]
-DOWNLOAD_STATES = (S.DOWNLOAD_IN_PROGRESS, S.DOWNLOAD_SUCCESS, S.DOWNLOAD_FAILED)
+DOWNLOAD_STATES = (
+    PackageState.DOWNLOAD_IN_PROGRESS,
+    PackageState.DOWNLOAD_SUCCESS,
+    PackageState.DOWNLOAD_FAILED,
+)
 APPLICABILITY_STATES = (
-    S.APPLICABILITY_CHECKING,
-    S.APPLICABILITY_SUCCESS,
-    S.APPLICABILITY_HIDE,
-    S.APPLICABILITY_NA,
-    S.APPLICABILITY_FAILED,
+    PackageState.APPLICABILITY_CHECKING,
+    PackageState.APPLICABILITY_SUCCESS,
+    PackageState.APPLICABILITY_HIDE,
+    PackageState.APPLICABILITY_NA,
+    PackageState.APPLICABILITY_FAILED,
 )
 # Replication, prerequisite check and installation states: 65537..262143.
-SERVICING_STATES = tuple(s for s in S if 65537 <= s <= 262143)
+SERVICING_STATES = tuple(s for s in PackageState if 65537 <= s <= 262143)
 
 
 # -- fixtures and helpers ---------------------------------------------------------------------
@@ -198,12 +201,12 @@ def monitoring(conn: sqlite3.Connection, guid: str = GUID) -> dict[int, tuple[in
 
 
 def test_initiate_upgrade_enables_the_package_and_queues_2_esc(conn: sqlite3.Connection) -> None:
-    add_package(conn, GUID, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.DOWNLOAD_SUCCESS)
     assert notifications(conn) == []
     with transaction(conn):
         was = InitiateUpgrade(conn, GUID.lower(), PackageFlag.PREREQ_ONLY)
-    assert was == S.DOWNLOAD_SUCCESS
-    assert package(conn) == (S.ENABLED, PackageFlag.PREREQ_ONLY)
+    assert was == PackageState.DOWNLOAD_SUCCESS
+    assert package(conn) == (PackageState.ENABLED, PackageFlag.PREREQ_ONLY)
     assert notifications(conn) == [("CM_UpdatePackages_UPD_HMAN", "2.ESC", CFD)]
     (key,) = conn.execute("SELECT KeyValue FROM TableChangeNotifications").fetchone()
     assert str(key) == "2"
@@ -211,11 +214,11 @@ def test_initiate_upgrade_enables_the_package_and_queues_2_esc(conn: sqlite3.Con
 
 @pytest.mark.parametrize(
     "state",
-    [*APPLICABILITY_STATES, S.DOWNLOAD_IN_PROGRESS, S.DOWNLOAD_FAILED],
+    [*APPLICABILITY_STATES, PackageState.DOWNLOAD_IN_PROGRESS, PackageState.DOWNLOAD_FAILED],
     ids=lambda s: s.name,
 )
 def test_initiate_upgrade_refuses_a_package_that_is_not_downloaded(
-    conn: sqlite3.Connection, state: S
+    conn: sqlite3.Connection, state: PackageState
 ) -> None:
     add_package(conn, GUID, state)
     with pytest.raises(NotInitiable, match=rf"is {state.name} \({int(state)}\); an update can be"):
@@ -233,42 +236,46 @@ def test_initiate_upgrade_refuses_an_unknown_package(conn: sqlite3.Connection) -
 @pytest.mark.parametrize(
     "busy",
     [
-        S.ENABLED,
-        S.CONTENT_REPLICATING,
-        S.CONTENT_REPLICATION_SUCCESS,
-        S.PREREQ_IN_PROGRESS,
-        S.INSTALL_IN_PROGRESS,
+        PackageState.ENABLED,
+        PackageState.CONTENT_REPLICATING,
+        PackageState.CONTENT_REPLICATION_SUCCESS,
+        PackageState.PREREQ_IN_PROGRESS,
+        PackageState.INSTALL_IN_PROGRESS,
     ],
     ids=lambda s: s.name,
 )
 def test_initiate_upgrade_refuses_a_second_update_while_one_is_in_progress(
-    conn: sqlite3.Connection, busy: S
+    conn: sqlite3.Connection, busy: PackageState
 ) -> None:
     add_package(conn, OTHER, busy, flag=1, name="Hotfix rollup 2503")
-    add_package(conn, GUID, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.DOWNLOAD_SUCCESS)
     with pytest.raises(
         NotInitiable,
         match=rf"another update is in progress: Hotfix rollup 2503 \({OTHER}\) is "
         rf"{busy.name} \({int(busy)}\)",
     ):
         InitiateUpgrade(conn, GUID, PackageFlag.NORMAL)
-    assert package(conn) == (S.DOWNLOAD_SUCCESS, 0)
+    assert package(conn) == (PackageState.DOWNLOAD_SUCCESS, 0)
     assert package(conn, OTHER) == (busy, 1)
 
 
 @pytest.mark.parametrize(
     ("state", "flag"),
-    [(S.PREREQ_SUCCESS, 0), (S.PREREQ_SUCCESS, 2), (S.PREREQ_WARNING, 2)],
+    [
+        (PackageState.PREREQ_SUCCESS, 0),
+        (PackageState.PREREQ_SUCCESS, 2),
+        (PackageState.PREREQ_WARNING, 2),
+    ],
     ids=["success-install", "success-ignore-warnings", "warning-ignore-warnings"],
 )
 def test_initiate_upgrade_refuses_while_a_prerequisite_result_goes_on_to_install(
-    conn: sqlite3.Connection, state: S, flag: int
+    conn: sqlite3.Connection, state: PackageState, flag: int
 ) -> None:
     """At a result its run goes on from, CMUpdate is installing the update: neither it nor
     another update can be started meanwhile. The same result of a check only (Flag 1), or a
     warning with Flag 0, ends the run: both can be started."""
     add_package(conn, GUID, state, flag=flag, name="Configuration Manager 2509")
-    add_package(conn, OTHER, S.DOWNLOAD_SUCCESS, name="Hotfix rollup 2503")
+    add_package(conn, OTHER, PackageState.DOWNLOAD_SUCCESS, name="Hotfix rollup 2503")
     with pytest.raises(NotInitiable, match=r"is being installed: its prerequisite result"):
         InitiateUpgrade(conn, GUID, PackageFlag.NORMAL)
     with pytest.raises(NotInitiable, match=r"another update is in progress: Configuration"):
@@ -278,36 +285,36 @@ def test_initiate_upgrade_refuses_while_a_prerequisite_result_goes_on_to_install
         conn.execute("UPDATE CM_UpdatePackages SET Flag = 1 WHERE PackageGuid = ?", (GUID,))
     with transaction(conn):
         assert InitiateUpgrade(conn, GUID, PackageFlag.NORMAL) == state
-    assert package(conn) == (S.ENABLED, PackageFlag.NORMAL)
+    assert package(conn) == (PackageState.ENABLED, PackageFlag.NORMAL)
 
 
 def test_initiate_upgrade_again_on_the_update_in_progress_is_allowed(
     conn: sqlite3.Connection,
 ) -> None:
     """The console's button on the same update: ENABLED again (HMAN re-hashes its source)."""
-    add_package(conn, GUID, S.ENABLED, flag=1)
+    add_package(conn, GUID, PackageState.ENABLED, flag=1)
     with transaction(conn):
-        assert InitiateUpgrade(conn, GUID, PackageFlag.NORMAL) == S.ENABLED
-    assert package(conn) == (S.ENABLED, PackageFlag.NORMAL)
+        assert InitiateUpgrade(conn, GUID, PackageFlag.NORMAL) == PackageState.ENABLED
+    assert package(conn) == (PackageState.ENABLED, PackageFlag.NORMAL)
     assert notifications(conn) == [("CM_UpdatePackages_UPD_HMAN", "2.ESC", CFD)]
 
 
 def test_initiate_upgrade_restarts_every_site_of_that_update(conn: sqlite3.Connection) -> None:
     """The last run's failure at a site is not rolled up into the new run."""
     add_site(conn, 2, "PR1")
-    add_package(conn, GUID, S.PREREQ_ERROR, flag=1)
-    add_package(conn, OTHER, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.PREREQ_ERROR, flag=1)
+    add_package(conn, OTHER, PackageState.DOWNLOAD_SUCCESS)
     record_esp(conn)
-    set_site_row(conn, GUID, 1, S.PREREQ_SUCCESS)
-    set_site_row(conn, GUID, 2, S.PREREQ_ERROR)
-    set_site_row(conn, OTHER, 1, S.DOWNLOAD_SUCCESS)
+    set_site_row(conn, GUID, 1, PackageState.PREREQ_SUCCESS)
+    set_site_row(conn, GUID, 2, PackageState.PREREQ_ERROR)
+    set_site_row(conn, OTHER, 1, PackageState.DOWNLOAD_SUCCESS)
     with transaction(conn):
-        assert InitiateUpgrade(conn, GUID, PackageFlag.IGNORE_WARNINGS) == S.PREREQ_ERROR
-    assert site_rows(conn) == {1: (S.ENABLED, 2), 2: (S.ENABLED, 2)}
-    assert site_rows(conn, OTHER) == {1: (S.DOWNLOAD_SUCCESS, 0)}
+        assert InitiateUpgrade(conn, GUID, PackageFlag.IGNORE_WARNINGS) == PackageState.PREREQ_ERROR
+    assert site_rows(conn) == {1: (PackageState.ENABLED, 2), 2: (PackageState.ENABLED, 2)}
+    assert site_rows(conn, OTHER) == {1: (PackageState.DOWNLOAD_SUCCESS, 0)}
     with transaction(conn):
-        assert spProcessCMU(conn, GUID) == S.ENABLED
-    assert package(conn) == (S.ENABLED, 2)
+        assert spProcessCMU(conn, GUID) == PackageState.ENABLED
+    assert package(conn) == (PackageState.ENABLED, 2)
 
 
 # -- HMAN's queries -----------------------------------------------------------------------------
@@ -315,17 +322,17 @@ def test_initiate_upgrade_restarts_every_site_of_that_update(conn: sqlite3.Conne
 
 def test_enabled_package_runs_the_guides_query(conn: sqlite3.Connection) -> None:
     query = "SELECT TOP 1 convert(NVARCHAR(40), PackageGuid) FROM CM_UpdatePackages WHERE State=2"
-    add_package(conn, OTHER, S.DOWNLOAD_SUCCESS)
+    add_package(conn, OTHER, PackageState.DOWNLOAD_SUCCESS)
     assert enabled_package(conn) is None
     assert conn.execute(tsql_to_sqlite(query)).fetchall() == []
-    add_package(conn, GUID, S.ENABLED)
+    add_package(conn, GUID, PackageState.ENABLED)
     assert enabled_package(conn) == GUID
     assert conn.execute(tsql_to_sqlite(query)).fetchall() == [(GUID,)]
 
 
 def test_easy_setup_package_ids_are_the_sites_next_and_stable(conn: sqlite3.Connection) -> None:
-    add_package(conn, GUID, S.ENABLED)
-    add_package(conn, OTHER, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.ENABLED)
+    add_package(conn, OTHER, PackageState.DOWNLOAD_SUCCESS)
     assert easy_setup_package_id(conn, GUID, "CAS") == "CAS10001"
     assert record_esp(conn, GUID) == "CAS10001"
     # The same update keeps its package, whatever the GUID's case.
@@ -343,7 +350,7 @@ def test_easy_setup_package_ids_are_the_sites_next_and_stable(conn: sqlite3.Conn
 def test_sp_update_easy_setup_settings_fills_the_guides_view_and_wakes_distmgr(
     conn: sqlite3.Connection,
 ) -> None:
-    add_package(conn, GUID, S.ENABLED)
+    add_package(conn, GUID, PackageState.ENABLED)
     drain(conn)
     with transaction(conn):
         version = sp_UpdateEasySetupSettings(
@@ -399,7 +406,7 @@ def test_sp_update_easy_setup_settings_fills_the_guides_view_and_wakes_distmgr(
 
 def test_a_stored_version_does_not_wake_distmgr_again(conn: sqlite3.Connection) -> None:
     """DistMgr recording what it stored changes no SourceVersion: no PKN loop."""
-    add_package(conn, GUID, S.CONTENT_REPLICATING)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATING)
     record_esp(conn)
     drain(conn)
     with transaction(conn):
@@ -413,38 +420,47 @@ def test_a_stored_version_does_not_wake_distmgr_again(conn: sqlite3.Connection) 
 
 
 def test_spcmusetsitestate_with_and_without_only_from(conn: sqlite3.Connection) -> None:
-    add_package(conn, GUID, S.CONTENT_REPLICATING, flag=2)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATING, flag=2)
     # only_from and no row yet: nothing to move from.
     with transaction(conn):
         assert not spCMUSetSiteState(
-            conn, GUID, S.CONTENT_REPLICATION_SUCCESS, only_from=(S.CONTENT_REPLICATING,)
+            conn,
+            GUID,
+            PackageState.CONTENT_REPLICATION_SUCCESS,
+            only_from=(PackageState.CONTENT_REPLICATING,),
         )
     assert site_rows(conn) == {}
     with transaction(conn):
-        assert spCMUSetSiteState(conn, GUID, S.CONTENT_REPLICATING)
-        assert not spCMUSetSiteState(conn, GUID, S.CONTENT_REPLICATING)  # unchanged
-    assert site_rows(conn) == {1: (S.CONTENT_REPLICATING, 2)}
+        assert spCMUSetSiteState(conn, GUID, PackageState.CONTENT_REPLICATING)
+        assert not spCMUSetSiteState(conn, GUID, PackageState.CONTENT_REPLICATING)  # unchanged
+    assert site_rows(conn) == {1: (PackageState.CONTENT_REPLICATING, 2)}
     with transaction(conn):
         assert spCMUSetSiteState(
-            conn, GUID, S.CONTENT_REPLICATION_SUCCESS, only_from=(S.CONTENT_REPLICATING,)
+            conn,
+            GUID,
+            PackageState.CONTENT_REPLICATION_SUCCESS,
+            only_from=(PackageState.CONTENT_REPLICATING,),
         )
         # A replayed DistMgr failure cannot undo the later success.
         assert not spCMUSetSiteState(
-            conn, GUID, S.CONTENT_REPLICATION_FAILED, only_from=(S.CONTENT_REPLICATING,)
+            conn,
+            GUID,
+            PackageState.CONTENT_REPLICATION_FAILED,
+            only_from=(PackageState.CONTENT_REPLICATING,),
         )
-    assert site_rows(conn) == {1: (S.CONTENT_REPLICATION_SUCCESS, 2)}
+    assert site_rows(conn) == {1: (PackageState.CONTENT_REPLICATION_SUCCESS, 2)}
     with transaction(conn):
-        assert spCMUSetSiteState(conn, GUID, S.PREREQ_IN_PROGRESS)
-    assert site_rows(conn) == {1: (S.PREREQ_IN_PROGRESS, 2)}
+        assert spCMUSetSiteState(conn, GUID, PackageState.PREREQ_IN_PROGRESS)
+    assert site_rows(conn) == {1: (PackageState.PREREQ_IN_PROGRESS, 2)}
     # The package's own state is HMAN's roll-up, not this procedure's.
-    assert package(conn) == (S.CONTENT_REPLICATING, 2)
+    assert package(conn) == (PackageState.CONTENT_REPLICATING, 2)
 
 
 def test_site_status_queues_no_cme_for_an_update_without_easy_setup_package(
     conn: sqlite3.Connection,
 ) -> None:
-    add_package(conn, GUID, S.CONTENT_REPLICATING)
-    for state in (S.CONTENT_REPLICATING, S.PREREQ_SUCCESS):
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATING)
+    for state in (PackageState.CONTENT_REPLICATING, PackageState.PREREQ_SUCCESS):
         with transaction(conn):
             spCMUSetSiteState(conn, GUID, state)
     assert notifications(conn) == []
@@ -452,14 +468,18 @@ def test_site_status_queues_no_cme_for_an_update_without_easy_setup_package(
 
 @pytest.mark.parametrize("state", SERVICING_STATES, ids=lambda s: s.name)
 def test_site_status_queues_cme_for_replication_prereq_and_install_states(
-    conn: sqlite3.Connection, state: S
+    conn: sqlite3.Connection, state: PackageState
 ) -> None:
-    add_package(conn, GUID.lower(), S.ENABLED)
+    add_package(conn, GUID.lower(), PackageState.ENABLED)
     record_esp(conn, GUID.lower())
     drain(conn)
-    other = S.CONTENT_REPLICATING if state != S.CONTENT_REPLICATING else S.PREREQ_IN_PROGRESS
+    other = (
+        PackageState.CONTENT_REPLICATING
+        if state != PackageState.CONTENT_REPLICATING
+        else PackageState.PREREQ_IN_PROGRESS
+    )
     # INSTALL_SUCCESS is a site's last state (nothing moves it on): report it second.
-    first, then = (other, state) if state == S.INSTALL_SUCCESS else (state, other)
+    first, then = (other, state) if state == PackageState.INSTALL_SUCCESS else (state, other)
     with transaction(conn):
         assert spCMUSetSiteState(conn, GUID, first)  # first report: the INSERT trigger
     assert notifications(conn) == [("CM_UpdatePackageSiteStatus_INS_HMAN", f"{GUID}.CME", CFD)]
@@ -470,14 +490,14 @@ def test_site_status_queues_cme_for_replication_prereq_and_install_states(
 
 
 @pytest.mark.parametrize(
-    "state", [*DOWNLOAD_STATES, *APPLICABILITY_STATES, S.ENABLED], ids=lambda s: s.name
+    "state", [*DOWNLOAD_STATES, *APPLICABILITY_STATES, PackageState.ENABLED], ids=lambda s: s.name
 )
 def test_site_status_never_queues_cme_for_download_applicability_or_enabled(
-    conn: sqlite3.Connection, state: S
+    conn: sqlite3.Connection, state: PackageState
 ) -> None:
-    add_package(conn, GUID, S.ENABLED)
+    add_package(conn, GUID, PackageState.ENABLED)
     record_esp(conn)
-    set_site_row(conn, GUID, 1, S.PREREQ_SUCCESS)  # a previous run
+    set_site_row(conn, GUID, 1, PackageState.PREREQ_SUCCESS)  # a previous run
     drain(conn)
     with transaction(conn):
         assert spCMUSetSiteState(conn, GUID, state)
@@ -503,7 +523,7 @@ def guide_monitoring_query(conn: sqlite3.Connection, guid: str) -> list[dict[str
 
 
 def test_distribution_state_feeds_monitoring_substage_b0002(conn: sqlite3.Connection) -> None:
-    add_package(conn, GUID, S.CONTENT_REPLICATING)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATING)
     record_esp(conn)
     seen = []
     # (ObjectDistributionState.State, IsComplete, Progress): INSTALL_PENDING (the INSERT
@@ -528,7 +548,7 @@ def test_distribution_state_feeds_monitoring_substage_b0002(conn: sqlite3.Connec
 def test_distribution_state_insert_trigger_records_a_failure_at_once(
     conn: sqlite3.Connection,
 ) -> None:
-    add_package(conn, GUID, S.CONTENT_REPLICATING)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATING)
     record_esp(conn)
     with transaction(conn):
         set_distribution_state(conn, "CAS10001", "CAS", 3, 1, "Failed to take snapshot")
@@ -536,7 +556,7 @@ def test_distribution_state_insert_trigger_records_a_failure_at_once(
 
 
 def test_distribution_state_of_other_packages_is_not_monitored(conn: sqlite3.Connection) -> None:
-    add_package(conn, GUID, S.CONTENT_REPLICATING)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATING)
     record_esp(conn)
     with transaction(conn):
         set_distribution_state(conn, "CAS00042", "CAS", 0, 1)  # not an Easy Setup Package
@@ -552,8 +572,8 @@ def test_prereq_messages_are_upserted_and_cleared_for_this_site_only(
     conn: sqlite3.Connection,
 ) -> None:
     add_site(conn, 2, "PR1")
-    add_package(conn, GUID, S.PREREQ_IN_PROGRESS)
-    add_package(conn, OTHER, S.PREREQ_ERROR)
+    add_package(conn, GUID, PackageState.PREREQ_IN_PROGRESS)
+    add_package(conn, OTHER, PackageState.PREREQ_ERROR)
     with transaction(conn):
         spCMUAddPrereqMessage(conn, GUID, "cas.cmlab.local", "Pending system restart", 1, "w")
         spCMUAddPrereqMessage(conn, GUID, "cas.cmlab.local", "Pending system restart", 2, "again")
@@ -587,20 +607,26 @@ def test_pending_update_package_has_this_sites_state_flag_and_stored_content(
     conn: sqlite3.Connection,
 ) -> None:
     add_site(conn, 2, "PR1")
-    add_package(conn, GUID, S.CONTENT_REPLICATING, flag=2, name="Configuration Manager 2509")
-    add_package(conn, OTHER, S.PREREQ_SUCCESS, flag=1)  # a check only, finished: not pending
-    add_package(conn, THIRD, S.ENABLED)  # in progress, but no Easy Setup Package yet
+    add_package(
+        conn, GUID, PackageState.CONTENT_REPLICATING, flag=2, name="Configuration Manager 2509"
+    )
+    add_package(
+        conn, OTHER, PackageState.PREREQ_SUCCESS, flag=1
+    )  # a check only, finished: not pending
+    add_package(conn, THIRD, PackageState.ENABLED)  # in progress, but no Easy Setup Package yet
     record_esp(conn, GUID)
     record_esp(conn, OTHER)
-    assert [p.state for p in spCMUGetPendingUpdatePackage(conn)] == [S.CONTENT_REPLICATING]
+    assert [p.state for p in spCMUGetPendingUpdatePackage(conn)] == [
+        PackageState.CONTENT_REPLICATING
+    ]
     # The same result with Flag 0 (install) or a warning with Flag 2 is where the installation
     # goes on from; a warning with Flag 0 ends the run.
     for flag, state, pending in (
-        (0, S.PREREQ_SUCCESS, True),
-        (2, S.PREREQ_SUCCESS, True),
-        (2, S.PREREQ_WARNING, True),
-        (0, S.PREREQ_WARNING, False),
-        (1, S.PREREQ_WARNING, False),
+        (0, PackageState.PREREQ_SUCCESS, True),
+        (2, PackageState.PREREQ_SUCCESS, True),
+        (2, PackageState.PREREQ_WARNING, True),
+        (0, PackageState.PREREQ_WARNING, False),
+        (1, PackageState.PREREQ_WARNING, False),
     ):
         with transaction(conn):
             conn.execute(
@@ -613,13 +639,13 @@ def test_pending_update_package_has_this_sites_state_flag_and_stored_content(
         conn.execute("UPDATE CM_UpdatePackages SET Flag = 1 WHERE PackageGuid = ?", (OTHER,))
     with transaction(conn):
         record_stored_package(conn, "CAS10001", 1, "ab" * 32)
-        spCMUSetSiteState(conn, GUID, S.CONTENT_REPLICATION_SUCCESS)
-    set_site_row(conn, GUID, 2, S.CONTENT_REPLICATION_FAILED)  # another site's: not ours
+        spCMUSetSiteState(conn, GUID, PackageState.CONTENT_REPLICATION_SUCCESS)
+    set_site_row(conn, GUID, 2, PackageState.CONTENT_REPLICATION_FAILED)  # another site's: not ours
     assert spCMUGetPendingUpdatePackage(conn) == [
         PendingPackage(
             guid=GUID,
             name="Configuration Manager 2509",
-            state=S.CONTENT_REPLICATION_SUCCESS,
+            state=PackageState.CONTENT_REPLICATION_SUCCESS,
             flag=2,
             package_type=0,
             update_number="2509",
@@ -635,8 +661,17 @@ def test_pending_update_package_has_this_sites_state_flag_and_stored_content(
 
 # -- HMAN's roll-up -----------------------------------------------------------------------------
 
-PS, PW, PE, PIP = S.PREREQ_SUCCESS, S.PREREQ_WARNING, S.PREREQ_ERROR, S.PREREQ_IN_PROGRESS
-CRS, CRF, CRI = S.CONTENT_REPLICATION_SUCCESS, S.CONTENT_REPLICATION_FAILED, S.CONTENT_REPLICATING
+PS, PW, PE, PIP = (
+    PackageState.PREREQ_SUCCESS,
+    PackageState.PREREQ_WARNING,
+    PackageState.PREREQ_ERROR,
+    PackageState.PREREQ_IN_PROGRESS,
+)
+CRS, CRF, CRI = (
+    PackageState.CONTENT_REPLICATION_SUCCESS,
+    PackageState.CONTENT_REPLICATION_FAILED,
+    PackageState.CONTENT_REPLICATING,
+)
 
 
 @pytest.mark.parametrize(
@@ -650,7 +685,7 @@ CRS, CRF, CRI = S.CONTENT_REPLICATION_SUCCESS, S.CONTENT_REPLICATION_FAILED, S.C
         (PS, PE, PW, PE),
         (PW, CRF, PS, CRF),
         (PE, PIP, None, PE),
-        (PS, PS, S.INSTALL_FAILED, S.INSTALL_FAILED),
+        (PS, PS, PackageState.INSTALL_FAILED, PackageState.INSTALL_FAILED),
         # A site still working keeps the update in progress.
         (PS, PIP, None, PIP),
         (PW, PIP, PS, PIP),
@@ -659,14 +694,18 @@ CRS, CRF, CRI = S.CONTENT_REPLICATION_SUCCESS, S.CONTENT_REPLICATION_FAILED, S.C
     ],
 )
 def test_roll_up_is_the_worst_of_all_sites(
-    conn: sqlite3.Connection, cas: S, pr1: S, pr2: S | None, expected: S
+    conn: sqlite3.Connection,
+    cas: PackageState,
+    pr1: PackageState,
+    pr2: PackageState | None,
+    expected: PackageState,
 ) -> None:
     add_site(conn, 2, "PR1")
     add_site(conn, 3, "PR2")
     add_site(conn, 4, "SE1", site_type=1)  # a secondary site is not checked
-    add_package(conn, GUID, S.PREREQ_IN_PROGRESS, flag=1)
+    add_package(conn, GUID, PackageState.PREREQ_IN_PROGRESS, flag=1)
     record_esp(conn)
-    for number, state in ((1, cas), (2, pr1), (3, pr2), (4, S.PREREQ_ERROR)):
+    for number, state in ((1, cas), (2, pr1), (3, pr2), (4, PackageState.PREREQ_ERROR)):
         if state is not None:
             set_site_row(conn, GUID, number, state)
     with transaction(conn):
@@ -676,7 +715,7 @@ def test_roll_up_is_the_worst_of_all_sites(
 
 def test_a_site_not_yet_checked_keeps_the_update_in_progress(conn: sqlite3.Connection) -> None:
     add_site(conn, 2, "PR1")
-    add_package(conn, GUID, S.PREREQ_IN_PROGRESS, flag=1)
+    add_package(conn, GUID, PackageState.PREREQ_IN_PROGRESS, flag=1)
     record_esp(conn)
     set_site_row(conn, GUID, 1, PW)
     set_site_row(conn, GUID, 2, CRS)  # replicated; its CMUpdate has not checked yet
@@ -692,9 +731,9 @@ def test_a_site_not_yet_checked_keeps_the_update_in_progress(conn: sqlite3.Conne
 
 def test_roll_up_leaves_packages_that_are_not_in_progress_alone(conn: sqlite3.Connection) -> None:
     add_site(conn, 2, "PR1")
-    add_package(conn, GUID, S.PREREQ_IN_PROGRESS, flag=1)
-    add_package(conn, OTHER, S.PREREQ_SUCCESS, flag=1)  # an ended run
-    add_package(conn, THIRD, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.PREREQ_IN_PROGRESS, flag=1)
+    add_package(conn, OTHER, PackageState.PREREQ_SUCCESS, flag=1)  # an ended run
+    add_package(conn, THIRD, PackageState.DOWNLOAD_SUCCESS)
     for guid in (GUID, OTHER, THIRD):
         record_esp(conn, guid)
     set_site_row(conn, GUID, 1, PS)
@@ -704,69 +743,71 @@ def test_roll_up_leaves_packages_that_are_not_in_progress_alone(conn: sqlite3.Co
     with transaction(conn):
         assert spProcessCMUPackages(conn) == {GUID: PS}
     assert package(conn, OTHER) == (PS, 1)
-    assert package(conn, THIRD) == (S.DOWNLOAD_SUCCESS, 0)
+    assert package(conn, THIRD) == (PackageState.DOWNLOAD_SUCCESS, 0)
     with transaction(conn):  # spProcessCMU itself leaves a package that was never started
-        assert spProcessCMU(conn, THIRD) == S.DOWNLOAD_SUCCESS
+        assert spProcessCMU(conn, THIRD) == PackageState.DOWNLOAD_SUCCESS
         assert spProcessCMU(conn, "00000000-0000-0000-0000-0000000000AB") is None
-    assert package(conn, THIRD) == (S.DOWNLOAD_SUCCESS, 0)
+    assert package(conn, THIRD) == (PackageState.DOWNLOAD_SUCCESS, 0)
 
 
 def test_roll_up_ignores_download_states_and_sites_not_started(conn: sqlite3.Connection) -> None:
     add_site(conn, 2, "PR1")
-    add_package(conn, GUID, S.CONTENT_REPLICATING, flag=1)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATING, flag=1)
     record_esp(conn)
-    set_site_row(conn, GUID, 1, S.CONTENT_REPLICATING)
-    set_site_row(conn, GUID, 2, S.DOWNLOAD_FAILED)
+    set_site_row(conn, GUID, 1, PackageState.CONTENT_REPLICATING)
+    set_site_row(conn, GUID, 2, PackageState.DOWNLOAD_FAILED)
     with transaction(conn):
-        assert spProcessCMU(conn, GUID) == S.CONTENT_REPLICATING
-    assert package(conn) == (S.CONTENT_REPLICATING, 1)
+        assert spProcessCMU(conn, GUID) == PackageState.CONTENT_REPLICATING
+    assert package(conn) == (PackageState.CONTENT_REPLICATING, 1)
 
 
 # -- RetryContentReplication --------------------------------------------------------------------
 
 
 def test_retry_content_replication_forgets_the_hash_and_enables(conn: sqlite3.Connection) -> None:
-    add_package(conn, GUID, S.CONTENT_REPLICATION_FAILED, flag=2)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATION_FAILED, flag=2)
     record_esp(conn)
     set_site_row(conn, GUID, 1, CRF)
     drain(conn)
     with transaction(conn):
         assert RetryContentReplication(conn, GUID.lower()) == "CAS10001"
-    assert package(conn) == (S.ENABLED, 2)  # the flag is kept
+    assert package(conn) == (PackageState.ENABLED, 2)  # the flag is kept
     esp = easy_setup_package(conn, GUID)
     assert esp is not None and esp.package_hash == "" and esp.source_version == 1
     (stored,) = conn.execute("SELECT PackageHash FROM EasySetupSettings").fetchone()
     assert stored is None
     assert ("CM_UpdatePackages_UPD_HMAN", "2.ESC", CFD) in notifications(conn)
-    assert site_rows(conn) == {1: (S.ENABLED, 2)}
+    assert site_rows(conn) == {1: (PackageState.ENABLED, 2)}
 
 
-@pytest.mark.parametrize("state", [CRI, CRS, PS, PW, PE, S.ENABLED], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "state", [CRI, CRS, PS, PW, PE, PackageState.ENABLED], ids=lambda s: s.name
+)
 def test_retry_content_replication_is_offered_outside_a_check_or_installation(
-    conn: sqlite3.Connection, state: S
+    conn: sqlite3.Connection, state: PackageState
 ) -> None:
     add_package(conn, GUID, state, flag=1)
     record_esp(conn)
     with transaction(conn):
         RetryContentReplication(conn, GUID)
-    assert package(conn) == (S.ENABLED, 1)
+    assert package(conn) == (PackageState.ENABLED, 1)
 
 
 def test_retry_content_replication_refuses_an_update_without_easy_setup_package(
     conn: sqlite3.Connection,
 ) -> None:
-    add_package(conn, GUID, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.DOWNLOAD_SUCCESS)
     with pytest.raises(NotInitiable, match="has no Easy Setup Package yet"):
         RetryContentReplication(conn, GUID)
     with pytest.raises(NotInitiable, match=f"no update package {OTHER}"):
         RetryContentReplication(conn, OTHER)
-    assert package(conn) == (S.DOWNLOAD_SUCCESS, 0)
+    assert package(conn) == (PackageState.DOWNLOAD_SUCCESS, 0)
     assert notifications(conn) == []
 
 
-@pytest.mark.parametrize("state", [PIP, S.INSTALL_IN_PROGRESS], ids=lambda s: s.name)
+@pytest.mark.parametrize("state", [PIP, PackageState.INSTALL_IN_PROGRESS], ids=lambda s: s.name)
 def test_retry_content_replication_refuses_while_checking_or_installing(
-    conn: sqlite3.Connection, state: S
+    conn: sqlite3.Connection, state: PackageState
 ) -> None:
     add_package(conn, GUID, state, flag=0)
     record_esp(conn)
@@ -782,8 +823,8 @@ def test_retry_content_replication_refuses_while_checking_or_installing(
 def test_retry_content_replication_refuses_while_another_update_is_in_progress(
     conn: sqlite3.Connection,
 ) -> None:
-    add_package(conn, OTHER, S.PREREQ_IN_PROGRESS, flag=1)
-    add_package(conn, GUID, S.CONTENT_REPLICATION_FAILED, flag=1)
+    add_package(conn, OTHER, PackageState.PREREQ_IN_PROGRESS, flag=1)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATION_FAILED, flag=1)
     record_esp(conn, GUID)
     drain(conn)
     with pytest.raises(
@@ -816,7 +857,7 @@ def test_a_site_database_of_schema_2_is_migrated_with_working_triggers(
         for name in NEW_IN_3:
             conn.execute(f"DROP TRIGGER {name}")
         conn.execute("UPDATE SchemaInfo SET Value = '2' WHERE Name = 'version'")
-    add_package(conn, GUID, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.DOWNLOAD_SUCCESS)
 
     assert migrate(conn) == 2
     assert conn.execute("SELECT Value FROM SchemaInfo WHERE Name = 'version'").fetchone() == (
@@ -832,7 +873,7 @@ def test_a_site_database_of_schema_2_is_migrated_with_working_triggers(
     ):
         assert name in names, name
     assert migrate(conn) == SCHEMA_VERSION  # nothing left to do
-    assert package(conn) == (S.DOWNLOAD_SUCCESS, 0)  # data kept
+    assert package(conn) == (PackageState.DOWNLOAD_SUCCESS, 0)  # data kept
 
     # And they work: the whole replication path, by hand.
     with transaction(conn):
@@ -866,33 +907,33 @@ def test_a_site_database_of_schema_2_is_migrated_with_working_triggers(
 def test_cli_prereq_install_and_ignore_warnings_set_the_flag(
     site: Path, conn: sqlite3.Connection
 ) -> None:
-    add_package(conn, GUID, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.DOWNLOAD_SUCCESS)
     out = cmlab("prereq", str(site), GUID).stdout
     assert "Flag=1 PREREQ_ONLY" in out and "DOWNLOAD_SUCCESS (262146) -> ENABLED (2)" in out
-    assert package(conn) == (S.ENABLED, 1)
+    assert package(conn) == (PackageState.ENABLED, 1)
     out = cmlab("install", str(site), GUID).stdout
     assert "Flag=0 NORMAL" in out and "ENABLED (2) -> ENABLED (2)" in out
-    assert package(conn) == (S.ENABLED, 0)
+    assert package(conn) == (PackageState.ENABLED, 0)
     out = cmlab("install", str(site), GUID, "--ignore-warnings").stdout
     assert "Flag=2 IGNORE_WARNINGS" in out
-    assert package(conn) == (S.ENABLED, 2)
+    assert package(conn) == (PackageState.ENABLED, 2)
     assert [n[1] for n in notifications(conn)] == ["2.ESC"] * 3
 
 
 def test_cli_retry_replication_keeps_the_flag(site: Path, conn: sqlite3.Connection) -> None:
-    add_package(conn, GUID, S.CONTENT_REPLICATION_FAILED, flag=2)
+    add_package(conn, GUID, PackageState.CONTENT_REPLICATION_FAILED, flag=2)
     record_esp(conn)
     out = cmlab("retry-replication", str(site), GUID).stdout
     assert "ReturnValue 0" in out and "CAS10001" in out
-    assert package(conn) == (S.ENABLED, 2)
+    assert package(conn) == (PackageState.ENABLED, 2)
     (stored,) = conn.execute("SELECT PackageHash FROM EasySetupSettings").fetchone()
     assert stored is None
 
 
 def test_cli_refusals_exit_1_with_the_reason(site: Path, conn: sqlite3.Connection) -> None:
-    add_package(conn, GUID, S.APPLICABILITY_SUCCESS)
-    add_package(conn, OTHER, S.PREREQ_IN_PROGRESS, flag=1, name="Hotfix rollup 2503")
-    add_package(conn, THIRD, S.DOWNLOAD_SUCCESS)
+    add_package(conn, GUID, PackageState.APPLICABILITY_SUCCESS)
+    add_package(conn, OTHER, PackageState.PREREQ_IN_PROGRESS, flag=1, name="Hotfix rollup 2503")
+    add_package(conn, THIRD, PackageState.DOWNLOAD_SUCCESS)
     record_esp(conn, OTHER)
     unknown = "00000000-0000-0000-0000-0000000000AB"
     cases = [
@@ -907,9 +948,9 @@ def test_cli_refusals_exit_1_with_the_reason(site: Path, conn: sqlite3.Connectio
         assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
         assert proc.stderr.startswith("cmlab: ") and reason in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""
-    assert package(conn) == (S.APPLICABILITY_SUCCESS, 0)
-    assert package(conn, OTHER) == (S.PREREQ_IN_PROGRESS, 1)
-    assert package(conn, THIRD) == (S.DOWNLOAD_SUCCESS, 0)
+    assert package(conn) == (PackageState.APPLICABILITY_SUCCESS, 0)
+    assert package(conn, OTHER) == (PackageState.PREREQ_IN_PROGRESS, 1)
+    assert package(conn, THIRD) == (PackageState.DOWNLOAD_SUCCESS, 0)
     assert notifications(conn) == [
         ("EasySetupSettings_INS_HMAN", f"{OTHER}.CME", CFD),
         ("SMSPackages_INS_DISTMGR", "CAS10001.PKN", "distmgr.box"),
@@ -919,19 +960,31 @@ def test_cli_refusals_exit_1_with_the_reason(site: Path, conn: sqlite3.Connectio
 @pytest.mark.parametrize(
     ("states", "expected"),
     [
-        ((S.INSTALL_SUCCESS, S.INSTALL_UPGRADEDATABASE), S.INSTALL_UPGRADEDATABASE),
-        ((S.INSTALL_SUCCESS, S.INSTALL_CMU_VALIDATING), S.INSTALL_CMU_VALIDATING),
-        ((S.INSTALL_INSTALLFILES, S.INSTALL_UPGRADEDATABASE), S.INSTALL_UPGRADEDATABASE),
-        ((S.INSTALL_SUCCESS, S.INSTALL_SUCCESS), S.INSTALL_SUCCESS),
+        (
+            (PackageState.INSTALL_SUCCESS, PackageState.INSTALL_UPGRADEDATABASE),
+            PackageState.INSTALL_UPGRADEDATABASE,
+        ),
+        (
+            (PackageState.INSTALL_SUCCESS, PackageState.INSTALL_CMU_VALIDATING),
+            PackageState.INSTALL_CMU_VALIDATING,
+        ),
+        (
+            (PackageState.INSTALL_INSTALLFILES, PackageState.INSTALL_UPGRADEDATABASE),
+            PackageState.INSTALL_UPGRADEDATABASE,
+        ),
+        (
+            (PackageState.INSTALL_SUCCESS, PackageState.INSTALL_SUCCESS),
+            PackageState.INSTALL_SUCCESS,
+        ),
     ],
 )
 def test_installing_sites_roll_up_to_the_least_advanced_not_the_lowest_code(
-    conn: sqlite3.Connection, states: tuple[S, S], expected: S
+    conn: sqlite3.Connection, states: tuple[PackageState, PackageState], expected: PackageState
 ) -> None:
     """The INSTALL_* codes are not numbered in install.map's order: an update is installed
     only when every site is."""
     add_site(conn, 2, "PR1")
-    add_package(conn, GUID, S.INSTALL_IN_PROGRESS)
+    add_package(conn, GUID, PackageState.INSTALL_IN_PROGRESS)
     record_esp(conn)
     for number, state in enumerate(states, 1):
         set_site_row(conn, GUID, number, state)
@@ -941,4 +994,6 @@ def test_installing_sites_roll_up_to_the_least_advanced_not_the_lowest_code(
 
 def test_set_site_state_of_an_unknown_update_changes_nothing(conn: sqlite3.Connection) -> None:
     with transaction(conn):
-        assert not spCMUSetSiteState(conn, "11111111-2222-3333-4444-555555555555", S.PREREQ_SUCCESS)
+        assert not spCMUSetSiteState(
+            conn, "11111111-2222-3333-4444-555555555555", PackageState.PREREQ_SUCCESS
+        )

@@ -19,8 +19,7 @@ from cmlab.site.sitedb import (
 )
 from cmlab.site.sitedb.functions import tsql_to_sqlite, version_to_int
 from cmlab.site.sitedb.schema import SCHEMA_VERSION
-from cmlab.site.statecodes import IsComplete, SubStage
-from cmlab.site.statecodes import PackageState as S
+from cmlab.site.state_codes import IsComplete, PackageState, SubStage
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
 
@@ -33,7 +32,7 @@ def db_file(tmp_path: Path) -> Path:
     with transaction(conn):
         conn.execute(
             "INSERT INTO CM_UpdatePackages (PackageGuid, Name, State) VALUES (?, 'CM 2509', ?)",
-            (GUID, int(S.APPLICABILITY_SUCCESS)),
+            (GUID, int(PackageState.APPLICABILITY_SUCCESS)),
         )
     conn.close()
     return path
@@ -86,14 +85,14 @@ def test_enabling_a_package_queues_2_esc_for_smsdbmon_in_the_same_transaction(
 
 def test_download_success_or_failure_leaves_the_download_queue(db_file: Path) -> None:
     conn = connect(db_file, "CAS")
-    for final in (S.DOWNLOAD_SUCCESS, S.DOWNLOAD_FAILED):
+    for final in (PackageState.DOWNLOAD_SUCCESS, PackageState.DOWNLOAD_FAILED):
         with transaction(conn):
-            procs.spCMUSetUpdatePackageState(conn, GUID, S.APPLICABILITY_SUCCESS)
+            procs.spCMUSetUpdatePackageState(conn, GUID, PackageState.APPLICABILITY_SUCCESS)
             assert procs.spAddPackageToDownload(conn, GUID)
             assert not procs.spAddPackageToDownload(conn, GUID)  # already queued
         assert procs.spCMUCheckAvailableUpdates(conn) == [GUID]
         with transaction(conn):
-            procs.spCMUSetUpdatePackageState(conn, GUID, S.DOWNLOAD_IN_PROGRESS)
+            procs.spCMUSetUpdatePackageState(conn, GUID, PackageState.DOWNLOAD_IN_PROGRESS)
         assert procs.spCMUCheckAvailableUpdates(conn) == [GUID]
         with transaction(conn):
             procs.spCMUSetUpdatePackageState(conn, GUID, final)
@@ -104,7 +103,7 @@ def test_download_success_or_failure_leaves_the_download_queue(db_file: Path) ->
         procs.spAddPackageToDownload(conn, "00000000-0000-0000-0000-000000000001")
     with transaction(conn):  # a failed download can be retried
         assert procs.spAddPackageToDownload(conn, GUID)
-        procs.spCMUSetUpdatePackageState(conn, GUID, S.DOWNLOAD_SUCCESS)
+        procs.spCMUSetUpdatePackageState(conn, GUID, PackageState.DOWNLOAD_SUCCESS)
     with pytest.raises(procs.NotDownloadable, match=r"DOWNLOAD_SUCCESS \(262146\)"):
         procs.spAddPackageToDownload(conn, GUID)
 
@@ -123,9 +122,9 @@ def test_a_site_database_of_schema_1_is_migrated(db_file: Path) -> None:
 def test_applicability_does_not_rewind_a_package_that_went_further(db_file: Path) -> None:
     conn = connect(db_file, "CAS")
     with transaction(conn):
-        procs.spCMUSetUpdatePackageState(conn, GUID, S.DOWNLOAD_SUCCESS)
-        assert not procs.spCMUSetApplicability(conn, GUID, S.APPLICABILITY_NA)
-    assert procs.package_state(conn, GUID) == S.DOWNLOAD_SUCCESS
+        procs.spCMUSetUpdatePackageState(conn, GUID, PackageState.DOWNLOAD_SUCCESS)
+        assert not procs.spCMUSetApplicability(conn, GUID, PackageState.APPLICABILITY_NA)
+    assert procs.package_state(conn, GUID) == PackageState.DOWNLOAD_SUCCESS
 
 
 async def test_group_commit_isolates_a_failing_job(db_file: Path) -> None:
@@ -168,7 +167,7 @@ def test_substage_reports_update_one_monitoring_row_per_stage(db_file: Path) -> 
 
 def test_a_job_after_close_fails_instead_of_waiting_forever(db_file: Path) -> None:
     db = SiteDB(db_file, "CAS")
-    assert db.call_sync(procs.package_state, GUID) == S.APPLICABILITY_SUCCESS
+    assert db.call_sync(procs.package_state, GUID) == PackageState.APPLICABILITY_SUCCESS
     db.close()
     with pytest.raises(SiteDBClosed):
         db.call_sync(procs.package_state, GUID)

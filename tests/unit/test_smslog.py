@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.site.smslog import LINE_RE, LogSink, SmsLog, format_bias, format_line, read_messages
+from cmlab.site.sms_log import LINE_RE, LogSink, SmsLog, format_bias, format_line, read_messages
 
 
 def test_line_format_matches_the_design_example() -> None:

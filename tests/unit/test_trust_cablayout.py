@@ -15,7 +15,7 @@ import pytest
 
 from cmlab.core.errors import CabError, SignatureFormatError
 from cmlab.site.trust import LabCA, VerdictStatus, sign_cab, verify_cab
-from cmlab.site.trust.cablayout import (
+from cmlab.site.trust.cab_layout import (
     FLAG_RESERVE_PRESENT,
     RESERVE_GROWTH,
     CabHeader,

@@ -9,7 +9,7 @@ import cabarchive
 import pytest
 
 from cmlab.site.trust import LabCA, VerdictStatus, sign_cab, verify_cab
-from cmlab.site.trust.cablayout import locate_signature, read_header
+from cmlab.site.trust.cab_layout import locate_signature, read_header
 from tests.helpers.trust_helpers import (
     OSSLSIGNCODE,
     make_multi_folder_cab,

@@ -27,7 +27,7 @@ from cmlab.site.trust import (
     verify_cab,
 )
 from cmlab.site.trust.authenticode import parse_signature
-from cmlab.site.trust.cablayout import authenticode_digest, locate_signature, read_header
+from cmlab.site.trust.cab_layout import authenticode_digest, locate_signature, read_header
 from tests.helpers.trust_helpers import Signed, make_odd_ca, now, root_of, trust_for
 
 # Session fixtures (CAs, CABs) shared by all trust tests.

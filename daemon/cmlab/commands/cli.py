@@ -23,7 +23,7 @@ from cmlab.site.sitedb import (
     scripts,
     servicing,
 )
-from cmlab.site.statecodes import PackageFlag, PackageState
+from cmlab.site.state_codes import PackageFlag, PackageState
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -80,7 +80,7 @@ def _transaction(site_dir: Path) -> AbstractContextManager[sqlite3.Connection]:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     with _transaction(Path(args.site_dir)) as conn:
-        sync_id = procs.spRequestSync(conn, "admin")
+        sync_id = procs.spRequestSync(conn, procs.SyncReason.ADMIN)
     print(f"Synchronization requested (SyncHistory ID={sync_id}).")
     return 0
 

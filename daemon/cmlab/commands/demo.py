@@ -1,6 +1,10 @@
 """`cmlab demo`: a fresh lab site, its daemon, and one update taken from synchronization to
 INSTALL_SUCCESS, printed stage by stage as it happens. Everything it shows is read back from
-the site's own database and logs, the way a trainee would watch it."""
+the site's own database and logs, the way a trainee would watch it.
+
+The watcher polls on the daemon's own event loop, 20 times a second: its file reads are
+awaited (CMUpdate.log streamed with aiofiles, the inbox walk in a thread), so the components
+it watches are not held up by it."""
 
 from __future__ import annotations
 
@@ -11,14 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiofiles
+import aiofiles.os
+
 from cmlab.commands.init import InitOptions, init_site
 from cmlab.commands.status import collect_status, print_status
 from cmlab.daemon import SiteDaemon
 from cmlab.site.config import load_config
 from cmlab.site.contract import waiting_drop_files
 from cmlab.site.sitedb import connect, overview, procs, servicing, transaction
-from cmlab.site.smslog import read_messages
-from cmlab.site.statecodes import PackageFlag, PackageState
+from cmlab.site.sms_log import message_of
+from cmlab.site.state_codes import PackageFlag, PackageState
 
 # The states at which a package stops moving on its own (auto-download takes the applicable
 # update on to DOWNLOAD_SUCCESS, "Ready to install"; the administrator takes it further).
@@ -36,7 +43,7 @@ RESTING = {
     PackageState.INSTALL_FAILED,
     PackageState.INSTALL_CMU_FAILED,
 }
-STAGE_OF: dict[int, str] = {
+STAGE_NAMES: dict[int, str] = {
     PackageState.APPLICABILITY_CHECKING: "Applicability",
     PackageState.APPLICABILITY_SUCCESS: "Applicability",
     PackageState.APPLICABILITY_HIDE: "Applicability",
@@ -54,11 +61,12 @@ STAGE_OF: dict[int, str] = {
     PackageState.PREREQ_WARNING: "Prerequisites",
     PackageState.PREREQ_ERROR: "Prerequisites",
 }
+_FOLLOW_READ = 1024 * 1024  # bytes per awaited read of a followed log: bench_async_io's chunk
 INSTALL_STEP = re.compile(r"INFO: Running install step (\d+) \((\w+)\): (.*)")
 
 
-def stage_of(state: int) -> str:
-    return STAGE_OF.get(state, "Installation" if state >> 16 == 3 else "Update")
+def stage_name(state: int) -> str:
+    return STAGE_NAMES.get(state, "Installation" if state >> 16 == 3 else "Update")
 
 
 def label(state: int) -> str:
@@ -71,6 +79,38 @@ def _color(text: str, code: str) -> str:
     return f"\033[{code}m{text}\033[0m" if sys.stdout.isatty() else text
 
 
+class LogFollower:
+    """The messages appended to an SMS log since the last call, read as a stream: only the new
+    bytes, and a line only once it is whole. A log that rolled over (a new file under the name)
+    is followed from its start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+        self.file_id: tuple[int, int] | None = None
+
+    async def new_messages(self) -> list[str]:
+        try:
+            st = await aiofiles.os.stat(self.path)
+        except FileNotFoundError:
+            return []
+        if (st.st_dev, st.st_ino) != self.file_id or st.st_size < self.offset:
+            self.file_id, self.offset, self.partial = (st.st_dev, st.st_ino), 0, b""
+        if st.st_size == self.offset:
+            return []  # nothing new: the poll runs 20 times a second, the log is not re-read
+        out: list[str] = []
+        async with aiofiles.open(self.path, "rb") as f:
+            await f.seek(self.offset)
+            # In chunks, each an awaited read: a stream never holds the loop for a whole file
+            # (bench_async_io: async_io.read.large.aiofiles_chunks against .aiofiles).
+            while chunk := await f.read(_FOLLOW_READ):
+                self.offset += len(chunk)
+                *lines, self.partial = (self.partial + chunk).split(b"\n")
+                out.extend(message_of(ln.decode("utf-8", "replace").rstrip("\r")) for ln in lines)
+        return out
+
+
 class Watcher:
     def __init__(self, site: Path) -> None:
         config = load_config(site)
@@ -78,8 +118,7 @@ class Watcher:
         self.conn = connect(config.paths.db_file, config.site_code)
         self.seen_messages = 0
         self.seen_history = 0
-        self.seen_cmupdate = 0
-        self.cmupdate_size = 0
+        self.cmupdate = LogFollower(self.root / "Logs" / "CMUpdate.log")
         self.states: dict[str, int] = {}
         self.names: dict[str, str] = {}
         self.t0 = time.monotonic()
@@ -87,7 +126,7 @@ class Watcher:
     def stamp(self) -> str:
         return f"[{time.monotonic() - self.t0:6.2f}s]"
 
-    def poll(self) -> None:
+    async def poll(self) -> None:
         for state_id, name, topic in overview.state_messages_after(self.conn, self.seen_messages):
             self.seen_messages += 1
             stage = "Synchronization" if topic.startswith("00000000") else "Download"
@@ -99,33 +138,26 @@ class Watcher:
             self.names[p.guid] = p.name
             if self.states.get(p.guid) != p.state:
                 self.states[p.guid] = p.state
-                print(f"{self.stamp()} {stage_of(p.state):16} {p.name}: {label(p.state)}")
+                print(f"{self.stamp()} {stage_name(p.state):16} {p.name}: {label(p.state)}")
         # The site's own states: during install steps 5 to 13 SMSDBMon's triggers are gone, so
         # the package's state stands still while the site's moves (the console shows the same).
         for hist_id, guid, state in overview.site_history_after(self.conn, self.seen_history):
             self.seen_history = hist_id
             if state >> 16 in (1, 2, 3):  # replication, prerequisite check, installation
                 name = self.names.get(guid, guid)
-                print(f"{self.stamp()} {stage_of(state):16} {name} at site: {label(state)}")
-        log = self.root / "Logs" / "CMUpdate.log"
-        size = log.stat().st_size if log.exists() else 0
-        if size == self.cmupdate_size:
-            return  # nothing new: the poll runs 20 times a second, the log is not re-read
-        self.cmupdate_size = size
-        lines = read_messages(log)
-        for line in lines[self.seen_cmupdate :]:
+                print(f"{self.stamp()} {stage_name(state):16} {name} at site: {label(state)}")
+        for line in await self.cmupdate.new_messages():
             found = INSTALL_STEP.fullmatch(line)
             if found:
                 print(f"{self.stamp()} {'':16}   step {found[1]:>2}/16 {found[3]}")
-        self.seen_cmupdate = len(lines)
 
-    def settled(self) -> bool:
+    async def settled(self) -> bool:
         sync = overview.unfinished_syncs(self.conn)
         return (
             sync == 0
             and bool(self.states)
             and all(s in RESTING for s in self.states.values())
-            and not self.backlog()
+            and not await asyncio.to_thread(self.backlog)
         )
 
     def backlog(self) -> int:
@@ -139,9 +171,9 @@ class Watcher:
 
 async def _settle(watcher: Watcher, deadline: float) -> bool:
     while time.monotonic() < deadline:
-        watcher.poll()
-        if watcher.settled():
-            watcher.poll()  # what was recorded between the poll and the check
+        await watcher.poll()
+        if await watcher.settled():
+            await watcher.poll()  # what was recorded between the poll and the check
             return True
         await asyncio.sleep(0.05)
     return False
@@ -153,7 +185,7 @@ async def _demo(site: Path, deadline_s: float) -> int:
     watcher = Watcher(site)
     try:
         with transaction(watcher.conn):
-            procs.spRequestSync(watcher.conn, "admin")
+            procs.spRequestSync(watcher.conn, procs.SyncReason.ADMIN)
         print(f"{watcher.stamp()} Administrator    Check for updates (SyncHistory request)")
         deadline = time.monotonic() + deadline_s
         if not await _settle(watcher, deadline):

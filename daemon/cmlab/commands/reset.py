@@ -28,8 +28,8 @@ from cmlab.site.formats.cmu import cmu_mcm_name, cmu_name
 from cmlab.site.formats.ids import is_guid
 from cmlab.site.formats.notifications import cme_name, cmi_name
 from cmlab.site.sitedb import one_transaction, procs, update_reset
-from cmlab.site.smslog import LogSink, SmsLog
-from cmlab.site.statecodes import PackageState
+from cmlab.site.sms_log import LogSink, SmsLog
+from cmlab.site.state_codes import PackageState
 
 LOG_FILE = "CMUpdateReset.log"
 COMPONENT = "CMUpdateReset"
@@ -58,7 +58,9 @@ def stage_of(state: int) -> Stage:
     return Stage.DOWNLOADED  # downloaded, replicating, prerequisite check, or undefined
 
 
-class Outcome(enum.Enum):
+class ResetResult(enum.Enum):
+    """What the reset did: reset the update, or why it refused (the report's `outcome`)."""
+
     RESET = "reset"
     UNKNOWN_PACKAGE = "unknown-package"
     INSTALLING = "installing"
@@ -77,7 +79,7 @@ class ResetReport:
     site: str
     guid: str
     forced: bool
-    outcome: Outcome = Outcome.UNKNOWN_PACKAGE
+    outcome: ResetResult = ResetResult.UNKNOWN_PACKAGE
     message: str = ""
     name: str = ""
     state: int | None = None  # CM_UpdatePackages.State, None when the row was not there
@@ -91,7 +93,7 @@ class ResetReport:
 
     @property
     def ok(self) -> bool:
-        return self.outcome is Outcome.RESET and not self.errors
+        return self.outcome is ResetResult.RESET and not self.errors
 
     @property
     def state_name(self) -> str:
@@ -239,7 +241,7 @@ def reset_package(site_dir: Path, guid: str, *, force: bool = False) -> ResetRep
     return report
 
 
-def _refuse(report: ResetReport, log: SmsLog, outcome: Outcome, message: str) -> None:
+def _refuse(report: ResetReport, log: SmsLog, outcome: ResetResult, message: str) -> None:
     report.outcome = outcome
     report.message = f"{message} Nothing was removed."
     log.error(f"ERROR: {report.message}")
@@ -253,7 +255,7 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
         _refuse(
             report,
             log,
-            Outcome.NOT_TOP_LEVEL,
+            ResetResult.NOT_TOP_LEVEL,
             f"Site {config.site_code} is not the top-level site of its hierarchy (its parent is "
             f"{config.parent}): run the Update Reset Tool at the top-level site.",
         )
@@ -276,7 +278,7 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
             _refuse(
                 report,
                 log,
-                Outcome.UNKNOWN_PACKAGE,
+                ResetResult.UNKNOWN_PACKAGE,
                 f"There is no update package {guid} in CM_UpdatePackages, nor any row or content "
                 "of it on this site. Check the Package Guid (SELECT Name, PackageGuid FROM "
                 "v_LocalizedUpdatePackageMetaData_SiteLoc).",
@@ -296,7 +298,7 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
             _refuse(
                 report,
                 log,
-                Outcome.INSTALLING,
+                ResetResult.INSTALLING,
                 f"The {what} is {_describe(state or 0)}{at}: it has started installing. After an "
                 "update package starts installing, don't use CMUpdateReset.exe.",
             )
@@ -305,7 +307,7 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
             _refuse(
                 report,
                 log,
-                Outcome.DOWNLOADED,
+                ResetResult.DOWNLOADED,
                 f"The {what} is {_describe(state or 0)}{at}, a post-download state: a "
                 "successfully downloaded update is only deleted when forced (--force, the "
                 "tool's -FDELETE).",
@@ -328,7 +330,7 @@ def _reset(config: SiteConfig, report: ResetReport, log: SmsLog) -> None:
             link = " (the link only: its target is left alone)" if kind == "link" else ""
             log(f"Deleted {kind} {show(path)}{link}")
 
-    report.outcome = Outcome.RESET
+    report.outcome = ResetResult.RESET
     if report.errors:
         report.message = (
             f"The {what} was removed from the site database, but some of its content could not "
@@ -352,7 +354,7 @@ def print_report(report: ResetReport, out: TextIO | None = None, err: TextIO | N
     """The human answer: what was removed, or why nothing was (on `err`)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    if report.outcome is not Outcome.RESET:
+    if report.outcome is not ResetResult.RESET:
         print(f"cmlab: reset: {report.message}", file=err)
         if report.log is not None:
             print(f"  see {report.log}", file=err)

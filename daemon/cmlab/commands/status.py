@@ -14,7 +14,7 @@ from typing import Any
 from cmlab.site.config import load_config
 from cmlab.site.contract import load_contract, matches_any
 from cmlab.site.sitedb import connected, hierarchy, overview
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 
 def daemon_running(site_dir: Path) -> bool:

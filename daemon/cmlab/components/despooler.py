@@ -84,6 +84,10 @@ def _library_holds(lib: ContentLibrary, pkg_id: str, version: int, digest: str) 
     return info is not None and info.hash == digest
 
 
+def _either_exists(a: Path, b: Path) -> bool:
+    return os.path.lexists(a) or os.path.lexists(b)
+
+
 class Despooler(Component):
     component = "SMS_DESPOOLER"
     log_file = "despool.log"
@@ -103,7 +107,9 @@ class Despooler(Component):
         except (BadInput, ReplicationFormatError) as exc:
             # The engine moves the INS to BAD; its package goes with it, or it would lie in
             # receive/ forever.
-            self._quarantine(pkg, f"its instruction {path.name} was refused: {exc}")
+            await self.in_thread(
+                self._quarantine, pkg, f"its instruction {path.name} was refused: {exc}"
+            )
             raise
         if ins.job_type == SWD:
             return await self._despool_package(path, pkg, ins, local.code)
@@ -377,7 +383,7 @@ class Despooler(Component):
             f"Received site recovery package from site {parent} for site {site_code} "
             f"(build {rec.build}). Compressed file -  {ins.package_file} as {self.show(pkg)}"
         )
-        if not os.path.lexists(pkg) and not os.path.lexists(temp):
+        if not await self.in_thread(_either_exists, pkg, temp):
             done = await self.db.read(
                 recovery.recovery_recorded, site_code, rec.build, rec.installed_updates
             )

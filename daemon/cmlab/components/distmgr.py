@@ -36,11 +36,15 @@ from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import hierarchy, scheduler_jobs, servicing
 from cmlab.site.sitedb.scheduler_jobs import JobState, SwdJob
 from cmlab.site.sitedb.servicing import DistributionState
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
-S = PackageState
+REPLICATING = (PackageState.CONTENT_REPLICATING,)
 
-REPLICATING = (S.CONTENT_REPLICATING,)
+
+def _remove_files(paths: list[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
 
 
 class DistributionManager(Component):
@@ -134,7 +138,7 @@ class DistributionManager(Component):
             "Package stored",
         )
         servicing.spCMUSetSiteState(
-            conn, esp.package_guid, S.CONTENT_REPLICATION_SUCCESS, only_from=REPLICATING
+            conn, esp.package_guid, PackageState.CONTENT_REPLICATION_SUCCESS, only_from=REPLICATING
         )
 
     async def _failed(self, esp: servicing.EasySetupPackage, version: int, reason: str) -> None:
@@ -150,7 +154,10 @@ class DistributionManager(Component):
                 reason,
             )
             servicing.spCMUSetSiteState(
-                conn, esp.package_guid, S.CONTENT_REPLICATION_FAILED, only_from=REPLICATING
+                conn,
+                esp.package_guid,
+                PackageState.CONTENT_REPLICATION_FAILED,
+                only_from=REPLICATING,
             )
 
         await self.db.tx(record)
@@ -189,7 +196,7 @@ class DistributionManager(Component):
             last = jobs[-1]
             if await self.in_thread(package_file_ok, path, last.file_size, last.file_hash):
                 return PackageFile(path, last.file_size, last.file_hash.upper())
-            if os.path.lexists(path):
+            if await self.in_thread(os.path.lexists, path):
                 self.say(
                     f"The compressed copy {self.show(path)} of package {pkg_id} is damaged "
                     "(its size or hash changed); building it again.",
@@ -203,14 +210,12 @@ class DistributionManager(Component):
     async def _remove_old_pcks(self, pkg_id: str, version: int) -> None:
         """Older compressed copies go once no job still sends them."""
 
-        old = [(n, p) for n, p in old_pck_versions(self.paths.smspkg, pkg_id) if n < version]
+        found = await self.in_thread(old_pck_versions, self.paths.smspkg, pkg_id)
+        old = [(n, p) for n, p in found if n < version]
         if not old:
             return
         sending = await self.db.read(scheduler_jobs.versions_in_flight, pkg_id)
-        for n, p in old:
-            if n not in sending:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+        await self.in_thread(_remove_files, [p for n, p in old if n not in sending])
 
     async def _create_job(
         self,
@@ -250,7 +255,7 @@ class DistributionManager(Component):
 
     async def on_resend_request(self, path: Path) -> Outcome:
         child, pkg_id, version = parse_resend_request_name(path.name)
-        reason, request = self._read_request(path)
+        reason, request = await self.in_thread(self._read_request, path)
         self.say(
             f"Received a request from site {child} to resend package {pkg_id} version {version}"
             + (f": {reason}" if reason else "")
@@ -312,7 +317,7 @@ class DistributionManager(Component):
 
         def record(conn: sqlite3.Connection) -> None:
             servicing.spCMUSetSiteState(
-                conn, esp.package_guid, S.CONTENT_REPLICATION_FAILED, site_code=child
+                conn, esp.package_guid, PackageState.CONTENT_REPLICATION_FAILED, site_code=child
             )
             servicing.set_distribution_state(
                 conn, esp.package_id, child, DistributionState.INSTALL_FAILED, version, reason

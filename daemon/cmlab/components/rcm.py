@@ -36,12 +36,12 @@ from cmlab.site.sitedb.replication_group import (
     prepare_message,
     record_sent,
 )
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 # -- the other site's inbox ---------------------------------------------------------------------
 
 
-def receive_folder(site_folder: str, relative_to: Path) -> Path:
+def rcm_receive_folder(site_folder: str, relative_to: Path) -> Path:
     """Another site's CMUpdates inbox; a relative address is taken from this site's folder."""
     root = Path(site_folder)
     if not root.is_absolute():
@@ -110,8 +110,8 @@ class ReplicationMonitor(Component):
         return sent
 
     async def _send(self, link: Link) -> Outgoing | None:
-        folder = receive_folder(link.folder, self.paths.root)
-        if not folder.is_dir():
+        folder = rcm_receive_folder(link.folder, self.paths.root)
+        if not await self.in_thread(folder.is_dir):  # another site's folder, perhaps a share
             # Checked before a seq is reserved, so an unreachable site does not use one up
             # every pass; write_message checks again.
             self._cannot(link, f"the folder {folder} does not exist")

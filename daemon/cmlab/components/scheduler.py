@@ -89,6 +89,12 @@ def _unnoticed_jobs(conn: sqlite3.Connection, tosend: Path) -> list[str]:
     return out
 
 
+def _write_into(path: Path, data: bytes | str) -> None:
+    """`path` written durably, its folder made if need be (on a worker thread: two fsyncs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+
+
 class Scheduler(Component):
     component = "SMS_SCHEDULER"
     log_file = "scheduler.log"
@@ -98,7 +104,8 @@ class Scheduler(Component):
 
     async def _sweep(self) -> None:
         for name in await self.db.read(_unnoticed_jobs, self.paths.schedule_tosend):
-            self.wake(
+            await self.in_thread(
+                self.wake,
                 self.paths.schedule_box / f"{name}.JOB",
                 f"Job {name} found in the job source without a notification.",
             )
@@ -111,7 +118,7 @@ class Scheduler(Component):
 
     async def on_job(self, path: Path) -> Outcome:
         job_id = job_of_drop_file(path.name, "JOB")
-        if os.path.getsize(path) > 4096:
+        if await self.in_thread(os.path.getsize, path) > 4096:
             raise BadInput(f"{path.name}: a job notification is empty or a line, not a file")
         view = await self.db.read(_view, job_id)
         name = f"{job_id:08X}"
@@ -137,7 +144,8 @@ class Scheduler(Component):
             raise BadInput(f"{path.name}: job {name} has an unknown State {job.state[:40]!r}")
         self.say(f"1 jobs found in memory, {view.open_jobs} jobs found in job source.")
         try:
-            data = build_instruction(self._instruction(view))
+            # A SiteRecovery job's instruction reads the package's sidecar file.
+            data = await self.in_thread(self._render_instruction, view)
         except ValueError as exc:
             # The job cannot be described (its package is gone, a column is damaged): it ends
             # here, and SMSDBMon's JOB for the Failed row reports it.
@@ -147,12 +155,10 @@ class Scheduler(Component):
             return Outcome.DONE
         idb = self.idb_path(name)
         self.say(f"~Instruction file = {self.show(idb)}")
-        idb.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(idb, data)
+        await self.in_thread(_write_into, idb, data)
         crashpoint("scheduler.after_idb")
         srq = self.srq_path(name)
-        srq.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(srq, render_send_request(job_id))
+        await self.in_thread(_write_into, srq, render_send_request(job_id))
         crashpoint("scheduler.after_srq")
         await self.db.tx(scheduler_jobs.mark_sending, job_id)
         self.say(f"<Updating JOB {name}> [{self._describe(job)}]~")
@@ -163,6 +169,9 @@ class Scheduler(Component):
             return f"{RECOVERY_NAME}, Site = {job.pkg_id}"
         name = servicing.EASY_SETUP_PACKAGE_NAME
         return f"Software Distribution for {name}, Package ID = {job.pkg_id}"
+
+    def _render_instruction(self, view: _JobView) -> bytes:
+        return build_instruction(self._instruction(view))
 
     def _instruction(self, view: _JobView) -> Instruction:
         job = view.job

@@ -93,7 +93,7 @@ def _read_send_request(path: Path) -> bytes:
         raise BadInput(str(exc)) from None
 
 
-def receive_folder(site_root: Path, address: str) -> Path:
+def despoolr_receive_folder(site_root: Path, address: str) -> Path:
     """`<address>/inboxes/despoolr.box/receive`, which must exist: Unreachable otherwise. A
     relative address is taken from this site's folder."""
     if not address:
@@ -171,7 +171,7 @@ class Sender(Component):
         return specs
 
     async def on_send_request(self, path: Path) -> Outcome:
-        job_id = parse_send_request(path.name, _read_send_request(path))
+        job_id = parse_send_request(path.name, await self.in_thread(_read_send_request, path))
         name = f"{job_id:08X}"
         job = await self.db.read(scheduler_jobs.scheduler_job, job_id)
         if job is None:
@@ -183,7 +183,7 @@ class Sender(Component):
         idb = self.paths.schedule_tosend / idb_name(name)
         try:
             source = package_file_path(self.paths.root, job.package_file)
-            instr = read_instruction(idb)
+            instr = await self.in_thread(read_instruction, idb)
             self._check(instr, job)
             data = build_instruction(instr)
         except (BadInput, ReplicationFormatError, ValueError, FileNotFoundError) as exc:
@@ -194,7 +194,8 @@ class Sender(Component):
         try:
             if site is None:
                 raise Unreachable("this site database does not know it (ServerData)")
-            receive = receive_folder(self.paths.root, site.folder)
+            # Another site's folder, perhaps on a share: every look at it is off the loop.
+            receive = await self.in_thread(despoolr_receive_folder, self.paths.root, site.folder)
             d = delivery_for(receive, name)
             self.say(f"~Sending Started [{self.show(source)}]")
             await self._deliver(source, d, job, data)
@@ -222,11 +223,10 @@ class Sender(Component):
             raise ValueError("it does not describe the job in the job source")
 
     async def _deliver(self, source: Path, d: Delivery, job: SchedulerJob, data: bytes) -> None:
-        if os.path.lexists(d.ins):
+        if await self.in_thread(os.path.lexists, d.ins):
             return  # the INS is written last: the delivery was made before a crash
         if not await self.in_thread(package_file_ok, d.pkg, job.file_size, job.file_hash):
-            if os.path.lexists(d.pkg):
-                await self.in_thread(remove_path, d.pkg)
+            await self.in_thread(remove_path, d.pkg)  # if a damaged one is there
             for attempt in range(2):
                 offset = await self.in_thread(resume_offset, d, job.file_size)
                 if offset:
@@ -246,7 +246,7 @@ class Sender(Component):
                     level="warning",
                 )
         crashpoint("sender.before_ins")
-        write_atomic(d.ins, data)
+        await self.in_thread(write_atomic, d.ins, data)
 
     @staticmethod
     def _source_check(source: Path, job: SchedulerJob) -> None:

@@ -11,7 +11,7 @@ from cmlab.site.component import Component
 from cmlab.site.formats.state_message import parse_state_message
 from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import procs
-from cmlab.site.statecodes import DmpStateMessage
+from cmlab.site.state_codes import DmpStateMessage
 
 
 class StateSystem(Component):

@@ -15,14 +15,14 @@ purpose is in this tree; anything else that escapes a handler is a bug.
     │   ├── CabError                a CAB that cannot be read, created or safely extracted
     │   │   ├── CabLimitError
     │   │   ├── CabPathError
-    │   │   └── NotACabError        cmlab.site.trust.cablayout
+    │   │   └── NotACabError        cmlab.site.trust.cab_layout
     │   ├── SignatureFormatError    an Authenticode blob that cannot be parsed
     │   ├── ManifestError           Manifest.xml and the other XML drops
     │   ├── UpdateMapError          update.map
     │   ├── ConfigError             site.toml
     │   ├── PrereqError             the prerequisite facts (site.toml [facts])
     │   ├── SigningError, TrustStoreError   cmlab.site.trust.authenticode
-    │   ├── LabCAError              cmlab.site.trust.labca
+    │   ├── LabCAError              cmlab.site.trust.lab_ca
     │   ├── DamagedPackage          cmlab.site.file_replication
     │   ├── ReplicationFormatError  cmlab.site.formats.replication (instruction, job names,
     │   │                           send and resend requests; the CMUpdates message raises

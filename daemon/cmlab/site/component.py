@@ -19,8 +19,8 @@ from cmlab.site.contract import entries_for, folder_of
 from cmlab.site.inbox import Handler, InboxEngine, InboxSpec
 from cmlab.site.paths import SitePaths
 from cmlab.site.sitedb import SiteDB, procs
-from cmlab.site.smslog import LogRegistry, SmsLog
-from cmlab.site.statecodes import IsComplete, SubStage
+from cmlab.site.sms_log import LogRegistry, SmsLog
+from cmlab.site.state_codes import IsComplete, SubStage
 
 if TYPE_CHECKING:
     from cmlab.site.trust import TrustStore, Verdict

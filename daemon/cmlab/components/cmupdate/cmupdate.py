@@ -28,19 +28,18 @@ from cmlab.site.inbox import Outcome
 from cmlab.site.prereq import PrereqContext, RuleResult, Status, run_prereq_checks
 from cmlab.site.prereq.facts import DEFAULT_FACTS, validate_facts
 from cmlab.site.sitedb import hierarchy, servicing
-from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStage
+from cmlab.site.state_codes import IsComplete, PackageFlag, PackageState, SubStage
 
-S = PackageState
 PREREQ_LOG = "ConfigMgrPrereq.log"
 PREREQ_COMPONENT = "Configuration Manager Setup"
 CMU_SECTION = "CONFIGURATION_MANAGER_UPDATE"
 PREREQCORE = "prereqcore.dll"
 SETUP_TYPE_UPGRADE = 8  # "INFO: Setting setup type to  8."
 HASH_ALGORITHM_SHA256 = 32780  # CALG_SHA_256: "Creating hash for algorithm 32780"
-RESULT_STATES = {
-    Status.PASSED: S.PREREQ_SUCCESS,
-    Status.WARNING: S.PREREQ_WARNING,
-    Status.FAILED: S.PREREQ_ERROR,
+PREREQ_RESULT_STATES = {
+    Status.PASSED: PackageState.PREREQ_SUCCESS,
+    Status.WARNING: PackageState.PREREQ_WARNING,
+    Status.FAILED: PackageState.PREREQ_ERROR,
 }
 
 
@@ -100,7 +99,10 @@ class CMUpdate(Component):
             pending = await self.db.read(servicing.spCMUGetPendingUpdatePackage)
             for found in pending:
                 package: servicing.PendingPackage | None = found
-                if found.state in (S.CONTENT_REPLICATION_SUCCESS, S.PREREQ_IN_PROGRESS):
+                if found.state in (
+                    PackageState.CONTENT_REPLICATION_SUCCESS,
+                    PackageState.PREREQ_IN_PROGRESS,
+                ):
                     await self.check_prerequisites(found)
                     # The check's result decides whether the same run goes on to install.
                     package = next(
@@ -253,8 +255,8 @@ class CMUpdate(Component):
         servicing.spCMUSetSiteState(
             conn,
             package.guid,
-            S.PREREQ_ERROR,
-            only_from=(S.CONTENT_REPLICATION_SUCCESS, S.PREREQ_IN_PROGRESS),
+            PackageState.PREREQ_ERROR,
+            only_from=(PackageState.CONTENT_REPLICATION_SUCCESS, PackageState.PREREQ_IN_PROGRESS),
         )
 
     async def run_checker(
@@ -294,12 +296,12 @@ class CMUpdate(Component):
 
         def begin(conn: sqlite3.Connection) -> None:
             servicing.clear_prereq_messages(conn, package.guid)
-            servicing.set_package_state(conn, package.guid, S.PREREQ_IN_PROGRESS)
+            servicing.set_package_state(conn, package.guid, PackageState.PREREQ_IN_PROGRESS)
             servicing.spCMUSetSiteState(
                 conn,
                 package.guid,
-                S.PREREQ_IN_PROGRESS,
-                only_from=(S.CONTENT_REPLICATION_SUCCESS,),
+                PackageState.PREREQ_IN_PROGRESS,
+                only_from=(PackageState.CONTENT_REPLICATION_SUCCESS,),
             )
 
         await self.db.tx(begin)
@@ -338,7 +340,7 @@ class CMUpdate(Component):
             crashpoint("cmupdate.during_prereq")
 
         outcome = await self.in_thread(run_prereq_checks, ctx, say_prereq, record)
-        result_state = RESULT_STATES[outcome.overall]
+        result_state = PREREQ_RESULT_STATES[outcome.overall]
 
         def finish(conn: sqlite3.Connection) -> None:
             servicing.clear_prereq_messages(conn, package.guid)
@@ -347,7 +349,7 @@ class CMUpdate(Component):
                     conn, package.guid, r.server, r.rule, int(r.status), r.message
                 )
             servicing.spCMUSetSiteState(
-                conn, package.guid, result_state, only_from=(S.PREREQ_IN_PROGRESS,)
+                conn, package.guid, result_state, only_from=(PackageState.PREREQ_IN_PROGRESS,)
             )
 
         await self.db.tx(finish)
@@ -357,7 +359,10 @@ class CMUpdate(Component):
             f"Prerequisite check of {package.guid} completed: "
             f"{result_state.name} ({int(result_state)})."
         )
-        if result_state == S.PREREQ_WARNING and package.flag == PackageFlag.IGNORE_WARNINGS:
+        if (
+            result_state == PackageState.PREREQ_WARNING
+            and package.flag == PackageFlag.IGNORE_WARNINGS
+        ):
             self.say(
                 "Continue configuration manager update as it is configured to ignore prereq "
                 "warnings."

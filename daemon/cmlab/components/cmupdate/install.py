@@ -55,9 +55,8 @@ from cmlab.site.installation import (
 )
 from cmlab.site.service_windows import is_open, next_opening
 from cmlab.site.sitedb import hierarchy, servicing, site_server
-from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStage
+from cmlab.site.state_codes import IsComplete, PackageFlag, PackageState, SubStage
 
-S = PackageState
 CMU_SERVICE = "CONFIGURATION_MANAGER_UPDATE"
 CMU_EXE = "cmupdate.exe"
 CD_LATEST = "cd.latest"
@@ -73,7 +72,12 @@ INSTALLING = frozenset(
     s
     for s in PackageState
     if s >> 16 == 3
-    and s not in (S.INSTALL_SUCCESS, S.INSTALL_WAITING_PARENT, S.INSTALL_PENDING_REBOOT)
+    and s
+    not in (
+        PackageState.INSTALL_SUCCESS,
+        PackageState.INSTALL_WAITING_PARENT,
+        PackageState.INSTALL_PENDING_REBOOT,
+    )
     and s not in servicing.FAILED_STATES
 )
 
@@ -81,7 +85,7 @@ INSTALLING = frozenset(
 class InstallFailed(WorkFailed):
     """The installation cannot go on; `state` is INSTALL_FAILED or INSTALL_CMU_FAILED."""
 
-    def __init__(self, message: str, state: PackageState = S.INSTALL_FAILED) -> None:
+    def __init__(self, message: str, state: PackageState = PackageState.INSTALL_FAILED) -> None:
         super().__init__(message)
         self.state = state
 
@@ -89,11 +93,11 @@ class InstallFailed(WorkFailed):
 def continues_to_install(state: int, flag: int) -> bool:
     """Whether this site's run goes on to the installation at `state` (the prerequisite
     result with the InitiateUpgrade flag, or an installation already under way)."""
-    if state == S.PREREQ_SUCCESS:
+    if state == PackageState.PREREQ_SUCCESS:
         return flag in (PackageFlag.NORMAL, PackageFlag.IGNORE_WARNINGS)
-    if state == S.PREREQ_WARNING:
+    if state == PackageState.PREREQ_WARNING:
         return flag == PackageFlag.IGNORE_WARNINGS
-    return state in INSTALLING or state == S.INSTALL_WAITING_PARENT
+    return state in INSTALLING or state == PackageState.INSTALL_WAITING_PARENT
 
 
 def failed_marker(staging: Path) -> Path:
@@ -105,9 +109,12 @@ def parse_failed_marker(text: str) -> tuple[PackageState, str]:
     """The state and reason a failed run recorded; a marker that is not one of ours (edited
     by hand, or written by an older cmlab) still ends the run failed."""
     first, _, rest = text.partition("\n")
-    if first.strip().isdigit() and int(first) in (S.INSTALL_FAILED, S.INSTALL_CMU_FAILED):
+    if first.strip().isdigit() and int(first) in (
+        PackageState.INSTALL_FAILED,
+        PackageState.INSTALL_CMU_FAILED,
+    ):
         return PackageState(int(first)), rest.strip()
-    return S.INSTALL_FAILED, text.strip()
+    return PackageState.INSTALL_FAILED, text.strip()
 
 
 def map_file(update_map: UpdateMap, component: str, name: str) -> tuple[str, MapFile] | None:
@@ -154,13 +161,17 @@ class InstallationHandlers:
         guid = package.guid
         staging = self.paths.cmu_staging / guid
         marker = failed_marker(staging)
-        starting = (S.PREREQ_SUCCESS, S.PREREQ_WARNING, S.INSTALL_WAITING_PARENT)
+        starting = (
+            PackageState.PREREQ_SUCCESS,
+            PackageState.PREREQ_WARNING,
+            PackageState.INSTALL_WAITING_PARENT,
+        )
         if package.state in starting and not await self.parent_has_installed(package):
             return
         if package.state in starting:
             # A new installation: a marker left by an earlier failed run is history.
             await self.in_thread(remove_path, marker)
-            await self.set_state(guid, S.INSTALL_IN_PROGRESS)
+            await self.set_state(guid, PackageState.INSTALL_IN_PROGRESS)
         elif marker.exists():
             # Killed during (or just after) a rollback: finish it, then report the failure.
             text = await self.in_thread(marker.read_text, "utf-8")
@@ -181,16 +192,18 @@ class InstallationHandlers:
         if parent is None or self.config.role != "primary":
             return True
         state = await self.db.read(servicing.site_state, package.guid, parent.code)
-        if state == S.INSTALL_SUCCESS:
-            if package.state == S.INSTALL_WAITING_PARENT:
+        if state == PackageState.INSTALL_SUCCESS:
+            if package.state == PackageState.INSTALL_WAITING_PARENT:
                 self.say(
                     f"INFO: Parent site {parent.code} has installed update {package.guid}. "
                     "This site installs it now."
                 )
             return True
-        if package.state != S.INSTALL_WAITING_PARENT:
-            await self.set_state(package.guid, S.INSTALL_WAITING_PARENT)
-            shown = "not reported yet" if state is None else f"{S.name_of(state)} ({state})"
+        if package.state != PackageState.INSTALL_WAITING_PARENT:
+            await self.set_state(package.guid, PackageState.INSTALL_WAITING_PARENT)
+            shown = (
+                "not reported yet" if state is None else f"{PackageState.name_of(state)} ({state})"
+            )
             self.say(
                 f"INFO: Waiting for parent site {parent.code} to install update "
                 f"{package.guid} first (its state: {shown}). This site installs it after "
@@ -222,7 +235,7 @@ class InstallationHandlers:
         if not done:
             # Back from the self-upgrade or the service window (a no-op when already there);
             # a run whose steps have begun keeps its step's state.
-            await self.set_state(guid, S.INSTALL_IN_PROGRESS)
+            await self.set_state(guid, PackageState.INSTALL_IN_PROGRESS)
 
         # Process step 2: the content and the redists.
         extract = SubStage.EXTRACT_UPDATE_PACKAGE
@@ -267,7 +280,7 @@ class InstallationHandlers:
 
         # Process step 6: CMUpdate's post-installation tasks, then Installed.
         await self.post_install_checks(target_build)
-        await self.set_state(guid, S.INSTALL_SUCCESS)
+        await self.set_state(guid, PackageState.INSTALL_SUCCESS)
         self.say(
             f"INFO: Update package {guid} ({package.name}) is installed: site "
             f"{self.config.site_code} is at version {package.full_version}."
@@ -305,7 +318,7 @@ class InstallationHandlers:
         if running == target_build:
             self.say(f"{CMU_SERVICE} is already running build {target_build}.")
             return False
-        await self.set_state(guid, S.INSTALL_CMU_VALIDATING)
+        await self.set_state(guid, PackageState.INSTALL_CMU_VALIDATING)
         new = await self.in_thread(self._new_cmupdate, staging)
         if new is None:
             # A hotfix that does not update CMUpdate: it installs with the running one.
@@ -313,23 +326,23 @@ class InstallationHandlers:
             return False
         source, entry = new
         dest = self.paths.root / "bin" / "x64" / CMU_EXE
-        await self.set_state(guid, S.INSTALL_CMU_STOPPED)
+        await self.set_state(guid, PackageState.INSTALL_CMU_STOPPED)
         self.say(f"{CMU_SERVICE} service is stopping...")
-        await self.set_state(guid, S.INSTALL_CMU_INSTALLFILES)
+        await self.set_state(guid, PackageState.INSTALL_CMU_INSTALLFILES)
         try:
             await self.in_thread(_install_verified, source, dest, entry.hash.upper())
         except (OSError, CmlabError) as exc:
             raise InstallFailed(
                 f"Failed to install {self.show(dest)} from {self.show(source)}: {exc}",
-                S.INSTALL_CMU_FAILED,
+                PackageState.INSTALL_CMU_FAILED,
             ) from exc
         crashpoint("cmupdate.self_upgrade_installed")
         build = await self.in_thread(sample_build_number, dest)
-        await self.set_state(guid, S.INSTALL_CMU_STARTED)
+        await self.set_state(guid, PackageState.INSTALL_CMU_STARTED)
         self.say(f"{CMU_SERVICE} service is starting...")
         self.say(f"Microsoft Microsoft Configuration Manager v5.00 (Build {build})")
         await self.db.tx(site_server.set_service_build, CMU_SERVICE, build)
-        await self.set_state(guid, S.INSTALL_CMU_SUCCESS)
+        await self.set_state(guid, PackageState.INSTALL_CMU_SUCCESS)
         return True
 
     def _new_cmupdate(self, staging: Path) -> tuple[Path, MapFile] | None:
@@ -342,7 +355,7 @@ class InstallationHandlers:
             raise InstallFailed(
                 f"Cannot read {self.show(setup / 'update.map')} to validate the new {CMU_EXE}: "
                 f"{exc}. Run the installation again (it extracts the content again).",
-                S.INSTALL_CMU_FAILED,
+                PackageState.INSTALL_CMU_FAILED,
             ) from exc
         found = map_file(update_map, CMU_SERVICE, CMU_EXE)
         if found is None:
@@ -355,7 +368,7 @@ class InstallationHandlers:
             raise InstallFailed(
                 f"Cannot read {self.show(source)}: {exc}. Retry the content replication, then "
                 "install again.",
-                S.INSTALL_CMU_FAILED,
+                PackageState.INSTALL_CMU_FAILED,
             ) from exc
         if actual != entry.hash.upper():
             self.say(f"INFO: Verifying hash for file '{self.show(source)}'")
@@ -364,7 +377,7 @@ class InstallationHandlers:
                 f"The new {CMU_EXE} ({self.show(source)}) does not match update.map: the update "
                 "package is damaged. Check the payload in EasySetupPayload, run "
                 "RetryContentReplication, then install again.",
-                S.INSTALL_CMU_FAILED,
+                PackageState.INSTALL_CMU_FAILED,
             )
         return source, entry
 
@@ -385,7 +398,7 @@ class InstallationHandlers:
             )
             return True
         opens = next_opening(windows, now)
-        await self.set_state(guid, S.INSTALL_WAITING_SERVICE_WINDOW)
+        await self.set_state(guid, PackageState.INSTALL_WAITING_SERVICE_WINDOW)
         self.say(
             "The site server is outside its service window ("
             + "; ".join(w.describe() for w in windows)
@@ -498,7 +511,11 @@ class InstallationHandlers:
                 return None
 
         checks = (
-            ("SMS_Executive service", services.get("SMS_EXECUTIVE") == f"Running:{target_build}"),
+            (
+                "SMS_Executive service",
+                services.get("SMS_EXECUTIVE")
+                == f"{site_server.ServiceState.RUNNING}:{target_build}",
+            ),
             (
                 "SMSDBMon component",
                 await self.in_thread(binary_build, "smsdbmon.dll") == target_build

@@ -21,7 +21,11 @@ from pathlib import Path
 
 from cmlab.components.dmpdownloader.setupdl import COMPONENT as SETUP_COMPONENT
 from cmlab.components.dmpdownloader.setupdl import LOG_FILE as SETUP_LOG
-from cmlab.components.dmpdownloader.setupdl import RedistError, RedistSource, SetupDownloader
+from cmlab.components.dmpdownloader.setupdl import (
+    RedistError,
+    RedistManifestLocation,
+    SetupDownloader,
+)
 from cmlab.core.errors import CabError, CmlabError, WorkFailed
 from cmlab.core.failpoints import crashpoint
 from cmlab.core.fs import (
@@ -38,7 +42,7 @@ from cmlab.site.formats.cmu import MANIFEST_MCM, CmuNotification, cmu_mcm_name, 
 from cmlab.site.formats.state_message import StateMessage, random_smx_name, render_state_message
 from cmlab.site.inbox import Outcome, quarantine
 from cmlab.site.sitedb import procs
-from cmlab.site.statecodes import NULL_PACKAGE_GUID, DmpStateMessage, PackageState
+from cmlab.site.state_codes import NULL_PACKAGE_GUID, DmpStateMessage, PackageState
 
 MANIFEST_CAB = "ConfigMgr.Update.Manifest.cab"
 PARTIAL = ".partial"  # a payload being copied; kept across a crash so the copy resumes
@@ -87,7 +91,7 @@ class DMPDownloader(Component):
         while True:
             since = await self.db.read(procs.seconds_since_last_sync)
             if since is None or since >= interval:
-                await self.db.tx(procs.spRequestSync, "interval")
+                await self.db.tx(procs.spRequestSync, procs.SyncReason.INTERVAL)
                 since = 0.0
             await asyncio.sleep(max(interval - since, 0.05))
 
@@ -139,7 +143,9 @@ class DMPDownloader(Component):
             return Outcome.DONE  # a replayed wake-up whose sync already finished
         ids = [i for i, _ in pending]
         await self.db.tx(procs.start_syncs, ids)
-        result = await self.in_thread(self.synchronize, any(r == "interval" for _, r in pending))
+        result = await self.in_thread(
+            self.synchronize, any(r == procs.SyncReason.INTERVAL for _, r in pending)
+        )
         await self.db.tx(procs.finish_syncs, ids, result)
         await self._download_cycle()  # DMPDownloader's cycle also looks for queued downloads
         return Outcome.DONE
@@ -415,7 +421,7 @@ class DMPDownloader(Component):
         )
         try:
             setup.run(
-                RedistSource(
+                RedistManifestLocation(
                     self.config.content_source,
                     row.redist_manifest_url,
                     row.language_pack_manifest_url,

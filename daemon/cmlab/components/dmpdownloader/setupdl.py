@@ -25,7 +25,7 @@ from cmlab.site.formats.redist_manifest import (
     parse_redist_manifest,
 )
 from cmlab.site.paths import ShowPath
-from cmlab.site.smslog import SmsLog
+from cmlab.site.sms_log import SmsLog
 
 if TYPE_CHECKING:
     from cmlab.site.trust import TrustStore
@@ -45,7 +45,7 @@ class RedistError(WorkFailed):
 
 
 @dataclass(frozen=True)
-class RedistSource:
+class RedistManifestLocation:
     """Where one update's redist manifests are, relative to the content source."""
 
     content_source: Path
@@ -90,7 +90,7 @@ class SetupDownloader:
     def say(self, message: str, *, level: str = "info") -> None:
         self.log.write(message, thread=self.thread, level=level)
 
-    def run(self, source: RedistSource, dest: Path, shown_dest: Path) -> int:
+    def run(self, source: RedistManifestLocation, dest: Path, shown_dest: Path) -> int:
         """Download the redists into `dest` (logged as `shown_dest`); returns the file count.
         Raises RedistError; the log says why."""
         self.say("INFO: Attempting to load resource DLL...")
@@ -104,7 +104,7 @@ class SetupDownloader:
         self.say("INFO: Setup downloader setupdl.exe: FINISHED")
         return count
 
-    def _run(self, source: RedistSource, dest: Path, shown_dest: Path) -> int:
+    def _run(self, source: RedistManifestLocation, dest: Path, shown_dest: Path) -> int:
         self.say(f"INFO: Downloading files to {self.show(shown_dest)}")
         dest.mkdir(parents=True, exist_ok=True)
         self.say("INFO: Downloading component manifest...")

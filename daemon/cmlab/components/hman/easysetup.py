@@ -30,9 +30,8 @@ from cmlab.site.formats.notifications import (
 )
 from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import hierarchy, procs, servicing
-from cmlab.site.statecodes import IsComplete, PackageFlag, PackageState, SubStage
+from cmlab.site.state_codes import IsComplete, PackageFlag, PackageState, SubStage
 
-S = PackageState
 CMUPDATE = "CONFIGURATION_MANAGER_UPDATE"
 
 
@@ -46,12 +45,12 @@ def run_has_ended(state: int, flag: int) -> bool:
     """Whether an update's run (InitiateUpgrade with `flag`) is over at `state`, so HMAN drops
     its `<GUID>.CME`: a failure, a finished installation, or a prerequisite result that does not
     go on to installation (Flag 1 always stops; Flag 0 stops on a warning; Flag 2 goes on)."""
-    if state in servicing.FAILED_STATES or state == S.INSTALL_SUCCESS:
+    if state in servicing.FAILED_STATES or state == PackageState.INSTALL_SUCCESS:
         return True
-    if state in (S.PREREQ_SUCCESS, S.PREREQ_WARNING):
+    if state in (PackageState.PREREQ_SUCCESS, PackageState.PREREQ_WARNING):
         if flag == PackageFlag.PREREQ_ONLY:
             return True
-        return state == S.PREREQ_WARNING and flag != PackageFlag.IGNORE_WARNINGS
+        return state == PackageState.PREREQ_WARNING and flag != PackageFlag.IGNORE_WARNINGS
     return state not in servicing.IN_PROGRESS_STATES
 
 
@@ -170,8 +169,8 @@ class EasySetupHandlers:
             source_site=self.config.site_code,
             source_size=size,
         )
-        servicing.set_package_state(conn, guid, S.CONTENT_REPLICATING)
-        servicing.spCMUSetSiteState(conn, guid, S.CONTENT_REPLICATING)
+        servicing.set_package_state(conn, guid, PackageState.CONTENT_REPLICATING)
+        servicing.spCMUSetSiteState(conn, guid, PackageState.CONTENT_REPLICATING)
         procs.spCMUReportUpdateStatus(
             conn, guid, SubStage.EASY_SETUP_PACKAGE_UPDATED, IsComplete.SUCCESS, 100
         )
@@ -181,8 +180,8 @@ class EasySetupHandlers:
     def _already_replicated(conn: sqlite3.Connection, guid: str) -> None:
         # The content library already holds this very source: on to CMUpdate (the CME that
         # this site state causes makes HMAN create the CMI).
-        servicing.set_package_state(conn, guid, S.CONTENT_REPLICATION_SUCCESS)
-        servicing.spCMUSetSiteState(conn, guid, S.CONTENT_REPLICATION_SUCCESS)
+        servicing.set_package_state(conn, guid, PackageState.CONTENT_REPLICATION_SUCCESS)
+        servicing.spCMUSetSiteState(conn, guid, PackageState.CONTENT_REPLICATION_SUCCESS)
         procs.spCMUReportUpdateStatus(
             conn, guid, SubStage.EASY_SETUP_PACKAGE_UPDATED, IsComplete.SUCCESS, 100
         )
@@ -207,12 +206,12 @@ class EasySetupHandlers:
             own = state if own is None else own
         else:
             # A child site watches its own run; the package row is the top-level site's.
-            state = own if own is not None else S.UNKNOWN
-        if own == S.CONTENT_REPLICATION_SUCCESS:
+            state = own if own is not None else PackageState.UNKNOWN
+        if own == PackageState.CONTENT_REPLICATION_SUCCESS:
             await self.in_thread(self._notify_cmupdate, guid)
-        elif own == S.INSTALL_WAITING_PARENT and parent is not None:
+        elif own == PackageState.INSTALL_WAITING_PARENT and parent is not None:
             theirs = await self.db.read(servicing.site_state, guid, parent.code)
-            if theirs == S.INSTALL_SUCCESS:
+            if theirs == PackageState.INSTALL_SUCCESS:
                 self.say(
                     f"INFO: Parent site {parent.code} has installed update {guid}: this site "
                     "can install it."

@@ -35,13 +35,13 @@ from cmlab.site.formats.manifest import (
 )
 from cmlab.site.inbox import Outcome, quarantine
 from cmlab.site.sitedb import procs, scripts
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 MANIFEST_CAB_NAME = "ConfigMgr.Update.Manifest.CAB"
 UTF8_BOM = b"\xef\xbb\xbf"
 APPLICABILITY_TIMEOUT = 10.0  # seconds an applicability script may run before it is stopped
 
-RESULT_STATES = {
+APPLICABILITY_RESULT_STATES = {
     1: PackageState.APPLICABILITY_SUCCESS,
     0: PackageState.APPLICABILITY_NA,
     2: PackageState.APPLICABILITY_HIDE,
@@ -336,8 +336,8 @@ class HierarchyManager(Component):
             )
         finally:
             conn.close()
-        if isinstance(value, int) and value in RESULT_STATES:
-            return Applicability(RESULT_STATES[value], tuple(messages))
+        if isinstance(value, int) and value in APPLICABILITY_RESULT_STATES:
+            return Applicability(APPLICABILITY_RESULT_STATES[value], tuple(messages))
         return Applicability(
             PackageState.APPLICABILITY_FAILED,
             tuple(messages),

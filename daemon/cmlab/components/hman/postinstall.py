@@ -29,9 +29,8 @@ from cmlab.site.component import Component
 from cmlab.site.formats.notifications import INSTALLED_ESC
 from cmlab.site.inbox import Outcome
 from cmlab.site.sitedb import servicing, site_server
-from cmlab.site.statecodes import IsComplete, PackageState, SubStage
+from cmlab.site.state_codes import IsComplete, PackageState, SubStage
 
-S = PackageState
 INTEROP_MODE = 0
 CCMSETUP = "ccmsetup.exe"
 
@@ -81,7 +80,7 @@ class PostInstallHandlers:
 
     async def on_installed(self, path: Path) -> Outcome:
         found = await self.db.read(servicing.current_install)
-        if found is not None and found[1] != S.INSTALL_SUCCESS:
+        if found is not None and found[1] != PackageState.INSTALL_SUCCESS:
             if self._postinstall_warned.get(path.name) == found[1]:
                 return Outcome.RETRY
             self._postinstall_warned[path.name] = found[1]
@@ -96,7 +95,7 @@ class PostInstallHandlers:
             )
             return Outcome.DONE
         guid, state = found
-        if state != S.INSTALL_SUCCESS:
+        if state != PackageState.INSTALL_SUCCESS:
             self.say(
                 f"WARN: The current update package's state ({state}) is not set to installed "
                 "yet. Will retry in next cycle.",

@@ -88,7 +88,8 @@ class SecondarySiteHandlers:
 
     async def _sweep_requests(self) -> None:
         for code in await self.db.read(recovery.unnoticed_requests):
-            self.wake(
+            await self.in_thread(
+                self.wake,
                 self.paths.hman_box / f"{code}.RSS",
                 f"Recover secondary site {code}: request found without a notification.",
             )

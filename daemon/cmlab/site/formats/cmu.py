@@ -26,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cmlab.core.errors import BadInput
-from cmlab.core.safexml import parse_xml
+from cmlab.core.safe_xml import parse_xml
 from cmlab.site.formats.ids import is_guid
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 __all__ = [
     "CMU_STATES",

@@ -28,9 +28,10 @@ from typing import Any
 
 from cmlab.core.errors import BadInput
 from cmlab.core.fs import read_regular_file
-from cmlab.core.strictjson import strict_loads
+from cmlab.core.strict_json import strict_loads
+from cmlab.site.formats.ids import is_site_code_either_case
 from cmlab.site.formats.manifest import GUID_RE, VERSION_RE
-from cmlab.site.statecodes import SiteType
+from cmlab.site.state_codes import SiteType
 
 __all__ = [
     "DOWN",
@@ -56,7 +57,6 @@ GROUP = "CMUpdates"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_TEXT = 65536  # any one string in a message (a prerequisite rule's message is the longest)
 INT64 = (-(2**63), 2**63 - 1)
-SITE_CODE_RE = re.compile(r"^[A-Za-z0-9]{3}$")
 COLUMN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 SITE_TYPES = (SiteType.CAS, SiteType.PRIMARY, SiteType.SECONDARY)
 # The two directions of a link: up to the parent, down to a child (which alone gets the
@@ -274,7 +274,7 @@ def _code(obj: dict[str, Any], key: str, where: str, *, nullable: bool = False) 
     value = _str(obj, key, where, nullable=nullable)
     if value is None:
         return None
-    if not SITE_CODE_RE.match(value):
+    if not is_site_code_either_case(value):
         raise BadInput(f"{where}.{key} is not a site code (three letters or digits): {value!r:.80}")
     return value.upper()
 
@@ -297,7 +297,7 @@ def _site(value: Any, where: str) -> SiteEntry:
     keys = {"code", "parent", "type", "server", "version", "full_version", "build"}
     o = _obj(value, where, keys)
     site_type = _int(o, "type", where)
-    if site_type not in SITE_TYPES:
+    if site_type not in SITE_TYPES:  # 4 CAS, 2 primary, 1 secondary
         raise BadInput(f"{where}.type is not a site type (4, 2 or 1): {site_type}")
     entry = SiteEntry(
         code=_code(o, "code", where),

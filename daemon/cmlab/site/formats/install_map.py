@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from cmlab.core.errors import UpdateMapError
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 __all__ = ["MAX_INSTALL_MAP_CHARS", "InstallStep", "parse_install_map"]
 

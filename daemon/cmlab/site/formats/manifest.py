@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmlab.core.errors import ManifestError
-from cmlab.core.safexml import MAX_XML_BYTES, parse_xml
+from cmlab.core.safe_xml import MAX_XML_BYTES, parse_xml
 from cmlab.site.formats.ids import GUID_RE, is_guid, is_sha256
 
 __all__ = [

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cmlab.core.errors import CabPathError, ManifestError
-from cmlab.core.safexml import parse_xml
+from cmlab.core.safe_xml import parse_xml
 from cmlab.site.cab import normalize_member_name
 from cmlab.site.formats.ids import is_sha256
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from cmlab.core.errors import BadInput
 from cmlab.core.fs import read_regular_file
-from cmlab.core.strictjson import strict_loads
+from cmlab.core.strict_json import strict_loads
 from cmlab.site.formats.ids import (
     GUID_RE,
     JOB_ID_RE,

@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from cmlab.core.errors import BadInput
-from cmlab.core.safexml import parse_xml
+from cmlab.core.safe_xml import parse_xml
 from cmlab.site.formats.ids import is_guid
 
 __all__ = [

@@ -8,7 +8,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from cmlab.site.statecodes import SiteType
+from cmlab.site.state_codes import SiteType
 
 CAS, PRIMARY, SECONDARY = SiteType.CAS, SiteType.PRIMARY, SiteType.SECONDARY
 TYPE_NAMES: dict[int, str] = {CAS: "cas", PRIMARY: "primary", SECONDARY: "secondary"}

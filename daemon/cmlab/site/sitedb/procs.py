@@ -6,11 +6,12 @@ conditional, so replaying a drop file after a crash changes nothing (idempotent)
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cmlab.site.statecodes import IsComplete, PackageState, SubStage
+from cmlab.site.state_codes import IsComplete, PackageState, SubStage
 
 # States the applicability check may (re)write: a package that went further is left alone.
 APPLICABILITY_STATES = (
@@ -270,7 +271,14 @@ def spRecordStateMessage(
     return cur.rowcount > 0
 
 
-def spRequestSync(conn: sqlite3.Connection, reason: str = "admin") -> int:
+class SyncReason(enum.StrEnum):
+    """SyncHistory.Reason: who asked for a synchronization."""
+
+    ADMIN = "admin"  # `cmlab sync`, the console's "Check for updates"
+    INTERVAL = "interval"  # DMPDownloader's sync timer
+
+
+def spRequestSync(conn: sqlite3.Connection, reason: SyncReason = SyncReason.ADMIN) -> int:
     """ "Check for updates": SMSDBMon's trigger wakes DMPDownloader with SYNC.DMP."""
     cur = conn.execute("INSERT INTO SyncHistory (Reason) VALUES (?)", (reason,))
     return int(cur.lastrowid or 0)

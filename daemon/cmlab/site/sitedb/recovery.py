@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from cmlab.core.errors import WorkFailed
 from cmlab.site.formats.replication import job_name
 from cmlab.site.sitedb import hierarchy, scheduler_jobs, site_server
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 __all__ = [
     "LocalVersion",

@@ -36,7 +36,7 @@ from cmlab.site.formats.cmupdates_message import (
     render_message,
 )
 from cmlab.site.sitedb import hierarchy, servicing
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 __all__ = [
     "Applied",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cmlab.site.formats.replication import SITE_RECOVERY, SWD, job_name
 from cmlab.site.sitedb import servicing
-from cmlab.site.statecodes import PackageState
+from cmlab.site.state_codes import PackageState
 
 __all__ = [
     "ENDED_STATES",
@@ -248,9 +248,20 @@ def add_swd_job(
             return None  # this very request was answered before a crash
     cur = conn.execute(
         "INSERT INTO SchedulerJobs (JobType, PkgID, Version, DestSite, PackageFile, "
-        "FileSize, FileHash, ContentHash, LastError) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (SWD, pkg_id, version, dest, package_file, file_size, file_hash, content_hash, request),
+        "FileSize, FileHash, ContentHash, LastError, State) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            SWD,
+            pkg_id,
+            version,
+            dest,
+            package_file,
+            file_size,
+            file_hash,
+            content_hash,
+            request,
+            JobState.PENDING,
+        ),
     )
     servicing.set_distribution_state(
         conn,
@@ -289,7 +300,7 @@ def add_recovery_job(
     """A SiteRecovery job sending `package_file` to the secondary site; returns its JobID."""
     cur = conn.execute(
         "INSERT INTO SchedulerJobs (JobType, PkgID, Version, DestSite, PackageFile, FileSize, "
-        "FileHash, ContentHash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "FileHash, ContentHash, State) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             SITE_RECOVERY,
             site_code,
@@ -299,6 +310,7 @@ def add_recovery_job(
             file_size,
             file_hash,
             content_hash,
+            JobState.PENDING,
         ),
     )
     return int(cur.lastrowid or 0)

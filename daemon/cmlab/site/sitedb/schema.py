@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from cmlab.site.sitedb.procs import SyncReason
+from cmlab.site.sitedb.recovery import RecoveryState
+from cmlab.site.sitedb.scheduler_jobs import JobState
+
 SCHEMA_VERSION = 7
 
 # The guide: "This table's ObjectDistributionState_ins_updMon trigger saves the replication
@@ -293,7 +297,7 @@ CREATE TABLE IF NOT EXISTS SchedulerJobs (
     FileSize INTEGER NOT NULL,
     FileHash TEXT NOT NULL,                 -- SHA-256 of the package file
     ContentHash TEXT,                       -- folder hash of the content it carries
-    State TEXT NOT NULL DEFAULT 'Pending',  -- Pending, Sending, Complete, Failed
+    State TEXT NOT NULL DEFAULT '{JOB_PENDING}',  -- Pending, Sending, Complete, Failed
     Attempts INTEGER NOT NULL DEFAULT 0,
     LastError TEXT,
     Created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
@@ -315,7 +319,7 @@ CREATE TABLE IF NOT EXISTS ReplicationLinks (
 CREATE TABLE IF NOT EXISTS SecondarySiteRecovery (
     SiteCode TEXT PRIMARY KEY COLLATE NOCASE,
     RequestNumber INTEGER NOT NULL DEFAULT 1,
-    State TEXT NOT NULL DEFAULT 'Requested',  -- Requested, Sent, Installed, Failed
+    State TEXT NOT NULL DEFAULT '{RECOVERY_REQUESTED}',  -- Requested, Sent, Installed, Failed
     Detail TEXT,
     RequestTime TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
 );
@@ -323,12 +327,18 @@ CREATE TABLE IF NOT EXISTS SecondarySiteRecovery (
 CREATE TABLE IF NOT EXISTS SyncHistory (
     ID INTEGER PRIMARY KEY AUTOINCREMENT,
     Requested TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
-    Reason TEXT NOT NULL DEFAULT 'admin',  -- admin (`cmlab sync`) or interval
+    Reason TEXT NOT NULL DEFAULT '{SYNC_ADMIN}',  -- admin (`cmlab sync`) or interval
     Started TEXT,
     Finished TEXT,
     Result TEXT
 );
 """.replace("{ODS_TRIGGERS}", _ODS_TRIGGERS)
+# The string states' defaults, from their StrEnums: the text stays the one SQL literal.
+SCHEMA = (
+    SCHEMA.replace("{JOB_PENDING}", JobState.PENDING)
+    .replace("{RECOVERY_REQUESTED}", RecoveryState.REQUESTED)
+    .replace("{SYNC_ADMIN}", SyncReason.ADMIN)
+)
 
 # Upgrades of an existing site database, by the version they bring it to.
 MIGRATIONS: dict[int, tuple[str, ...]] = {

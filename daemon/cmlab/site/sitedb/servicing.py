@@ -17,7 +17,7 @@ from typing import Any
 
 from cmlab.site.sitedb import hierarchy
 from cmlab.site.sitedb.procs import local_site_number
-from cmlab.site.statecodes import PackageFlag, PackageState
+from cmlab.site.state_codes import PackageFlag, PackageState
 
 EASY_SETUP_PACKAGE_NAME = "Configuration Manager Easy Setup Package"
 EASY_SETUP_FLAG = 2  # StorePkgFlag: "set to replicate to site servers only"

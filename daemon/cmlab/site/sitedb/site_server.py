@@ -19,6 +19,7 @@ one run leaves.
 from __future__ import annotations
 
 import contextlib
+import enum
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,9 @@ __all__ = [
     "SETTINGS_COLUMNS",
     "InstalledVersion",
     "PostInstallFacts",
+    "ServiceBrokerState",
+    "ServiceState",
+    "WmiProvidersState",
     "applied_scripts",
     "client_upgrade_ids",
     "completed_steps",
@@ -63,6 +67,29 @@ __all__ = [
     "table_exists",
     "trigger_exists",
 ]
+
+
+class ServiceState(enum.StrEnum):
+    """SiteServices.State: a Windows service of the site server."""
+
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+
+
+class ServiceBrokerState(enum.StrEnum):
+    """SiteServerSettings' ServiceBroker value: SQL Server Service Broker on the site
+    database, turned off and on again by the install steps SSB_OFF and SSB_ON."""
+
+    ON = "ON"
+    OFF = "OFF"
+
+
+class WmiProvidersState(enum.StrEnum):
+    """SiteServerSettings' WMIProviders value: the SMS Provider's WMI providers, unloaded while
+    the installation replaces the site server's files."""
+
+    LOADED = "Loaded"
+    UNLOADED = "Unloaded"
 
 
 class InstalledVersion(NamedTuple):
@@ -346,11 +373,11 @@ def service_build(conn: sqlite3.Connection, name: str) -> int | None:
 def set_service_build(conn: sqlite3.Connection, name: str, build: int) -> None:
     """The service `name` is Running at `build` (a row unchanged is not written)."""
     conn.execute(
-        "INSERT INTO SiteServices (ServiceName, State, Build) VALUES (?, 'Running', ?) "
-        "ON CONFLICT (ServiceName) DO UPDATE SET State = 'Running', Build = excluded.Build, "
+        "INSERT INTO SiteServices (ServiceName, State, Build) VALUES (?, ?, ?) "
+        "ON CONFLICT (ServiceName) DO UPDATE SET State = excluded.State, Build = excluded.Build, "
         "LastUpdateTime = strftime('%Y-%m-%d %H:%M:%f', 'now') "
-        "WHERE SiteServices.State <> 'Running' OR SiteServices.Build IS NOT excluded.Build",
-        (name, build),
+        "WHERE SiteServices.State <> excluded.State OR SiteServices.Build IS NOT excluded.Build",
+        (name, ServiceState.RUNNING, build),
     )
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from cmlab.site.sitedb.scheduler_jobs import ENDED_STATES
+
 
 @dataclass(frozen=True)
 class TriggerDef:
@@ -28,6 +30,8 @@ _CME_WHEN = (
     "NEW.State BETWEEN 65537 AND 262143 AND "
     "EXISTS (SELECT 1 FROM EasySetupSettings e WHERE e.PackageGuid = NEW.PackageGuid)"
 )
+# A trigger's SQL takes no parameters: JobState's ended states as literals, written once.
+_ENDED_JOB_STATES = ", ".join(f"'{s}'" for s in ENDED_STATES)
 
 
 def trigger_defs(site_code: str) -> tuple[TriggerDef, ...]:
@@ -158,7 +162,7 @@ def trigger_defs(site_code: str) -> tuple[TriggerDef, ...]:
             table="SchedulerJobs",
             action="UPDATE",
             columns=("State",),
-            when="NEW.State <> OLD.State AND NEW.State IN ('Complete', 'Failed')",
+            when=f"NEW.State <> OLD.State AND NEW.State IN ({_ENDED_JOB_STATES})",
             key_expr="NEW.JobID",
             file_expr="printf('%08X', NEW.JobID) || '.JOB'",
             extension="JOB",

@@ -10,8 +10,8 @@ from cmlab.site.trust.authenticode import (
     sign_cab,
     verify_cab,
 )
-from cmlab.site.trust.cablayout import NotACabError
-from cmlab.site.trust.labca import LabCA, LabCAError, create_lab_ca, load_lab_ca
+from cmlab.site.trust.cab_layout import NotACabError
+from cmlab.site.trust.lab_ca import LabCA, LabCAError, create_lab_ca, load_lab_ca
 
 __all__ = [
     "LabCA",

@@ -37,7 +37,7 @@ from cryptography.x509.verification import (
 
 from cmlab.core.errors import BadInput, CabError, SignatureFormatError
 from cmlab.core.fs import fsync_dir
-from cmlab.site.trust.cablayout import (
+from cmlab.site.trust.cab_layout import (
     CHUNK_SIZE,
     SIGNATURE_LENGTH_OFFSET,
     CabHeader,

@@ -144,14 +144,16 @@ class LogRegistry:
                 log.close()
 
 
+def message_of(line: str) -> str:
+    """The message part of one line of an SMS log (the whole line if it is not in the format)."""
+    m = LINE_RE.match(line)
+    return m.group("message") if m else line
+
+
 def read_messages(path: Path) -> list[str]:
     """The message part of each line of an SMS log (for tests, `cmlab status` and tools)."""
-    out: list[str] = []
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return out
-    for raw in text.splitlines():
-        m = LINE_RE.match(raw)
-        out.append(m.group("message") if m else raw)
-    return out
+        return []
+    return [message_of(raw) for raw in text.splitlines()]

@@ -39,7 +39,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -50,10 +49,7 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import percentile, result
+from bench._common import percentile, result
 
 KB = 1024
 MB = 1024 * 1024

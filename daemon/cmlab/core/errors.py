@@ -47,7 +47,7 @@ A class lives here when several modules raise it; one that belongs to a single f
 component stays beside it and derives from its family. A component that fails its work
 because of bad content wraps the parser's error in its own WorkFailed class (CMUpdate's
 StageFailed around a CabError, for one): the family says whose fault the outcome is. Code
-raises a family or a class below it, never CmlabError itself (tests/test_errors.py checks).
+raises a family or a class below it, never CmlabError itself (tests/unit/test_errors.py checks).
 
 What the inbox engine does (cmlab.site.inbox): a drop file whose handler lets a CmlabError
 escape is quarantined (moved to BAD/ with a .reason file) whatever its family; that is the

@@ -32,7 +32,7 @@ class InstallStepError(WorkFailed):
 @dataclass(frozen=True)
 class InstallContext:
     site_root: Path
-    staging: Path  # CMUStaging/<GUID>, placeholders already replaced (redistmedia.check_media)
+    staging: Path  # CMUStaging/<GUID>, placeholders already replaced (redist_media.check_media)
     db_file: Path
     site_code: str
     guid: str

@@ -3,7 +3,7 @@ against copying, hashing and extracting the same files with `cp`, `sha256sum` an
 
 Set-up, once per run and untimed: `payloads/` copied to a scratch folder, four generated
 50 MB binaries (the builder's incompressible sample data) added to the 2509 package, the
-content source built from it by `cmlab.commands.lab_cloud.build_content_source` and signed with a
+content source built from it by `cmlab.admin.lab_cloud.build_content_source` and signed with a
 lab CA
 that the site then trusts (`init_site(..., ca_dir=..., content_source=...)`, as `cmlab init`
 does with its own CA). The real daemon (`python -m cmlab run SITE`) syncs the site once; the
@@ -113,8 +113,8 @@ def _child_env() -> dict[str, str]:
 
 
 def build_lab(work: Path, plan: Plan) -> Lab:
-    from cmlab.commands.init import InitOptions, init_site
-    from cmlab.commands.lab_cloud import build_content_source
+    from cmlab.admin.init import InitOptions, init_site
+    from cmlab.admin.lab_cloud import build_content_source
     from cmlab.site.resources import data_dir
     from cmlab.site.trust import create_lab_ca
 
@@ -520,7 +520,7 @@ def _run(plan: Plan, work: Path) -> list[dict[str, Any]]:
         "redist_bytes": _tree_bytes(lab.redist),
         "downloaded_folder_bytes": downloaded_bytes,
         "generated_binaries": f"{plan.files} x {plan.file_bytes / MB:.0f} MB "
-        "(cmlab.commands.payload sample binaries: SHA-256 counter-mode noise, incompressible)",
+        "(cmlab.admin.payload sample binaries: SHA-256 counter-mode noise, incompressible)",
         "baseline_steps": {
             k: spread([r.steps[k] for r in runs["baseline"]]) for k in runs["baseline"][0].steps
         },

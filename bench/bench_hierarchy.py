@@ -187,7 +187,7 @@ def build_template(work: Path, env: dict[str, str]) -> Path:
 
 
 def build_tree(work: Path, template: Path, n: int, reps: int) -> Tree:
-    from cmlab.commands.init import InitOptions, init_site
+    from cmlab.admin.init import InitOptions, init_site
 
     t0 = time.perf_counter()
     root = work / f"n{n}"

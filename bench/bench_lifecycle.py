@@ -363,7 +363,7 @@ def _set_intervals(site: Path) -> None:
 
 
 def _init(site: Path, content_source: Path | None, ca_dir: Path | None) -> None:
-    from cmlab.commands.init import InitOptions, init_site
+    from cmlab.admin.init import InitOptions, init_site
 
     init_site(
         InitOptions(

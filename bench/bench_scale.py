@@ -4,7 +4,7 @@ least-squares slope in seconds per extra package; every figure against a baselin
 the same run.
 
 The lab, once per size N and untimed: a `packages.toml` of N synthetic packages (distinct
-GUIDs, names, versions; no payload, so `cmlab.commands.lab_cloud.build_content_source` gives each a
+GUIDs, names, versions; no payload, so `cmlab.admin.lab_cloud.build_content_source` gives each a
 small
 signed stub CAB) and one applicability script per package, in three kinds taken in turn:
 applicable (the site's version in the package's window: APPLICABILITY_SUCCESS), not applicable
@@ -180,7 +180,7 @@ class Case:
 
 
 def build_case(work: Path, n: int, ca_dir: Path, signer: Signer) -> Case:
-    from cmlab.commands.lab_cloud import build_content_source
+    from cmlab.admin.lab_cloud import build_content_source
 
     pkgs = packages(n)
     write_payloads(work / "payloads", pkgs)

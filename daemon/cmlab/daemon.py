@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import fcntl
-import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from cmlab.components.cmupdate.cmupdate import CMUpdate
@@ -23,8 +21,8 @@ from cmlab.components.sender import Sender
 from cmlab.components.smsdbmon import SMSDBMon
 from cmlab.components.statesys import StateSystem
 from cmlab.core import sd_notify
-from cmlab.core.errors import ConfigError
 from cmlab.core.fs import remove_stale_tmp
+from cmlab.site import site_lock as site_lock_module
 from cmlab.site.component import Component, SiteContext
 from cmlab.site.config import SiteConfig, load_config
 from cmlab.site.inbox import InboxEngine
@@ -51,22 +49,9 @@ COMPONENTS: tuple[type[Component], ...] = (
 SLOW_STOP_SECONDS = 15.0
 
 
-@contextlib.contextmanager
-def site_lock(config: SiteConfig) -> Iterator[None]:
+def site_lock(config: SiteConfig) -> contextlib.AbstractContextManager[None]:
     """One daemon per site: two would claim the same drop files."""
-    config.paths.db_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = config.paths.db_dir / "cmlab.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise ConfigError(f"another cmlab daemon is already running for {config.root}") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)
+    return site_lock_module.hold(config.paths.db_dir, config.root)
 
 
 class SiteDaemon:
@@ -105,7 +90,17 @@ class SiteDaemon:
         self.logs.close()
 
 
-async def serve(site_dir: Path, *, json_stdout: bool | None = None) -> int:
+async def serve(
+    site_dir: Path,
+    *,
+    json_stdout: bool | None = None,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[], None] | None = None,
+) -> int:
+    """Serve one site until SIGTERM/SIGINT, or until `stop` is set when the caller gives one
+    (a daemon in a thread of another program, cmlab.testing's in-process sites: no signal
+    handlers then, they belong to that program). `ready` is called once every component
+    serves."""
     config = load_config(site_dir)
     with site_lock(config):
         # Under the lock no other daemon of this site writes here; a killed one may have left
@@ -114,12 +109,15 @@ async def serve(site_dir: Path, *, json_stdout: bool | None = None) -> int:
         # another host may be removed mid-write, and that write fails and is sent again.
         remove_stale_tmp(config.root, recursive=True)
         daemon = SiteDaemon(config, json_stdout=json_stdout)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         await daemon.start()
         sd_notify.notify("READY=1\nSTATUS=serving site " + config.site_code)
+        if ready is not None:
+            ready()
         pinger = None
         interval = sd_notify.watchdog_interval()
         if interval:

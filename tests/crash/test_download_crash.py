@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.commands.lab_cloud import build_content_source
+from cmlab.admin.lab_cloud import build_content_source
 from cmlab.components.dmpdownloader.dmpdownloader import COPY_CHUNK
 from cmlab.core.hashing import folder_hash
 from cmlab.site.resources import data_dir

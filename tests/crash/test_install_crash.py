@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from cmlab.commands.installation_layout import SITE_SERVER_BINARIES
+from cmlab.admin.installation_layout import SITE_SERVER_BINARIES
 from cmlab.core.hashing import sha256_file
 from cmlab.site.formats.sample_binary import sample_build_number
 from cmlab.site.installation import ACTIONS, CONSOLE_EXE

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.commands.payload import build_cab_from_dir
+from cmlab.admin.payload import build_cab_from_dir
 from cmlab.core.hashing import sha256_file
 from cmlab.site.formats.sample_binary import sample_build_number
 from cmlab.site.resources import data_dir

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.commands.reset import ResetResult, reset_package
+from cmlab.admin.reset import ResetResult, reset_package
 from cmlab.site.sitedb import connect, procs, transaction
 from cmlab.site.sms_log import read_messages
 from cmlab.site.state_codes import IsComplete, PackageState, SubStage

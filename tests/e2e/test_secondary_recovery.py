@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.commands.installation_layout import create_installation
+from cmlab.admin.installation_layout import create_installation
 from cmlab.components.hman.hman import HierarchyManager
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash, sha256_file

@@ -232,11 +232,11 @@ def listener() -> Iterator[NotifyListener]:
 
 def _make_site(tmp_path: Path) -> Path:
     try:
-        from cmlab.commands.init import InitOptions, init_site
+        from cmlab.admin.init import InitOptions, init_site
 
         return init_site(InitOptions(site_dir=tmp_path / "CAS", site_code="CAS", sync_interval=0))
     except ModuleNotFoundError as exc:
-        if exc.name in ("cmlab.commands.payload", "cmlab.site.trust"):
+        if exc.name in ("cmlab.admin.payload", "cmlab.site.trust"):
             pytest.skip(f"cmlab init needs {exc.name}, which is not in the tree yet")
         raise
 

@@ -11,7 +11,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cmlab.commands.init import InitOptions, init_site
+from cmlab.admin.init import InitOptions, init_site
 from cmlab.site.state_codes import PackageState
 from tests.helpers.sites import GUID_2509, Daemon, copy_site, inbox_files, query, set_toml
 

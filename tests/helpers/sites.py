@@ -32,7 +32,7 @@ SYNCED = {
 
 
 def make_template(folder: Path, **overrides: Any) -> Path:
-    from cmlab.commands.init import InitOptions, init_site
+    from cmlab.admin.init import InitOptions, init_site
 
     opts = {
         "site_dir": folder,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import cmlab
-from cmlab.commands.payload import load_package
+from cmlab.admin.payload import load_package
 from cmlab.core import errors
 from cmlab.core.errors import BadInput, CmlabError, UnsafeFile, WorkFailed
 from cmlab.core.fs import read_regular_file, read_regular_file_stat
@@ -70,7 +70,7 @@ BAD_INPUT = [
     "cmlab.site.formats.state_message.StateMessageError",
     "cmlab.site.formats.cmu.CmuError",
     "cmlab.site.formats.notifications.NotificationError",
-    "cmlab.commands.reset.BadGuid",
+    "cmlab.admin.reset.BadGuid",
 ]
 
 WORK_FAILED = [

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.commands.init import InitOptions, init_site
+from cmlab.admin.init import InitOptions, init_site
 from cmlab.core.errors import ConfigError
 from cmlab.site.sitedb import connect, hierarchy, servicing, transaction
 from cmlab.site.state_codes import PackageFlag, PackageState

@@ -1,4 +1,4 @@
-"""cmlab.commands.payload: the sample update package builds deterministically and lists what it
+"""cmlab.admin.payload: the sample update package builds deterministically and lists what it
 built."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.commands.payload import (
+from cmlab.admin.payload import (
     build_cab_from_dir,
     build_payload_tree,
     build_redists,

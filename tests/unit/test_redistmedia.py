@@ -15,7 +15,7 @@ from pathlib import Path, PureWindowsPath
 
 import pytest
 
-from cmlab.commands.lab_cloud import build_content_source
+from cmlab.admin.lab_cloud import build_content_source
 from cmlab.components.cmupdate.redist_media import (
     MediaError,
     MediaResult,

@@ -79,7 +79,7 @@ SERVICING_STATES = tuple(s for s in PackageState if 65537 <= s <= 262143)
 @pytest.fixture(scope="module")
 def procs_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`cmlab init` once for the module (a signed lab cloud, a schema-3 database)."""
-    from cmlab.commands.init import InitOptions, init_site
+    from cmlab.admin.init import InitOptions, init_site
 
     return init_site(
         InitOptions(

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from cmlab.commands.init import InitOptions, init_site
-from cmlab.commands.installation_layout import SITE_SERVER_BINARIES, create_installation
-from cmlab.commands.payload import build_cab_from_dir, load_package
+from cmlab.admin.init import InitOptions, init_site
+from cmlab.admin.installation_layout import SITE_SERVER_BINARIES, create_installation
+from cmlab.admin.payload import build_cab_from_dir, load_package
 from cmlab.components.cmupdate.redist_media import check_media, process_redists
 from cmlab.core.hashing import sha256_bytes, sha256_file
 from cmlab.site.cab import create_cab, extract_cab, extract_cab_into

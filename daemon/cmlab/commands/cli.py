@@ -12,7 +12,7 @@ import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from cmlab.commands.status import collect_status, print_status
+from cmlab.admin.status import collect_status, print_status
 from cmlab.core.errors import CmlabError
 from cmlab.site.config import load_config
 from cmlab.site.sitedb import (
@@ -32,7 +32,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from cmlab.commands.init import InitOptions, init_site
+    from cmlab.admin.init import InitOptions, init_site
 
     root = init_site(
         InitOptions(
@@ -162,7 +162,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def cmd_reset(args: argparse.Namespace) -> int:
     """The Update Reset Tool (CMUpdateReset.exe): see docs/reset.md."""
-    from cmlab.commands.reset import BadGuid, print_report, reset_package
+    from cmlab.admin.reset import BadGuid, print_report, reset_package
 
     try:
         report = reset_package(Path(args.site_dir), args.guid, force=args.force)
@@ -176,7 +176,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_payload_build(args: argparse.Namespace) -> int:
-    from cmlab.commands.payload import build_cab_from_dir
+    from cmlab.admin.payload import build_cab_from_dir
     from cmlab.site.trust import Signer
 
     signer = None

@@ -18,8 +18,8 @@ from pathlib import Path
 import aiofiles
 import aiofiles.os
 
-from cmlab.commands.init import InitOptions, init_site
-from cmlab.commands.status import collect_status, print_status
+from cmlab.admin.init import InitOptions, init_site
+from cmlab.admin.status import collect_status, print_status
 from cmlab.daemon import SiteDaemon
 from cmlab.site.config import load_config
 from cmlab.site.contract import waiting_drop_files

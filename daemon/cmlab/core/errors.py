@@ -30,7 +30,7 @@ purpose is in this tree; anything else that escapes a handler is a bug.
     │   ├── StateMessageError       cmlab.site.formats.state_message
     │   ├── CmuError                cmlab.site.formats.cmu
     │   ├── NotificationError       cmlab.site.formats.notifications
-    │   └── BadGuid                 cmlab.commands.reset
+    │   └── BadGuid                 cmlab.admin.reset
     └── WorkFailed                  the input was accepted; the work it asked for failed
         ├── ContentLibError         the site's own content library is missing, damaged or
         │                           refuses a store: not the fault of the package handed in

@@ -35,7 +35,7 @@ The modules, from the bottom up:
     installer     SiteInstaller: run_step, completed_steps, rollback, finish
 The SQL is in cmlab.site.sitedb.site_server, the site control file's format in
 cmlab.site.formats.site_control; `cmlab init` lays the installation out from the lab's sample
-builder, in the top layer (commands/installation_layout.py).
+builder, in the top layer (admin/installation_layout.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The installation folder (`SITE/bin/x64`), the Admin console (`SITE/AdminConsole/bin`), the
 site control file (`SITE/inboxes/sitectrl.box/sitectrl.ct0`) and an update's backup folder
 (`CMUStaging/<GUID>.backup`) are named here once: `cmlab init` lays them out
-(commands/installation_layout.py), the install steps change them, the despooler reinstalls a
+(admin/installation_layout.py), the install steps change them, the despooler reinstalls a
 secondary site into them and HMAN reads the installed build from them.
 """
 

@@ -126,3 +126,18 @@ def site_history_after(conn: sqlite3.Connection, last_id: int) -> list[tuple[int
         "ORDER BY ID",
         (last_id,),
     ).fetchall()
+
+
+def notifications_pending(conn: sqlite3.Connection) -> bool:
+    """A change SMSDBMon has still to turn into a drop file (a TableChangeNotifications row)."""
+    return conn.execute("SELECT 1 FROM TableChangeNotifications LIMIT 1").fetchone() is not None
+
+
+def sync_finished(conn: sqlite3.Connection, sync_id: int) -> str | None:
+    """SyncHistory's Result for `sync_id` once DMPDownloader finished it; None until then."""
+    row = conn.execute(
+        "SELECT Finished, Result FROM SyncHistory WHERE ID = ?", (sync_id,)
+    ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return str(row[1] or "")

@@ -831,3 +831,23 @@ def current_install(conn: sqlite3.Connection) -> tuple[str, int] | None:
         (local_site_number(conn),),
     ).fetchone()
     return None if row is None else (str(row[0]), int(row[1]))
+
+
+@dataclass(frozen=True)
+class PackageProgress:
+    """Where a package stands, for a command or a test that waits on it."""
+
+    state: int
+    flag: int
+    # The run goes on by itself from this state (RUN_GOES_ON): a waiter keeps waiting.
+    goes_on: bool
+
+
+def package_progress(conn: sqlite3.Connection, guid: str) -> PackageProgress | None:
+    row = conn.execute(
+        f"SELECT p.State, p.Flag, {RUN_GOES_ON} FROM CM_UpdatePackages p WHERE p.PackageGuid = ?",
+        (guid,),
+    ).fetchone()
+    if row is None:
+        return None
+    return PackageProgress(state=int(row[0]), flag=int(row[1]), goes_on=bool(row[2]))

@@ -1,6 +1,6 @@
 """The Update Reset Tool's rows (`cmlab reset`, CMUpdateReset.exe; docs/reset.md): what the
 database holds of one update package, and deleting it so the next synchronization starts the
-package over. The tool decides in `cmlab.commands.reset`; it reads and deletes here, in one
+package over. The tool decides in `cmlab.admin.reset`; it reads and deletes here, in one
 transaction of its own, so no component moves the package on in between.
 
 StateMessages stay: they are history."""

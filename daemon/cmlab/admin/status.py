@@ -6,11 +6,11 @@ behind a function-level import); here both import it and neither imports the oth
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 from typing import Any
 
+from cmlab.site import site_lock
 from cmlab.site.config import load_config
 from cmlab.site.contract import load_contract, matches_any
 from cmlab.site.sitedb import connected, hierarchy, overview
@@ -18,18 +18,7 @@ from cmlab.site.state_codes import PackageState
 
 
 def daemon_running(site_dir: Path) -> bool:
-    lock = site_dir / "db" / "cmlab.lock"
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return site_lock.daemon_running(site_dir / "db")
 
 
 def collect_status(site_dir: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@ redists), the Admin console, the site control file, and the rows of a working si
 (docs/installation.md, "The emulated site").
 
 Why it is in the top layer: the sample package's redists are built by the lab's sample
-builder (`cmlab.commands.payload`), which nothing below `commands/` may import; the sample
+builder (`cmlab.admin.payload`), which nothing below `commands/` may import; the sample
 binaries' format is `cmlab.site.formats.sample_binary`. The runtime side
 (cmlab.site.installation: the paths of the installation, the install steps,
 `installed_build`) reads and changes what is laid out here.
@@ -18,7 +18,7 @@ import functools
 import tempfile
 from pathlib import Path
 
-from cmlab.commands.payload import build_redists, load_package
+from cmlab.admin.payload import build_redists, load_package
 from cmlab.core.fs import write_atomic
 from cmlab.site.config import load_config
 from cmlab.site.formats.payload_layout import MAP_ROOT

@@ -62,7 +62,7 @@ def build_content_source(
 ) -> BuiltCloud:
     """Build the content source into `out` (created or refreshed). `mutate` replaces the text
     of applicability scripts by file name, for labs that break a site on purpose."""
-    from cmlab.commands.payload import build_cab_from_dir, build_payload_tree, build_redists
+    from cmlab.admin.payload import build_cab_from_dir, build_payload_tree, build_redists
 
     payloads = payloads or data_dir("payloads")
     spec = tomllib.loads((payloads / "manifest" / "packages.toml").read_text(encoding="utf-8"))

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmlab.commands.installation_layout import create_installation
+from cmlab.admin.installation_layout import create_installation
 from cmlab.core.errors import ConfigError
 from cmlab.site.config import (
     ROLES,
@@ -44,7 +44,7 @@ class InitOptions:
 
 
 def init_site(opts: InitOptions) -> Path:
-    from cmlab.commands.lab_cloud import MANIFEST_CAB, build_content_source
+    from cmlab.admin.lab_cloud import MANIFEST_CAB, build_content_source
     from cmlab.site.trust import create_lab_ca, load_lab_ca
 
     root = opts.site_dir.resolve()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cmlab.core.errors import ConfigError
+from cmlab.core.fs import write_atomic
 from cmlab.site.paths import SitePaths
 from cmlab.site.service_windows import ServiceWindow, parse_service_windows
 
@@ -237,3 +238,22 @@ def render_toml_array_entry(table: str, values: dict[str, object], comment: str 
     out.append(f"[[{table}]]")
     out.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
     return "\n".join(out) + "\n"
+
+
+def set_value(root: Path, table: str, key: str, value: object) -> None:
+    """Set `key` of `[table]` in a site's site.toml, keeping every other line (its comments
+    too): what an administrator does with an editor. The key must exist (site.toml as `cmlab
+    init` writes it has every key), so a misspelt name fails here rather than being ignored."""
+    path = root / "site.toml"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    current = ""
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            current = stripped.strip("[]")
+        elif current == table and stripped.split("=", 1)[0].strip() == key and "=" in stripped:
+            lines[i] = f"{key} = {_toml_value(value)}"
+            break
+    else:
+        raise ConfigError(f"site.toml of {root} has no key {key} in [{table}]")
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))

@@ -141,3 +141,31 @@ def sync_finished(conn: sqlite3.Connection, sync_id: int) -> str | None:
     if row is None or row[0] is None:
         return None
     return str(row[1] or "")
+
+
+def site_states(conn: sqlite3.Connection, guid: str) -> dict[str, int]:
+    """Site code -> state for `guid`, as this database knows every site: the guide's
+    Installation-stage query (`CM_UpdatePackageSiteStatus` joined to `ServerData`)."""
+    return {
+        str(code): int(state)
+        for code, state in conn.execute(
+            "select ServerData.SiteCode, cmupss.State from CM_UpdatePackageSiteStatus cmupss "
+            "Left join serverdata on cmupss.SiteNumber=ServerData.ID "
+            "where cmupss.PackageGuid = ?",
+            (guid,),
+        )
+    }
+
+
+def site_history(conn: sqlite3.Connection, guid: str, site_code: str) -> list[int]:
+    """Every state site `site_code`'s status row for `guid` passed through, in order
+    (CM_UpdatePackageSiteStatus_HIST, as this database knows that site)."""
+    return [
+        int(r[0])
+        for r in conn.execute(
+            "SELECT h.State FROM CM_UpdatePackageSiteStatus_HIST h "
+            "JOIN ServerData s ON s.ID = h.SiteNumber "
+            "WHERE h.PackageGuid = ? AND s.SiteCode = ? ORDER BY h.ID",
+            (guid, site_code),
+        )
+    ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,11 @@ def run_script(conn: sqlite3.Connection, script: str) -> tuple[int, object]:
     return len(statements), value
 
 
-def run_query(conn: sqlite3.Connection, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+def run_query(
+    conn: sqlite3.Connection, query: str, params: Sequence[Any] = ()
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     """One query of the administrator's: (column names, rows)."""
-    cur = conn.execute(tsql_to_sqlite(query))
+    cur = conn.execute(tsql_to_sqlite(query), tuple(params))
     rows = cur.fetchall()
     cols = [d[0] for d in cur.description or []]
     return cols, rows

@@ -131,6 +131,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A bad --cmlab-mode or --cmlab-timeout stops the run before any test, as pytest's own
+    # options do.
+    _mode(config)
+    _timeout(config)
     config.addinivalue_line(
         "markers",
         "cmlab(stage='synced', mode=None, settings=None, **init_options): how cmlab_site "

@@ -165,7 +165,7 @@ class LabSite:
         """Create the site if needed and start its daemon; returns when every component
         serves. `env`: environment variables for the daemon (mode="subprocess" only)."""
         self.create()
-        _ = self.config
+        self._config = None  # read again: a test may have changed site.toml
         if self.running:
             raise LabError(f"{self.site_code}: the daemon is already running")
         self._runner.start(START_TIMEOUT, env)

@@ -843,14 +843,18 @@ class PackageProgress:
 
     state: int
     flag: int
-    # The run goes on by itself from this state (RUN_GOES_ON): a waiter keeps waiting.
+    # The run goes on by itself from this state (RUN_GOES_ON), or a failed download is queued
+    # again (DMPDownloader retries it; the row leaves the queue with the next result): a waiter
+    # keeps waiting.
     goes_on: bool
 
 
 def package_progress(conn: sqlite3.Connection, guid: str) -> PackageProgress | None:
     row = conn.execute(
-        f"SELECT p.State, p.Flag, {RUN_GOES_ON} FROM CM_UpdatePackages p WHERE p.PackageGuid = ?",
-        (guid,),
+        f"SELECT p.State, p.Flag, {RUN_GOES_ON} OR (p.State = ? AND EXISTS (SELECT 1 FROM "
+        "CM_UpdatePackagesToDownload d WHERE d.PackageGuid = p.PackageGuid)) "
+        "FROM CM_UpdatePackages p WHERE p.PackageGuid = ?",
+        (int(PackageState.DOWNLOAD_FAILED), guid),
     ).fetchone()
     if row is None:
         return None

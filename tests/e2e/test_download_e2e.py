@@ -305,9 +305,9 @@ def test_download_refuses_what_cannot_be_downloaded(site: Path) -> None:
         sync(site)
         assert daemon.stop() == 0
     unknown = cmlab("download", str(site), "00000000-0000-0000-0000-000000000001", check=False)
-    assert unknown.returncode == 1
+    assert unknown.returncode == 5  # not found
     assert "no update package" in unknown.stderr
     hidden = cmlab("download", str(site), "6B0783D9-B8A2-4848-82F6-8EFE956F4988", check=False)
-    assert hidden.returncode == 1
+    assert hidden.returncode == 4  # refused
     assert "APPLICABILITY_HIDE (393213)" in hidden.stderr
     assert query(site, "SELECT COUNT(*) FROM CM_UpdatePackagesToDownload") == [(0,)]

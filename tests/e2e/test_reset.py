@@ -201,7 +201,7 @@ def test_reset_removes_a_package_that_has_not_started_installing(
 
     # Run again: the package is gone, so the GUID is now unknown.
     again = cmlab("reset", str(site), GUID, check=False)
-    assert again.returncode == 1
+    assert again.returncode == 5  # not found
     assert f"There is no update package {GUID} in CM_UpdatePackages" in again.stderr
 
 
@@ -231,11 +231,11 @@ def test_reset_refuses_a_package_that_started_installing(
     assert f"ERROR: {report.message}" in read_messages(site / "Logs" / "CMUpdateReset.log")
 
 
-def test_cli_refusal_names_the_state_and_exits_1(site: Path, db: sqlite3.Connection) -> None:
+def test_cli_refusal_names_the_state_and_exits_4(site: Path, db: sqlite3.Connection) -> None:
     prepared(site, db, PackageState.INSTALL_IN_PROGRESS)
     before = snapshot(site)
     proc = cmlab("reset", str(site), GUID, "--force", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 4  # refused
     assert (
         f"update package {GUID} (Configuration Manager 2509) is INSTALL_IN_PROGRESS (196609): "
         "it has started installing." in proc.stderr
@@ -275,7 +275,7 @@ def test_a_downloaded_package_is_deleted_only_with_force(
     mine, _ = prepared(site, db, state)
     before = snapshot(site)
     proc = cmlab("reset", str(site), GUID, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 4  # refused
     assert f"is {state.name} ({int(state)}), a post-download state" in proc.stderr
     assert "--force" in proc.stderr
     assert snapshot(site) == before
@@ -294,7 +294,7 @@ def test_unknown_and_malformed_guids(site: Path) -> None:
     before = snapshot(site)
     unknown = "61F16B3C-F1F6-4F9F-8647-2A524B0C802C"
     proc = cmlab("reset", str(site), unknown, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 5  # not found
     assert f"There is no update package {unknown} in CM_UpdatePackages" in proc.stderr
     doc = json.loads(cmlab("reset", str(site), unknown, "--json", check=False).stdout)
     assert doc["outcome"] == "unknown-package" and doc["ok"] is False and doc["removed"] == []
@@ -395,7 +395,7 @@ def test_only_the_top_level_site_runs_the_reset(site: Path, db: sqlite3.Connecti
     set_toml(site, "site", "parent", f"'{site.parent / 'CAS-parent'}'")
     before = snapshot(site)
     proc = cmlab("reset", str(site), GUID, check=False)
-    assert proc.returncode == 1 and "not the top-level site" in proc.stderr
+    assert proc.returncode == 4 and "not the top-level site" in proc.stderr
     assert snapshot(site) == before
 
 
@@ -415,7 +415,7 @@ def test_reset_while_the_daemon_runs_then_sync_brings_the_package_back(site: Pat
         (payload / low / "tampered.txt").write_text("not from Microsoft")
 
         refused = cmlab("reset", str(site), GUID, check=False)
-        assert refused.returncode == 1 and "DOWNLOAD_SUCCESS (262146)" in refused.stderr
+        assert refused.returncode == 4 and "DOWNLOAD_SUCCESS (262146)" in refused.stderr
         assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
 
         cmlab("reset", str(site), GUID, "--force")

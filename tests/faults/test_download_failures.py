@@ -500,27 +500,33 @@ def test_malformed_cmu_files_are_quarantined_and_change_nothing(site: Path) -> N
 
 
 @pytest.mark.parametrize(
-    ("guid", "message"),
+    ("guid", "code", "message"),
     [
-        (UNKNOWN, f"cmlab: no update package {UNKNOWN} in CM_UpdatePackages"),
+        (UNKNOWN, 5, f"cmlab: no update package {UNKNOWN} in CM_UpdatePackages"),
         (
             GUID_2409_HFRU,
+            4,
             f"cmlab: Configuration Manager 2409 Hotfix Rollup ({GUID_2409_HFRU}) is "
             "APPLICABILITY_NA (393214): only a package that is APPLICABILITY_SUCCESS or "
             "DOWNLOAD_FAILED can be downloaded",
         ),
         (
             GUID_2503_HFRU,
+            4,
             f"cmlab: Configuration Manager 2503 Hotfix Rollup ({GUID_2503_HFRU}) is "
             "APPLICABILITY_HIDE (393213): only a package that is APPLICABILITY_SUCCESS or "
             "DOWNLOAD_FAILED can be downloaded",
         ),
     ],
 )
-def test_download_refuses_a_package_it_cannot_download(site: Path, guid: str, message: str) -> None:
+def test_download_refuses_a_package_it_cannot_download(
+    site: Path, guid: str, code: int, message: str
+) -> None:
+    """An unknown GUID is "not found" (exit code 5); a state it cannot download from is
+    "refused" (4)."""
     before = snapshot(site)
     proc = cmlab("download", str(site), guid, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == code
     assert proc.stdout == ""
     assert proc.stderr.strip() == message
     assert snapshot(site) == before

@@ -61,6 +61,7 @@ BAD_INPUT = [
     "cmlab.core.errors.ManifestError",
     "cmlab.core.errors.UpdateMapError",
     "cmlab.core.errors.ConfigError",
+    "cmlab.site.config.SiteNotFound",
     "cmlab.core.errors.PrereqError",
     "cmlab.site.trust.authenticode.SigningError",
     "cmlab.site.trust.authenticode.TrustStoreError",

@@ -930,22 +930,25 @@ def test_cli_retry_replication_keeps_the_flag(site: Path, conn: sqlite3.Connecti
     assert stored is None
 
 
-def test_cli_refusals_exit_1_with_the_reason(site: Path, conn: sqlite3.Connection) -> None:
+def test_cli_refusals_exit_4_or_5_with_the_reason(site: Path, conn: sqlite3.Connection) -> None:
+    """A state the action cannot start from is "refused" (exit code 4); an unknown package is
+    "not found" (5)."""
     add_package(conn, GUID, PackageState.APPLICABILITY_SUCCESS)
     add_package(conn, OTHER, PackageState.PREREQ_IN_PROGRESS, flag=1, name="Hotfix rollup 2503")
     add_package(conn, THIRD, PackageState.DOWNLOAD_SUCCESS)
     record_esp(conn, OTHER)
     unknown = "00000000-0000-0000-0000-0000000000AB"
     cases = [
-        (("prereq", GUID), "APPLICABILITY_SUCCESS (327682)"),
-        (("install", unknown), f"no update package {unknown}"),
-        (("install", THIRD, "--ignore-warnings"), "another update is in progress: Hotfix"),
-        (("retry-replication", THIRD), "has no Easy Setup Package yet"),
-        (("retry-replication", OTHER), "PREREQ_IN_PROGRESS (131073); content replication"),
+        (("prereq", GUID), 4, "APPLICABILITY_SUCCESS (327682)"),
+        (("install", unknown), 5, f"no update package {unknown}"),
+        (("retry-replication", unknown), 5, f"no update package {unknown}"),
+        (("install", THIRD, "--ignore-warnings"), 4, "another update is in progress: Hotfix"),
+        (("retry-replication", THIRD), 4, "has no Easy Setup Package yet"),
+        (("retry-replication", OTHER), 4, "PREREQ_IN_PROGRESS (131073); content replication"),
     ]
-    for (command, guid, *rest), reason in cases:
+    for (command, guid, *rest), code, reason in cases:
         proc = cmlab(command, str(site), guid, *rest, check=False)
-        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        assert proc.returncode == code, (command, proc.stdout, proc.stderr)
         assert proc.stderr.startswith("cmlab: ") and reason in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert package(conn) == (PackageState.APPLICABILITY_SUCCESS, 0)

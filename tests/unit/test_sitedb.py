@@ -15,6 +15,7 @@ from cmlab.site.sitedb import (
     create_site_db,
     migrate,
     procs,
+    servicing,
     transaction,
 )
 from cmlab.site.sitedb.functions import tsql_to_sqlite, version_to_int
@@ -106,6 +107,27 @@ def test_download_success_or_failure_leaves_the_download_queue(db_file: Path) ->
         procs.spCMUSetUpdatePackageState(conn, GUID, PackageState.DOWNLOAD_SUCCESS)
     with pytest.raises(procs.NotDownloadable, match=r"DOWNLOAD_SUCCESS \(262146\)"):
         procs.spAddPackageToDownload(conn, GUID)
+
+
+def test_a_failed_download_queued_again_goes_on_for_a_waiter(db_file: Path) -> None:
+    """DOWNLOAD_FAILED ends a wait for the download, unless the package is queued again:
+    DMPDownloader retries it, and the row leaves the queue with the next result."""
+    conn = connect(db_file, "CAS")
+    with transaction(conn):
+        procs.spCMUSetUpdatePackageState(conn, GUID, PackageState.DOWNLOAD_FAILED)
+    assert servicing.package_progress(conn, GUID) == servicing.PackageProgress(
+        state=PackageState.DOWNLOAD_FAILED, flag=0, goes_on=False
+    )
+    with transaction(conn):
+        procs.spAddPackageToDownload(conn, GUID)
+    progress = servicing.package_progress(conn, GUID)
+    assert progress is not None and progress.goes_on
+    with transaction(conn):
+        procs.spCMUSetUpdatePackageState(conn, GUID, PackageState.DOWNLOAD_FAILED)
+    progress = servicing.package_progress(conn, GUID)
+    assert progress is not None and not progress.goes_on
+    assert servicing.package_progress(conn, "00000000-0000-0000-0000-000000000001") is None
+    conn.close()
 
 
 def test_a_site_database_of_schema_1_is_migrated(db_file: Path) -> None:

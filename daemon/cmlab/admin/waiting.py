@@ -137,6 +137,18 @@ def site_idle(config: SiteConfig) -> bool:
     return not pending and not waiting_drop_files(config.root)
 
 
+def package_may_appear(config: SiteConfig) -> bool:
+    """Whether a package CM_UpdatePackages does not hold may still come: no synchronization has
+    succeeded yet, one is pending, or HMAN has not yet decided the last one's packages (the site
+    is not idle). When none of these holds, a GUID it lacks is not there to wait for."""
+    with connected(config.paths.db_file, config.site_code) as conn:
+        last = overview.last_sync(conn)
+        unfinished = overview.unfinished_syncs(conn)
+    if last is None or last.finished is None or last.result != "success" or unfinished:
+        return True
+    return not site_idle(config)
+
+
 def sync_check(site_dir: Path, sync_id: int) -> Callable[[], Progress]:
     """A synchronization is over when DMPDownloader finished its SyncHistory row and the site
     is idle again (HMAN decided every package's applicability)."""

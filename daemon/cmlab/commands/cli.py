@@ -1,39 +1,120 @@
-"""The `cmlab` command line. Exit codes: 0 done, 1 failed, 2 bad usage.
+"""The `cmlab` command line: an administrator's commands on a site folder.
 
-Administrator actions go through the site database, as the SMS Provider's do; SMSDBMon's
-triggers wake the components."""
+Administrator actions go through the site database, as the SMS Provider's do (cmlab.admin.
+actions); SMSDBMon's triggers wake the components. `cmlab wait` and the actions' `--wait`
+wait for a result through cmlab.admin.waiting, as the testing API does, so a shell script and
+a test agree on what "done", "failed" and "timed out" mean; the exit codes are the table in
+commands/exit_codes.py, printed below."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
 import sqlite3
 import sys
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from pathlib import Path
 
-from cmlab.admin.status import collect_status, print_status
-from cmlab.core.errors import CmlabError
+from cmlab.admin import actions, waiting
+from cmlab.admin.reset import BadGuid, normalize_guid
+from cmlab.admin.status import collect_status, daemon_running, print_status
+from cmlab.commands.exit_codes import HANDLED, ExitCode, epilog, exit_code_of
+from cmlab.commands.progress import ProgressLine, outcome
 from cmlab.site.config import load_config
-from cmlab.site.sitedb import (
-    connected,
-    one_transaction,
-    procs,
-    recovery,
-    scripts,
-    servicing,
-)
+from cmlab.site.formats.ids import is_site_code_either_case
+from cmlab.site.sitedb import connected, overview, procs, scripts, servicing
 from cmlab.site.state_codes import PackageFlag, PackageState
 
+# How long `cmlab wait` and `--wait` wait by default. A lab update runs sync to INSTALL_SUCCESS
+# in about 1 s (README, Performance) and a 200 MB payload in about 3 s; a hierarchy's child
+# waits for the CMUpdates replication group (60 s by default) and takes about 2 min to report
+# back. Ten minutes covers all of these with room for a loaded machine.
+DEFAULT_TIMEOUT = 600.0
+# A command polls every 50 ms, not waiting.POLL_SECONDS' 10 ms (the testing API's, where each
+# millisecond counts): over a 5 s wait on a 2-vCPU VM at load 3.4 it took 0.19 CPU s (3.8% of a
+# core) against 0.78 (15.7%), and 40 ms more is nothing to a script whose `cmlab` takes 0.7 s
+# to start.
+POLL_SECONDS = 0.05
 
-def _fail(message: str, code: int = 1) -> int:
+_VERDICT_CODES = {
+    waiting.Verdict.DONE: ExitCode.DONE,
+    waiting.Verdict.FAILED: ExitCode.FAILED,
+    waiting.Verdict.TIMEOUT: ExitCode.TIMEOUT,
+}
+
+
+def _fail(message: str, code: ExitCode = ExitCode.FAILED) -> int:
     print(f"cmlab: {message}", file=sys.stderr)
-    return code
+    return int(code)
+
+
+def _message(exc: BaseException) -> str:
+    # A LookupError's str() is repr() of its argument (quotes and all) for KeyError.
+    if len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
+
+
+# -- argument types: a wrong value is argparse's bad usage (2) with a one-line reason ----------
+
+
+def _guid(text: str) -> str:
+    try:
+        return normalize_guid(text)
+    except BadGuid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _site_code(text: str) -> str:
+    if not is_site_code_either_case(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a site code is three letters or digits, e.g. CAS or PR1"
+        )
+    return text.upper()
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
+    return value
+
+
+def _package_state(text: str) -> PackageState:
+    """A state by name in any case (install_success) or by its number (196612)."""
+    word = text.strip()
+    if word.isdigit():
+        try:
+            return PackageState(int(word))
+        except ValueError:
+            pass
+    else:
+        name = word.upper()
+        if name in PackageState.__members__:
+            return PackageState[name]
+    near = difflib.get_close_matches(word.upper(), list(PackageState.__members__), n=1)
+    hint = f"; did you mean {near[0]}?" if near else " (`cmlab wait --help` lists them)"
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not an update package state: a name such as INSTALL_SUCCESS or its "
+        f"number (196612){hint}"
+    )
+
+
+# -- commands ---------------------------------------------------------------------------------
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     from cmlab.admin.init import InitOptions, init_site
 
+    if args.role != "cas" and not args.parent:
+        return _fail(
+            f"a {args.role} site needs --parent (the parent site's folder)", ExitCode.USAGE
+        )
     root = init_site(
         InitOptions(
             site_dir=Path(args.site_dir),
@@ -54,7 +135,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"Created site {args.site_code.upper()} in {root}")
     print(f"  run it:   cmlab run {root}")
     print(f"  sync:     cmlab sync {root}")
-    return 0
+    return ExitCode.DONE
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -69,87 +150,162 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
     else:
         print_status(status)
-    return 0
+    return ExitCode.DONE
 
 
-def _transaction(site_dir: Path) -> AbstractContextManager[sqlite3.Connection]:
-    """The site's database, for one administrator action in one transaction."""
-    config = load_config(site_dir)
-    return one_transaction(config.paths.db_file, config.site_code)
+# -- waiting ----------------------------------------------------------------------------------
+
+
+def _note_no_daemon(site: Path, then: str = "the request waits for `cmlab run {site}`") -> None:
+    """Say once, on stderr, that nothing will happen until a daemon serves the site: the
+    request is recorded all the same, and someone else may start the daemon."""
+    if not daemon_running(site):
+        said = then.format(site=site)
+        print(f"cmlab: no daemon is running for {site}: {said}.", file=sys.stderr)
+
+
+def _wait(check: Callable[[], waiting.Progress], timeout: float) -> waiting.WaitResult:
+    line = ProgressLine.on(sys.stdout)
+    try:
+        return waiting.wait(check, timeout, on_progress=line.update, interval=POLL_SECONDS)
+    finally:
+        line.finish()
+
+
+def _package_name(site: Path, guid: str) -> str:
+    config = load_config(site)
+    with connected(config.paths.db_file, config.site_code) as conn:
+        names = {p.guid.upper(): p.name for p in overview.packages(conn)}
+    return names.get(guid.upper()) or guid
+
+
+def _package_check(site: Path, guid: str, goal: waiting.Goal) -> Callable[[], waiting.Progress]:
+    """waiting.package_check, and "not found" for a GUID that no synchronization will bring:
+    the site has synchronized, and nothing is pending that could add it."""
+    config = load_config(site)
+    check = waiting.package_check(site, guid, goal)
+
+    def known_check() -> waiting.Progress:
+        progress = check()
+        if progress.state is None and not waiting.package_may_appear(config):
+            raise procs.UnknownPackage(
+                f"no update package {guid} in CM_UpdatePackages, and the last synchronization "
+                "is over: `cmlab status` lists the packages"
+            )
+        return progress
+
+    return known_check
+
+
+def _await_package(site: Path, guid: str, goal: waiting.Goal, timeout: float) -> int:
+    result = _wait(_package_check(site, guid, goal), timeout)
+    # A package that never appeared: the progress lines name its GUID themselves.
+    label = _package_name(site, guid) if result.state is not None else None
+    print(outcome(label, result, goal.what, timeout))
+    return _VERDICT_CODES[result.verdict]
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """`cmlab wait SITE GUID STATE`: until the package is at STATE, or stops at a failure."""
+    site = Path(args.site_dir)
+    goal = waiting.state_goal(args.state)
+    load_config(site)  # a folder that is not a site is "not found" before any note
+    _note_no_daemon(site, "its packages change state only once `cmlab run {site}` serves it")
+    return _await_package(site, args.guid, goal, args.timeout)
+
+
+# -- the administrator's actions ----------------------------------------------------------------
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    with _transaction(Path(args.site_dir)) as conn:
-        sync_id = procs.spRequestSync(conn, procs.SyncReason.ADMIN)
+    site = Path(args.site_dir)
+    sync_id = actions.request_sync(site)
     print(f"Synchronization requested (SyncHistory ID={sync_id}).")
-    return 0
+    _note_no_daemon(site)
+    if not args.wait:
+        return ExitCode.DONE
+    result = _wait(waiting.sync_check(site, sync_id), args.timeout)
+    print(outcome(None, result, f"synchronization {sync_id}", args.timeout))
+    return _VERDICT_CODES[result.verdict]
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     """The console's Download: spAddPackageToDownload; SMSDBMon's trigger wakes DMPDownloader."""
-    with _transaction(Path(args.site_dir)) as conn:
-        queued = procs.spAddPackageToDownload(conn, args.guid)
-    if queued:
+    site = Path(args.site_dir)
+    if actions.download(site, args.guid):
         print(f"Package {args.guid} added to CM_UpdatePackagesToDownload.")
     else:
         print(f"Package {args.guid} is already in CM_UpdatePackagesToDownload.")
-    return 0
+    return _then_wait(args, site, waiting.DOWNLOAD_GOAL)
 
 
-def _initiate_upgrade(site_dir: str, guid: str, flag: PackageFlag) -> None:
-    with _transaction(Path(site_dir)) as conn:
-        was = servicing.InitiateUpgrade(conn, guid, flag)
+def _then_wait(args: argparse.Namespace, site: Path, goal: waiting.Goal) -> int:
+    _note_no_daemon(site)
+    if not args.wait:
+        return ExitCode.DONE
+    return _await_package(site, args.guid, goal, args.timeout)
+
+
+def _initiate_upgrade(args: argparse.Namespace, flag: PackageFlag) -> int:
+    site = Path(args.site_dir)
+    was = actions.initiate_upgrade(site, args.guid, flag)
     print(
-        f"InitiateUpgrade({guid}, Flag={int(flag)} {flag.name}): State "
+        f"InitiateUpgrade({args.guid}, Flag={int(flag)} {flag.name}): State "
         f"{PackageState.name_of(was)} ({was}) -> ENABLED (2). SMSDBMon drops 2.ESC for HMAN."
     )
+    return _then_wait(args, site, waiting.run_goal(flag))
 
 
 def cmd_prereq(args: argparse.Namespace) -> int:
     """The console's Run prerequisite check: InitiateUpgrade with Flag=1 (PREREQ_ONLY)."""
-    _initiate_upgrade(args.site_dir, args.guid, PackageFlag.PREREQ_ONLY)
-    return 0
+    return _initiate_upgrade(args, PackageFlag.PREREQ_ONLY)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
     """The console's Install: InitiateUpgrade with Flag=0, or 2 to ignore prerequisite warnings."""
     flag = PackageFlag.IGNORE_WARNINGS if args.ignore_warnings else PackageFlag.NORMAL
-    _initiate_upgrade(args.site_dir, args.guid, flag)
-    return 0
+    return _initiate_upgrade(args, flag)
 
 
 def cmd_retry_replication(args: argparse.Namespace) -> int:
     """SMS_CM_UpdatePackages.RetryContentReplication: update the Easy Setup Package again."""
-    with _transaction(Path(args.site_dir)) as conn:
-        package_id = servicing.RetryContentReplication(conn, args.guid)
+    site = Path(args.site_dir)
+    package_id = actions.retry_replication(site, args.guid)
     print(
         f"RetryContentReplication({args.guid}): ReturnValue 0. Easy Setup Package {package_id} "
         "will be updated from its source (SMSDBMon drops 2.ESC); follow distmgr.log."
     )
-    return 0
+    # The restarted run keeps the package's flag: it ends where that flag's run ends.
+    flag = _current_flag(site, args.guid) if args.wait else PackageFlag.NORMAL
+    return _then_wait(args, site, waiting.run_goal(flag))
+
+
+def _current_flag(site: Path, guid: str) -> PackageFlag:
+    config = load_config(site)
+    with connected(config.paths.db_file, config.site_code) as conn:
+        progress = servicing.package_progress(conn, guid)
+    return PackageFlag(progress.flag) if progress is not None else PackageFlag.NORMAL
 
 
 def cmd_recover_secondary(args: argparse.Namespace) -> int:
     """The console's Recover Secondary Site, at the secondary's parent primary."""
-    session = _transaction(Path(args.primary_dir))
-    try:
-        with session as conn:
-            number = recovery.request_secondary_recovery(conn, args.site_code.upper())
-    except LookupError as exc:
-        return _fail(str(exc.args[0] if exc.args else exc))
+    number = actions.recover_secondary(Path(args.primary_dir), args.site_code)
     print(
-        f"Recover Secondary Site {args.site_code.upper()}: request {number} queued; the primary "
+        f"Recover Secondary Site {args.site_code}: request {number} queued; the primary "
         "site's HMAN reinstalls it with its own files (follow hman.log, sender.log, and the "
         "secondary's despool.log)."
     )
-    return 0
+    return ExitCode.DONE
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
     """Run one of the guide's queries (T-SQL spellings like dbo. and TOP n are accepted)."""
     config = load_config(Path(args.site_dir))
-    with connected(config.paths.db_file, config.site_code) as conn:
-        cols, rows = scripts.run_query(conn, args.query)
+    try:
+        with connected(config.paths.db_file, config.site_code) as conn:
+            cols, rows = scripts.run_query(conn, args.query)
+    except sqlite3.Error as exc:
+        return _fail(f"the query failed: {exc}")
     if args.json:
         print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], indent=2, default=str))
     else:
@@ -157,22 +313,26 @@ def cmd_sql(args: argparse.Namespace) -> int:
             print(" | ".join(cols))
         for r in rows:
             print(" | ".join("NULL" if v is None else str(v) for v in r))
-    return 0
+    return ExitCode.DONE
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
     """The Update Reset Tool (CMUpdateReset.exe): see docs/reset.md."""
-    from cmlab.admin.reset import BadGuid, print_report, reset_package
+    from cmlab.admin.reset import ResetResult, print_report, reset_package
 
-    try:
-        report = reset_package(Path(args.site_dir), args.guid, force=args.force)
-    except BadGuid as exc:
-        return _fail(str(exc), 2)
+    report = reset_package(Path(args.site_dir), args.guid, force=args.force)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print_report(report)
-    return 0 if report.ok else 1
+    codes = {
+        ResetResult.RESET: ExitCode.FAILED if report.errors else ExitCode.DONE,
+        ResetResult.UNKNOWN_PACKAGE: ExitCode.NOT_FOUND,
+        ResetResult.INSTALLING: ExitCode.REFUSED,
+        ResetResult.DOWNLOADED: ExitCode.REFUSED,
+        ResetResult.NOT_TOP_LEVEL: ExitCode.REFUSED,
+    }
+    return codes[report.outcome]
 
 
 def cmd_payload_build(args: argparse.Namespace) -> int:
@@ -182,13 +342,13 @@ def cmd_payload_build(args: argparse.Namespace) -> int:
     signer = None
     if not args.unsigned:
         if not (args.key and args.cert):
-            return _fail("payload build needs --key and --cert (or --unsigned)", 2)
+            return _fail("payload build needs --key and --cert (or --unsigned)", ExitCode.USAGE)
         signer = Signer.from_pem_files(
             Path(args.key), Path(args.cert), Path(args.chain) if args.chain else None, args.digest
         )
     build_cab_from_dir(Path(args.src), Path(args.out), signer)
     print(f"Built {'unsigned' if signer is None else 'signed'} {args.out}")
-    return 0
+    return ExitCode.DONE
 
 
 def cmd_payload_verify(args: argparse.Namespace) -> int:
@@ -220,7 +380,7 @@ def cmd_payload_verify(args: argparse.Namespace) -> int:
             print(f"File '{args.file}' is NOT trusted: {verdict.status.name}: {verdict.reason}")
         for i, subject in enumerate(result["chain"]):
             print(f"  chain[{i}]: {subject}")
-    return 0 if verdict.trusted else 1
+    return ExitCode.DONE if verdict.trusted else ExitCode.FAILED
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -229,13 +389,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir) if args.dir else None)
 
 
+def _wait_options(p: argparse.ArgumentParser, until: str) -> None:
+    p.set_defaults(wait_parser=p)  # for its usage line when --timeout comes without --wait
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"then wait {until}, showing each state; exit 0 done, 1 failed, 3 timed out",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help=f"with --wait: give up after S seconds (default {DEFAULT_TIMEOUT:g})",
+    )
+
+
+def _package_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("site_dir")
+    p.add_argument("guid", type=_guid, help="the update package's Package Guid")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmlab", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="cmlab",
+        description=__doc__,
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="create a site folder")
     p.add_argument("site_dir")
-    p.add_argument("--site-code", required=True)
+    p.add_argument("--site-code", required=True, type=_site_code)
     p.add_argument("--role", choices=("cas", "primary", "secondary"), default="cas")
     p.add_argument(
         "--parent", help="the parent site's folder (primary: a CAS; secondary: a primary)"
@@ -274,21 +459,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="check for updates now")
     p.add_argument("site_dir")
+    _wait_options(p, "until the synchronization is over and every package is decided")
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("download", help="download an update package (spAddPackageToDownload)")
-    p.add_argument("site_dir")
-    p.add_argument("guid")
+    _package_arguments(p)
+    _wait_options(p, "for DOWNLOAD_SUCCESS")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("prereq", help="run the prerequisite check (InitiateUpgrade, Flag=1)")
-    p.add_argument("site_dir")
-    p.add_argument("guid")
+    _package_arguments(p)
+    _wait_options(p, "for PREREQ_SUCCESS or PREREQ_WARNING")
     p.set_defaults(func=cmd_prereq)
 
     p = sub.add_parser("install", help="install an update (InitiateUpgrade, Flag=0)")
-    p.add_argument("site_dir")
-    p.add_argument("guid")
+    _package_arguments(p)
+    _wait_options(
+        p, "for INSTALL_SUCCESS (a prerequisite warning fails it unless --ignore-warnings)"
+    )
     p.add_argument(
         "--ignore-warnings",
         action="store_true",
@@ -300,16 +488,40 @@ def build_parser() -> argparse.ArgumentParser:
         "retry-replication",
         help="update the Easy Setup Package from its source again (RetryContentReplication)",
     )
-    p.add_argument("site_dir")
-    p.add_argument("guid")
+    _package_arguments(p)
+    _wait_options(p, "for the end of the run it restarts (as its flag: check or install)")
     p.set_defaults(func=cmd_retry_replication)
+
+    p = sub.add_parser(
+        "wait",
+        help="wait until an update package reaches a state (or stops at a failure state)",
+        description="Wait until the update package is at STATE. Exit 0 when it is there, 1 "
+        "when it stops at another failure state ("
+        + ", ".join(s.name for s in PackageState if s in waiting.FAILURE_STATES)
+        + "), 3 when the timeout passes first, 5 when the site has synchronized and has no "
+        "such package. STATE is one of: " + ", ".join(PackageState.__members__) + ".",
+    )
+    _package_arguments(p)
+    p.add_argument(
+        "state",
+        type=_package_state,
+        help="a state name in any case (INSTALL_SUCCESS) or its number (196612)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        default=DEFAULT_TIMEOUT,
+        help=f"give up after S seconds (default {DEFAULT_TIMEOUT:g})",
+    )
+    p.set_defaults(func=cmd_wait)
 
     p = sub.add_parser(
         "recover-secondary",
         help="reinstall a secondary site with its parent primary's files (Recover Secondary Site)",
     )
     p.add_argument("primary_dir")
-    p.add_argument("site_code")
+    p.add_argument("site_code", type=_site_code)
     p.set_defaults(func=cmd_recover_secondary)
 
     p = sub.add_parser("sql", help="run a query against the site database (the guide's queries)")
@@ -324,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         "installing, so the next sync starts it over",
     )
     p.add_argument("site_dir")
-    p.add_argument("guid", help="the update package's Package Guid")
+    p.add_argument("guid", type=_guid, help="the update package's Package Guid")
     p.add_argument(
         "--force",
         action="store_true",
@@ -360,14 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "wait"):  # the actions' --wait; `cmlab wait` has its own default
+        if args.timeout is not None and not args.wait:
+            args.wait_parser.error("--timeout goes with --wait")
+        if args.timeout is None:
+            args.timeout = DEFAULT_TIMEOUT
     try:
         return int(args.func(args))
-    except CmlabError as exc:
-        return _fail(str(exc))
-    except LookupError as exc:
-        return _fail(str(exc))
+    except HANDLED as exc:
+        return _fail(_message(exc), exit_code_of(exc))
     except KeyboardInterrupt:
-        return 1
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

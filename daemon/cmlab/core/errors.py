@@ -20,6 +20,7 @@ purpose is in this tree; anything else that escapes a handler is a bug.
     │   ├── ManifestError           Manifest.xml and the other XML drops
     │   ├── UpdateMapError          update.map
     │   ├── ConfigError             site.toml
+    │   │   └── SiteNotFound        cmlab.site.config: no site.toml in the folder
     │   ├── PrereqError             the prerequisite facts (site.toml [facts])
     │   ├── SigningError, TrustStoreError   cmlab.site.trust.authenticode
     │   ├── LabCAError              cmlab.site.trust.lab_ca
@@ -57,8 +58,9 @@ tree only makes the distinction possible. Handlers today catch their WorkFailed 
 themselves and report them in the component's state.
 
 Outside the tree on purpose: the site database's LookupError refusals of an administrator's
-request (NotDownloadable, NotInitiable) and SiteDBClosed (a RuntimeError at shutdown), which
-callers catch by those standard types; and OSError, which is the filesystem's own.
+request (NotDownloadable, NotInitiable, NotRecoverable; UnknownPackage and UnknownSecondary
+when what the request names does not exist) and SiteDBClosed (a RuntimeError at shutdown),
+which callers catch by those standard types; and OSError, which is the filesystem's own.
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ from cmlab.site.service_windows import ServiceWindow, parse_service_windows
 ROLES = ("cas", "primary", "secondary")
 
 
+class SiteNotFound(ConfigError):
+    """No site.toml in the folder: it is not a site made by `cmlab init` (the command line's
+    "not found", where an invalid site.toml is refused)."""
+
+
 @dataclass(frozen=True)
 class Intervals:
     sync: float = 86400.0  # DMPDownloader's check for updates: every 24 hours
@@ -109,8 +114,10 @@ def load_config(root: Path) -> SiteConfig:
     toml_path = root / "site.toml"
     try:
         doc = tomllib.loads(toml_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{toml_path} not found: is {root} a site made by `cmlab init`?") from exc
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise SiteNotFound(
+            f"{toml_path} not found: is {root} a site made by `cmlab init`?"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{toml_path}: {exc}") from exc
 

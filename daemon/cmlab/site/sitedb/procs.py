@@ -145,8 +145,20 @@ DOWNLOADABLE_STATES = (
 )
 
 
+class UnknownPackage(LookupError):
+    """An administrator's request names a package that CM_UpdatePackages does not hold: "not
+    found", where a refusal means "not from this state" (the command line's exit codes 5 and
+    4). The refusals raise it through their own subclasses (NoPackageToDownload here,
+    servicing.NoPackageToInitiate), so `except NotDownloadable` and `except NotInitiable` still
+    catch a missing package."""
+
+
 class NotDownloadable(LookupError):
     """spAddPackageToDownload refused: no such package, or not in a downloadable state."""
+
+
+class NoPackageToDownload(UnknownPackage, NotDownloadable):
+    """spAddPackageToDownload refused: no such package."""
 
 
 def spAddPackageToDownload(conn: sqlite3.Connection, guid: str) -> bool:
@@ -155,7 +167,7 @@ def spAddPackageToDownload(conn: sqlite3.Connection, guid: str) -> bool:
         "SELECT State, Name FROM CM_UpdatePackages WHERE PackageGuid = ?", (guid,)
     ).fetchone()
     if row is None:
-        raise NotDownloadable(f"no update package {guid} in CM_UpdatePackages")
+        raise NoPackageToDownload(f"no update package {guid} in CM_UpdatePackages")
     state = int(row[0])
     if state not in DOWNLOADABLE_STATES:
         raise NotDownloadable(

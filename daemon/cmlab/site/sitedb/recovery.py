@@ -22,8 +22,10 @@ from cmlab.site.state_codes import PackageState
 
 __all__ = [
     "LocalVersion",
+    "NotRecoverable",
     "RecoveryRequest",
     "RecoveryState",
+    "UnknownSecondary",
     "local_version",
     "queue_recovery_job",
     "record_recovery",
@@ -34,6 +36,15 @@ __all__ = [
     "set_recovery_state",
     "unnoticed_requests",
 ]
+
+
+class NotRecoverable(LookupError):
+    """Recover Secondary Site refused: the site is not a secondary site of this primary site
+    (or this site is not a primary site)."""
+
+
+class UnknownSecondary(NotRecoverable):
+    """Recover Secondary Site refused: this primary site knows no site of that code."""
 
 
 class RecoveryState(enum.StrEnum):
@@ -85,12 +96,17 @@ def secondary_problem(conn: sqlite3.Connection, site_code: str) -> str | None:
 def request_secondary_recovery(conn: sqlite3.Connection, site_code: str) -> int:
     """The console's Recover Secondary Site, inside the caller's transaction at the primary:
     a new request number for `site_code` (whose change makes SMSDBMon drop `<SiteCode>.RSS`).
-    Returns the request number; LookupError when `site_code` is not a secondary site of this
-    primary site."""
+    Returns the request number; NotRecoverable when `site_code` is not a secondary site of
+    this primary site (UnknownSecondary when this primary knows no such site)."""
     code = site_code.upper()
     problem = secondary_problem(conn, code)
     if problem is not None:
-        raise LookupError(f"Cannot recover secondary site {code}: {problem}")
+        unknown = (
+            hierarchy.local_site(conn).site_type == hierarchy.PRIMARY
+            and hierarchy.site_by_code(conn, code) is None
+        )
+        refusal = UnknownSecondary if unknown else NotRecoverable
+        raise refusal(f"Cannot recover secondary site {code}: {problem}")
     conn.execute(
         "INSERT INTO SecondarySiteRecovery (SiteCode, RequestNumber, State, Detail) "
         "VALUES (?, 1, ?, NULL) ON CONFLICT (SiteCode) DO UPDATE SET "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cmlab.site.sitedb import hierarchy
-from cmlab.site.sitedb.procs import local_site_number
+from cmlab.site.sitedb.procs import UnknownPackage, local_site_number
 from cmlab.site.state_codes import PackageFlag, PackageState
 
 EASY_SETUP_PACKAGE_NAME = "Configuration Manager Easy Setup Package"
@@ -112,6 +112,10 @@ class NotInitiable(LookupError):
     update already in progress."""
 
 
+class NoPackageToInitiate(UnknownPackage, NotInitiable):
+    """InitiateUpgrade or RetryContentReplication refused: no such package."""
+
+
 def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> int:
     """What the console's Install / Run prerequisite check does through the SMS Provider: the
     package goes to ENABLED (2) with its flag, and `CM_UpdatePackages_UPD_HMAN` makes SMSDBMon
@@ -120,7 +124,7 @@ def InitiateUpgrade(conn: sqlite3.Connection, guid: str, flag: PackageFlag) -> i
         "SELECT State, Name FROM CM_UpdatePackages WHERE PackageGuid = ?", (guid,)
     ).fetchone()
     if row is None:
-        raise NotInitiable(f"no update package {guid} in CM_UpdatePackages")
+        raise NoPackageToInitiate(f"no update package {guid} in CM_UpdatePackages")
     _refuse_below_top_level(conn)
     state, name = int(row[0]), str(row[1])
     if state not in INITIATE_STATES:
@@ -693,7 +697,7 @@ def RetryContentReplication(conn: sqlite3.Connection, guid: str) -> str:
         (guid,),
     ).fetchone()
     if row is None:
-        raise NotInitiable(f"no update package {guid} in CM_UpdatePackages")
+        raise NoPackageToInitiate(f"no update package {guid} in CM_UpdatePackages")
     state, name, package_id = int(row[0]), str(row[1]), row[2]
     _refuse_below_top_level(conn)
     if package_id is None:
@@ -839,14 +843,18 @@ class PackageProgress:
 
     state: int
     flag: int
-    # The run goes on by itself from this state (RUN_GOES_ON): a waiter keeps waiting.
+    # The run goes on by itself from this state (RUN_GOES_ON), or a failed download is queued
+    # again (DMPDownloader retries it; the row leaves the queue with the next result): a waiter
+    # keeps waiting.
     goes_on: bool
 
 
 def package_progress(conn: sqlite3.Connection, guid: str) -> PackageProgress | None:
     row = conn.execute(
-        f"SELECT p.State, p.Flag, {RUN_GOES_ON} FROM CM_UpdatePackages p WHERE p.PackageGuid = ?",
-        (guid,),
+        f"SELECT p.State, p.Flag, {RUN_GOES_ON} OR (p.State = ? AND EXISTS (SELECT 1 FROM "
+        "CM_UpdatePackagesToDownload d WHERE d.PackageGuid = p.PackageGuid)) "
+        "FROM CM_UpdatePackages p WHERE p.PackageGuid = ?",
+        (int(PackageState.DOWNLOAD_FAILED), guid),
     ).fetchone()
     if row is None:
         return None

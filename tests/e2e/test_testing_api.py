@@ -95,7 +95,7 @@ def test_a_daemon_that_cannot_start_says_why(cmlab_templates: Templates, tmp_pat
         site = LabSite(tmp_path / mode, template=cmlab_templates.get("new"), mode=mode)
         site.create()
         (site.path / "site.toml").write_text("[site]\ncode = 'CAS'\nrole = 'moon'\n")
-        with pytest.raises(LabError, match="site.role must be one of"):
+        with pytest.raises(LabError, match=r"site\.role must be one of"):
             site.start()
         assert not site.running
 
@@ -110,9 +110,7 @@ def test_a_hierarchy_installs_everywhere(cmlab_templates: Templates, tmp_path: P
             "site": [{"code": "CAS"}, {"code": "PR1", "parent": "CAS"}],
         }
     )
-    with LabHierarchy(
-        tmp_path / "lab", spec, top_from=cmlab_templates.get("downloaded")
-    ) as h:
+    with LabHierarchy(tmp_path / "lab", spec, top_from=cmlab_templates.get("downloaded")) as h:
         h.top.install(SAMPLE_UPDATE)
         h.wait_installed(SAMPLE_UPDATE)
         h.wait_idle()

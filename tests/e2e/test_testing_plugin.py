@@ -182,9 +182,8 @@ def test_async_tests_use_the_same_sites(pytester: pytest.Pytester) -> None:
                 site.download(SAMPLE_UPDATE)
                 got = await site.wait_state_async(SAMPLE_UPDATE, "DOWNLOAD_SUCCESS")
                 assert got == State.DOWNLOAD_SUCCESS
-                line = await site.wait_log_async(
-                    "dmpdownloader.log", re.compile("Generating state message: 10 for package", re.I)
-                )
+                pattern = re.compile("Generating state message: 10 for package", re.I)
+                line = await site.wait_log_async("dmpdownloader.log", pattern)
                 assert line == f"Generating state message: 10 for package {SAMPLE_UPDATE.lower()}~~"
             assert not site.running
         """,

@@ -491,3 +491,31 @@ def set_state(site: Path, guid: str, state: int, *, flag: int = 0) -> None:
             (guid, int(state), int(flag)),
         )
         conn.execute("DELETE FROM CM_UpdatePackagesToDownload")
+
+
+def test_init_hierarchy_makes_every_site_of_a_spec(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "lab.toml"
+    spec.write_text(
+        '[defaults]\nsync_interval = 0\n"replication.cmupdates_interval" = 0.5\n'
+        '[[site]]\ncode = "CAS"\n[[site]]\ncode = "PR1"\nparent = "CAS"\n'
+    )
+    assert main(["init-hierarchy", str(spec), str(tmp_path / "lab")]) == ExitCode.DONE
+    out = capsys.readouterr().out
+    assert f"Created site PR1 (primary under CAS) in {tmp_path / 'lab' / 'PR1'}" in out
+    assert main(["status", "--json", str(tmp_path / "lab" / "CAS")]) == ExitCode.DONE
+    status = json.loads(capsys.readouterr().out)
+    assert [s["SiteCode"] for s in status["sites"]] == ["CAS", "PR1"]
+    # Again: the sites are there, nothing is touched.
+    assert main(["init-hierarchy", str(spec), str(tmp_path / "lab")]) == ExitCode.REFUSED
+    assert "already holds a site" in capsys.readouterr().err
+    spec.write_text(
+        '[[site]]\ncode = "CAS"\n[[site]]\ncode = "SEC"\nparent = "CAS"\nrole = "secondary"\n'
+    )
+    assert main(["init-hierarchy", str(spec), str(tmp_path / "other")]) == ExitCode.REFUSED
+    err = capsys.readouterr().err
+    assert err == (
+        "cmlab: hierarchy spec: site SEC: a secondary site cannot be under CAS, a cas site\n"
+    )
+    assert not (tmp_path / "other" / "CAS").exists()

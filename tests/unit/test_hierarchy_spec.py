@@ -73,7 +73,7 @@ def test_roles_are_inferred_and_settings_merge() -> None:
     ],
 )
 def test_bad_specs_are_refused_with_one_line(text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match="^hierarchy spec: ") as err:
+    with pytest.raises(ConfigError, match=r"^hierarchy spec: ") as err:
         HierarchySpec.from_toml(text)
     assert message in str(err.value)
     assert "\n" not in str(err.value)

@@ -138,6 +138,23 @@ def cmd_init(args: argparse.Namespace) -> int:
     return ExitCode.DONE
 
 
+def cmd_init_hierarchy(args: argparse.Namespace) -> int:
+    """Every site of a hierarchy spec (docs/testing.md has the format), top first."""
+    from cmlab.admin.hierarchy_spec import HierarchySpec, create_hierarchy
+
+    spec = HierarchySpec.load(Path(args.spec))
+    root = Path(args.root)
+    taken = [s.code for s in spec.sites if (root / s.code / "site.toml").exists()]
+    if taken:
+        return _fail(f"{root / taken[0]} already holds a site (site.toml exists)", ExitCode.REFUSED)
+    sites = create_hierarchy(spec, root)
+    for site in spec.sites:
+        under = f" under {site.parent}" if site.parent else ""
+        print(f"Created site {site.code} ({site.role}{under}) in {sites[site.code]}")
+    print("  run each: " + "; ".join(f"cmlab run {p}" for p in sites.values()))
+    return ExitCode.DONE
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cmlab.daemon import run
 
@@ -447,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not download the newest applicable update by itself (use `cmlab download`)",
     )
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "init-hierarchy",
+        help="create every site of a hierarchy spec (a TOML file: docs/testing.md) in ROOT/<CODE>",
+    )
+    p.add_argument("spec", help="the hierarchy spec: [defaults] and one [[site]] per site")
+    p.add_argument("root", help="the folder the sites are made in, one folder per site code")
+    p.set_defaults(func=cmd_init_hierarchy)
 
     p = sub.add_parser("run", help="run the site's components in the foreground")
     p.add_argument("site_dir")

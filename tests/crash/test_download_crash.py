@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,25 +16,11 @@ from cmlab.admin.lab_cloud import build_content_source
 from cmlab.components.dmpdownloader.dmpdownloader import COPY_CHUNK
 from cmlab.core.hashing import folder_hash
 from cmlab.site.resources import data_dir
-from cmlab.site.state_codes import PackageState
 from cmlab.site.trust import create_lab_ca
-from tests.helpers.sites import (
-    GUID_2509,
-    Daemon,
-    cmlab,
-    copy_site,
-    inbox_files,
-    log,
-    make_template,
-    payload_hash,
-    query,
-    states,
-    sync_once,
-    temporaries,
-)
-from tests.helpers.waiting import wait_until
+from cmlab.testing import SAMPLE_UPDATE, SYNCED_STATES, LabSite, State
+from tests.helpers.site_files import temporaries
 
-G = GUID_2509
+G = SAMPLE_UPDATE
 g = G.lower()
 # An incompressible file in the sample payload, so the payload CAB spans several copy chunks
 # and a kill at the second chunk really interrupts the copy half-way.
@@ -53,38 +40,48 @@ def synced(tmp_path_factory: pytest.TempPathFactory) -> Path:
         spec.read_text() + f'\n[[binary]]\npath = "{BIG_FILE}"\nsize = {BIG_SIZE}\n',
         encoding="utf-8",
     )
-    site = base / "CAS"
-    ca = create_lab_ca(site / "trust", common_name="cmlab Lab Root (CAS)")
-    build_content_source(site / "cloud", ca.signer(), payloads=payloads)
-    make_template(site, ca_dir=site / "trust")
-    assert (site / "cloud" / f"{G}.cab").stat().st_size > 2 * COPY_CHUNK
-    return sync_once(site)
+    path = base / "CAS"
+    ca = create_lab_ca(path / "trust", common_name="cmlab Lab Root (CAS)")
+    build_content_source(path / "cloud", ca.signer(), payloads=payloads)
+    assert (path / "cloud" / f"{G}.cab").stat().st_size > 2 * COPY_CHUNK
+    # Made and synchronized in this process (no kill here): only the tests' copies need a
+    # daemon of their own to kill.
+    with LabSite(path, ca_dir=path / "trust") as site:
+        site.sync(wait=True)
+        site.wait_idle()
+        assert site.states() == SYNCED_STATES
+    return path
 
 
 @pytest.fixture
-def site(synced: Path, tmp_path: Path) -> Path:
-    return copy_site(synced, tmp_path / "CAS").resolve()
+def site(synced: Path, tmp_path: Path) -> Iterator[LabSite]:
+    """A copy of the synced site; its daemon a child process the test starts and kills."""
+    site = LabSite(tmp_path / "CAS", template=synced, mode="subprocess").create()
+    yield site
+    site.kill()  # a test that failed with its daemon running leaves none behind
 
 
-def folder(site: Path) -> Path:
-    return site / "EasySetupPayload" / g
+def folder(site: LabSite) -> Path:
+    return site.path / "EasySetupPayload" / g
 
 
-def assert_never_reported_early(site: Path) -> None:
+def payload_hash(site: LabSite) -> str:
+    """The manifest's PayloadHash, as HMAN stored it in CM_UpdatePackages."""
+    rows = site.query("SELECT PayloadHash FROM CM_UpdatePackages WHERE PackageGuid = ?", [G])
+    return str(rows[0][0])
+
+
+def assert_never_reported_early(site: LabSite) -> None:
     """Whenever CM_UpdatePackages says DOWNLOAD_SUCCESS, the whole package is in place."""
-    if states(site).get(G) == PackageState.DOWNLOAD_SUCCESS:
+    if site.state(G) == State.DOWNLOAD_SUCCESS:
         assert folder(site).is_dir(), "DOWNLOAD_SUCCESS without EasySetupPayload\\<guid>"
         assert folder_hash(folder(site)) == payload_hash(site), "DOWNLOAD_SUCCESS, bad content"
 
 
-def converged(site: Path) -> bool:
+def converged(site: LabSite) -> bool:
     assert_never_reported_early(site)
-    queued = query(site, "SELECT 1 FROM CM_UpdatePackagesToDownload WHERE PackageGuid = ?", [G])
-    return (
-        states(site).get(G) == PackageState.DOWNLOAD_SUCCESS
-        and not queued
-        and not inbox_files(site)
-    )
+    queued = site.query("SELECT 1 FROM CM_UpdatePackagesToDownload WHERE PackageGuid = ?", [G])
+    return site.state(G) == State.DOWNLOAD_SUCCESS and not queued and not site.waiting_files()
 
 
 def assert_success_only_after_complete(runs: list[list[str]], cab: Path) -> None:
@@ -125,47 +122,44 @@ CRASHPOINTS = [
 
 
 @pytest.mark.parametrize("point", CRASHPOINTS)
-def test_sigkill_during_download_then_restart_converges(site: Path, point: str) -> None:
-    easy = site / "EasySetupPayload"
+def test_sigkill_during_download_then_restart_converges(site: LabSite, point: str) -> None:
+    easy = site.path / "EasySetupPayload"
     partial = easy / f"{g}.cab.partial"
-    cfd_cmu = site / "inboxes" / "hman.box" / "CFD" / f"{g}.CMU"
-    total = (site / "cloud" / f"{G}.cab").stat().st_size
-    with Daemon(site) as daemon:
-        daemon.start(CMLAB_CRASHPOINTS=point)
-        cmlab("download", str(site), G)
-        rc = daemon.wait_exit(timeout=60)
-        assert rc == -signal.SIGKILL, f"the daemon did not reach {point}: {daemon.stderr()}"
-        killed = log(site, "dmpdownloader.log")
-        assert_never_reported_early(site)
-        left = partial.stat().st_size if partial.exists() else None
+    cfd_cmu = site.inbox("hman.box/CFD") / f"{g}.CMU"
+    total = (site.path / "cloud" / f"{G}.cab").stat().st_size
+    site.start(CMLAB_CRASHPOINTS=point)
+    site.download(G)
+    rc = site.wait_exit(timeout=60)
+    assert rc == -signal.SIGKILL, f"the daemon did not reach {point}: {site.daemon_stderr()}"
+    killed = site.log("dmpdownloader.log")
+    assert_never_reported_early(site)
+    left = partial.stat().st_size if partial.exists() else None
 
-        # The kill landed where the test says.
-        name = point.split(":")[0]
-        if name == "dmp.during_payload_copy":
-            assert left == 2 * COPY_CHUNK < total
-            assert not (easy / f"{g}.cab").exists()
-        elif name == "dmp.during_extract":
-            assert sum(line.endswith(" is being extracted~~") for line in killed) == 3
-            assert not folder(site).exists() and temporaries(site)
-        elif name == "dmp.after_payload_in_place":
-            assert folder_hash(folder(site)) == payload_hash(site)
-        elif name == "setupdl.after_file":
-            assert "INFO: Setup downloader setupdl.exe: FINISHED" not in log(
-                site, "ConfigMgrSetup.log"
-            )
-            assert not folder(site).exists() and temporaries(site)
-        elif name == "hman.before_cmu_delete":
-            assert cfd_cmu.is_file(), "HMAN was killed before it deleted the CMU"
-        # (hman.after_forward: the CMU may already be consumed, as the forwarding thread's
-        # fsyncs can outlast the CMU handler; the kill lands wherever the download got to.)
-        if name.startswith("dmp.") or name.startswith("setupdl."):
-            assert not any('State="262146"' in line for line in killed)
+    # The kill landed where the test says.
+    name = point.split(":")[0]
+    if name == "dmp.during_payload_copy":
+        assert left == 2 * COPY_CHUNK < total
+        assert not (easy / f"{g}.cab").exists()
+    elif name == "dmp.during_extract":
+        assert sum(line.endswith(" is being extracted~~") for line in killed) == 3
+        assert not folder(site).exists() and temporaries(site.path)
+    elif name == "dmp.after_payload_in_place":
+        assert folder_hash(folder(site)) == payload_hash(site)
+    elif name == "setupdl.after_file":
+        assert "INFO: Setup downloader setupdl.exe: FINISHED" not in site.log("ConfigMgrSetup.log")
+        assert not folder(site).exists() and temporaries(site.path)
+    elif name == "hman.before_cmu_delete":
+        assert cfd_cmu.is_file(), "HMAN was killed before it deleted the CMU"
+    # (hman.after_forward: the CMU may already be consumed, as the forwarding thread's
+    # fsyncs can outlast the CMU handler; the kill lands wherever the download got to.)
+    if name.startswith("dmp.") or name.startswith("setupdl."):
+        assert not any('State="262146"' in line for line in killed)
 
-        daemon.start()
-        wait_until(lambda: converged(site), timeout=60, what=f"convergence after {point}")
-        assert daemon.stop() == 0
+    site.start()
+    site.wait_for(lambda: converged(site), timeout=60, what=f"convergence after {point}")
+    assert site.stop() == 0
 
-    lines = log(site, "dmpdownloader.log")
+    lines = site.log("dmpdownloader.log")
     restarted = lines[len(killed) :]
     assert lines[: len(killed)] == killed
     assert_success_only_after_complete([killed, restarted], easy / f"{g}.cab")
@@ -179,14 +173,14 @@ def test_sigkill_during_download_then_restart_converges(site: Path, point: str) 
         assert not any(line.endswith(" is being extracted~~") for line in restarted)
 
     # Converged, clean, hash-correct.
-    assert states(site)[G] == PackageState.DOWNLOAD_SUCCESS
+    assert site.states()[G] == State.DOWNLOAD_SUCCESS
     assert folder_hash(folder(site)) == payload_hash(site)
     assert (folder(site) / BIG_FILE).stat().st_size == BIG_SIZE
     assert not partial.exists()
-    assert inbox_files(site) == []
-    assert not list(site.rglob("BAD")), "nothing may be quarantined because of a crash"
-    assert temporaries(site) == []
-    done = query(
-        site, "SELECT COUNT(*) FROM StateMessages WHERE TopicID = ? AND StateID = 13", [g]
-    )[0][0]
+    assert site.waiting_files() == []
+    assert not list(site.path.rglob("BAD")), "nothing may be quarantined because of a crash"
+    assert temporaries(site.path) == []
+    ((done,),) = site.query(
+        "SELECT COUNT(*) FROM StateMessages WHERE TopicID = ? AND StateID = 13", [g]
+    )
     assert done >= 1

@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,22 +19,10 @@ import pytest
 
 from cmlab.core.hashing import folder_hash, staging_hash
 from cmlab.site.content_library import ContentLibrary
-from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import (
-    GUID_2509,
-    Daemon,
-    cmlab,
-    copy_site,
-    inbox_files,
-    log,
-    query,
-    states,
-    temporaries,
-    wait_serving,
-)
-from tests.helpers.waiting import wait_until
+from cmlab.testing import SAMPLE_UPDATE, LabSite, State
+from tests.helpers.site_files import temporaries
 
-G = GUID_2509
+G = SAMPLE_UPDATE
 g = G.lower()
 PKG = "CAS10001"
 HASH = r"[0-9A-F]{64}"
@@ -48,33 +37,33 @@ class Reference:
 
 
 @pytest.fixture
-def site(downloaded_template: Path, tmp_path: Path) -> Path:
-    return copy_site(downloaded_template, tmp_path / "CAS").resolve()
+def site(cmlab_site_factory: Callable[..., LabSite]) -> LabSite:
+    """A site with 2509 downloaded, its daemon a child process the test starts and kills."""
+    return cmlab_site_factory(stage="downloaded", mode="subprocess", start=False)
 
 
 @pytest.fixture(scope="module")
 def reference(downloaded_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    """A clean run, once: its time (from `cmlab prereq` to settled) bounds the random kills,
-    its rules are what every converged run must have recorded."""
-    site = copy_site(downloaded_template, tmp_path_factory.mktemp("prereq-ref") / "CAS")
-    with Daemon(site) as daemon:
-        daemon.start()
-        wait_serving(site, daemon)
-        cmlab("prereq", str(site), G)
+    """A clean run, once: its time (from the prerequisite check's request to settled) bounds
+    the random kills, its rules are what every converged run must have recorded. Its daemon
+    is a child process, as the killed ones are, so the times compare."""
+    path = tmp_path_factory.mktemp("prereq-ref") / "CAS"
+    with LabSite(path, template=downloaded_template, mode="subprocess") as site:
+        site.prereq(G)
         started = time.monotonic()
-        wait_until(lambda: settled(site), timeout=60, what="the reference run")
+        site.wait_for(lambda: settled(site), timeout=60, what="the reference run")
         seconds = time.monotonic() - started
-        assert daemon.stop() == 0
+        assert site.stop() == 0
     assert_converged(site, None)
     return Reference(seconds=seconds, rules=rules(site))
 
 
-def notifications(site: Path) -> int:
+def notifications(site: LabSite) -> int:
     """Table changes SMSDBMon has not turned into drop files yet."""
-    return int(query(site, "SELECT COUNT(*) FROM TableChangeNotifications")[0][0])
+    return int(site.query("SELECT COUNT(*) FROM TableChangeNotifications")[0][0])
 
 
-def settled(site: Path) -> bool:
+def settled(site: LabSite) -> bool:
     """PREREQ_SUCCESS and nothing left to do: no drop file and no notification on its way to
     becoming one (SMSDBMon drops a last CME for the site state CMUpdate reported, which HMAN
     may find after it has already rolled the state up). Work is always in at least one of the
@@ -82,50 +71,48 @@ def settled(site: Path) -> bool:
     is committed before its drop file is deleted), so the files are looked at on both sides
     of the rows."""
     return (
-        not inbox_files(site)
+        not site.waiting_files()
         and notifications(site) == 0
-        and states(site).get(G) == PackageState.PREREQ_SUCCESS
-        and not inbox_files(site)
+        and site.state(G) == State.PREREQ_SUCCESS
+        and not site.waiting_files()
     )
 
 
-def rules(site: Path) -> list[tuple[str, str]]:
+def rules(site: LabSite) -> list[tuple[str, str]]:
     return sorted(
         (str(server), str(rule))
-        for server, rule in query(
-            site,
+        for server, rule in site.query(
             "SELECT ServerName, RuleName FROM CM_UpdatePackagePrereqStatus WHERE PackageGuid = ?",
             [G],
         )
     )
 
 
-def assert_converged(site: Path, ref: Reference | None) -> None:
-    assert states(site)[G] == PackageState.PREREQ_SUCCESS
-    assert query(site, "SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [G]) == [(1,)]
-    assert query(
-        site, "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", [G]
-    ) == [(PackageState.PREREQ_SUCCESS,)]
+def assert_converged(site: LabSite, ref: Reference | None) -> None:
+    assert site.states()[G] == State.PREREQ_SUCCESS
+    assert site.query("SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [G]) == [(1,)]
+    assert site.query(
+        "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", [G]
+    ) == [(State.PREREQ_SUCCESS,)]
 
     # One hash everywhere: the source, what HMAN and DistMgr recorded, the library, staging.
-    (row,) = query(
-        site,
+    (row,) = site.query(
         "SELECT PackageID, PackageHash, StoredPkgHash, StoredPkgVersion FROM vEasySetupPackage",
     )
     package_id, package_hash, stored_hash, version = row
     assert package_id == PKG
-    source = folder_hash(site / "EasySetupPayload" / g)
-    library = ContentLibrary(site / "SCCMContentLib")
+    source = folder_hash(site.path / "EasySetupPayload" / g)
+    library = ContentLibrary(site.path / "SCCMContentLib")
     assert library.current_version(PKG) == version
     assert library.verify(PKG, version) == source == stored_hash == package_hash
-    assert staging_hash(site / "CMUStaging" / G) == source
+    assert staging_hash(site.path / "CMUStaging" / G) == source
 
     # Clean: no temporaries, drop files, CME marker or quarantine.
-    assert temporaries(site) == []
-    assert inbox_files(site) == []
+    assert temporaries(site.path) == []
+    assert site.waiting_files() == []
     assert notifications(site) == 0
-    assert not (site / "inboxes" / "hman.box" / "CFD" / f"{G}.CME").exists()
-    assert not list(site.rglob("BAD")), "nothing may be quarantined because of a crash"
+    assert not (site.inbox("hman.box/CFD") / f"{G}.CME").exists()
+    assert not list(site.path.rglob("BAD")), "nothing may be quarantined because of a crash"
 
     # Each rule once, all passed.
     got = rules(site)
@@ -133,13 +120,12 @@ def assert_converged(site: Path, ref: Reference | None) -> None:
     if ref is not None:
         assert got == ref.rules
     assert got
-    statuses = query(
-        site, "SELECT DISTINCT Status FROM CM_UpdatePackagePrereqStatus WHERE PackageGuid = ?", [G]
+    statuses = site.query(
+        "SELECT DISTINCT Status FROM CM_UpdatePackagePrereqStatus WHERE PackageGuid = ?", [G]
     )
     assert statuses == [(0,)]
     mon = dict(
-        query(
-            site,
+        site.query(
             "SELECT SubStageID, IsComplete FROM CM_UpdatePackage_MonitoringStatus "
             "WHERE PackageGuid = ?",
             [G],
@@ -148,9 +134,9 @@ def assert_converged(site: Path, ref: Reference | None) -> None:
     assert (mon[0xB0001], mon[0xB0002], mon[0xD0005]) == (2, 2, 2), mon
 
 
-def assert_not_reported_early(site: Path) -> None:
+def assert_not_reported_early(site: LabSite) -> None:
     """A killed run never says PREREQ_SUCCESS: the kill landed before the end of the flow."""
-    assert states(site)[G] != PackageState.PREREQ_SUCCESS
+    assert site.states()[G] != State.PREREQ_SUCCESS
 
 
 CRASHPOINTS = [
@@ -168,107 +154,104 @@ CRASHPOINTS = [
 
 @pytest.mark.parametrize("point", CRASHPOINTS)
 def test_sigkill_during_replication_or_prereq_then_restart_converges(
-    site: Path, reference: Reference, point: str
+    site: LabSite, reference: Reference, point: str
 ) -> None:
     name = point.split(":")[0]
-    staging = site / "CMUStaging" / G
-    with Daemon(site) as daemon:
-        daemon.start(CMLAB_CRASHPOINTS=point)
-        cmlab("prereq", str(site), G)
-        rc = daemon.wait_exit(timeout=60)
-        assert rc == -signal.SIGKILL, f"the daemon did not reach {point}: {daemon.stderr()}"
+    staging = site.path / "CMUStaging" / G
+    cfd = site.inbox("hman.box/CFD")
+    datalib = site.path / "SCCMContentLib" / "DataLib"
+    site.start(CMLAB_CRASHPOINTS=point)
+    site.prereq(G)
+    rc = site.wait_exit(timeout=60)
+    assert rc == -signal.SIGKILL, f"the daemon did not reach {point}: {site.daemon_stderr()}"
 
-        # The kill landed where the test says.
-        if name == "hman.before_cme_delete":
-            # The end state is in the database; only the marker is left.
-            assert states(site)[G] == PackageState.PREREQ_SUCCESS
-            assert (site / "inboxes" / "hman.box" / "CFD" / f"{G}.CME").exists()
-        else:
-            assert_not_reported_early(site)
-        if name.startswith("hman.") and name != "hman.before_cme_delete":
-            assert (site / "inboxes" / "hman.box" / "CFD" / "2.ESC").exists()
-            assert not (site / "SCCMContentLib" / "DataLib" / f"{PKG}.1.INI").exists()
-        elif name == "contentlib.after_file":
-            assert any(".~cmlab-" in t and "DataLib" in t for t in temporaries(site))
-            assert not (site / "SCCMContentLib" / "DataLib" / f"{PKG}.1.INI").exists()
-        elif name == "contentlib.after_tree":
-            assert (site / "SCCMContentLib" / "DataLib" / f"{PKG}.1").is_dir()
-            assert not (site / "SCCMContentLib" / "DataLib" / f"{PKG}.1.INI").exists()
-        elif name in ("contentlib.after_content_ini", "distmgr.after_snapshot"):
-            assert (site / "SCCMContentLib" / "DataLib" / f"{PKG}.1.INI").exists()
-            assert states(site)[G] == PackageState.CONTENT_REPLICATING
-        elif name == "cmupdate.during_staging_extract":
-            assert not staging.exists()
-            assert any("CMUStaging" in t for t in temporaries(site))
-        elif name == "cmupdate.during_prereq":
-            assert states(site)[G] == PackageState.PREREQ_IN_PROGRESS
-            assert staging_hash(staging) == folder_hash(site / "EasySetupPayload" / g)
+    # The kill landed where the test says.
+    if name == "hman.before_cme_delete":
+        # The end state is in the database; only the marker is left.
+        assert site.states()[G] == State.PREREQ_SUCCESS
+        assert (cfd / f"{G}.CME").exists()
+    else:
+        assert_not_reported_early(site)
+    if name.startswith("hman.") and name != "hman.before_cme_delete":
+        assert (cfd / "2.ESC").exists()
+        assert not (datalib / f"{PKG}.1.INI").exists()
+    elif name == "contentlib.after_file":
+        assert any(".~cmlab-" in t and "DataLib" in t for t in temporaries(site.path))
+        assert not (datalib / f"{PKG}.1.INI").exists()
+    elif name == "contentlib.after_tree":
+        assert (datalib / f"{PKG}.1").is_dir()
+        assert not (datalib / f"{PKG}.1.INI").exists()
+    elif name in ("contentlib.after_content_ini", "distmgr.after_snapshot"):
+        assert (datalib / f"{PKG}.1.INI").exists()
+        assert site.states()[G] == State.CONTENT_REPLICATING
+    elif name == "cmupdate.during_staging_extract":
+        assert not staging.exists()
+        assert any("CMUStaging" in t for t in temporaries(site.path))
+    elif name == "cmupdate.during_prereq":
+        assert site.states()[G] == State.PREREQ_IN_PROGRESS
+        assert staging_hash(staging) == folder_hash(site.path / "EasySetupPayload" / g)
 
-        daemon.start()
-        wait_until(lambda: settled(site), timeout=60, what=f"convergence after {point}")
-        wait_serving(site, daemon)
-        assert daemon.stop() == 0
+    site.start()
+    site.wait_for(lambda: settled(site), timeout=60, what=f"convergence after {point}")
+    assert site.stop() == 0
     assert_converged(site, reference)
 
 
 @pytest.mark.parametrize("fifth", range(5))
 def test_sigkill_at_a_random_moment_then_restart_converges(
-    site: Path, reference: Reference, fifth: int
+    site: LabSite, reference: Reference, fifth: int
 ) -> None:
     # One kill in each fifth of a clean run's time, at a random moment within it.
     fraction = random.Random(20261121 + fifth).uniform(fifth / 5, (fifth + 1) / 5)
     delay = fraction * reference.seconds
-    with Daemon(site) as daemon:
-        daemon.start()
-        wait_serving(site, daemon)
-        cmlab("prereq", str(site), G)
-        # The delay is the test's input (when the kill lands), not a wait for a condition.
-        time.sleep(delay)
-        daemon.kill()
-        at_kill = states(site)[G]
-        daemon.start()
-        wait_until(
-            lambda: settled(site),
-            timeout=60,
-            what=f"convergence after a kill at {delay:.2f} s of {reference.seconds:.2f} s "
-            f"(state then {at_kill})",
-        )
-        wait_serving(site, daemon)
-        assert daemon.stop() == 0
+    site.start()
+    site.prereq(G)
+    # The delay is the test's input (when the kill lands), not a wait for a condition.
+    time.sleep(delay)
+    site.kill()
+    at_kill = site.states()[G]
+    site.start()
+    site.wait_for(
+        lambda: settled(site),
+        timeout=60,
+        what=f"convergence after a kill at {delay:.2f} s of {reference.seconds:.2f} s "
+        f"(state then {at_kill})",
+    )
+    assert site.stop() == 0
     assert_converged(site, reference)
 
 
 def test_a_damaged_staging_folder_is_replaced_from_the_content_library(
-    site: Path, reference: Reference
+    cmlab_site_factory: Callable[..., LabSite], reference: Reference
 ) -> None:
-    staging = site / "CMUStaging" / G
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("prereq", str(site), G)
-        wait_until(lambda: settled(site), timeout=60, what="the first PREREQ_SUCCESS")
-        good = staging_hash(staging)
-        # Damage the staging folder: one file changed, one file that is not in the package.
-        dll = staging / "SMSSetup" / "bin" / "x64" / "setupcore.dll"
-        dll.write_bytes(dll.read_bytes() + b"tampered")
-        (staging / "SMSSetup" / "stray.txt").write_text("not part of the update")
-        damaged = staging_hash(staging)
-        assert damaged != good
-        before = len(log(site, "CMUpdate.log"))
+    # Nothing is killed here: the daemon runs in this process.
+    site = cmlab_site_factory(stage="downloaded")
+    staging = site.path / "CMUStaging" / G
+    site.prereq(G)
+    site.wait_for(lambda: settled(site), timeout=60, what="the first PREREQ_SUCCESS")
+    good = staging_hash(staging)
+    # Damage the staging folder: one file changed, one file that is not in the package.
+    dll = staging / "SMSSetup" / "bin" / "x64" / "setupcore.dll"
+    dll.write_bytes(dll.read_bytes() + b"tampered")
+    (staging / "SMSSetup" / "stray.txt").write_text("not part of the update")
+    damaged = staging_hash(staging)
+    assert damaged != good
+    before = len(site.log("CMUpdate.log"))
 
-        cmlab("prereq", str(site), G)
-        wait_until(
-            lambda: (
-                settled(site)
-                and "Prerequisite check of "
-                f"{G} completed: PREREQ_SUCCESS ({int(PackageState.PREREQ_SUCCESS)})."
-                in log(site, "CMUpdate.log")[before:]
-            ),
-            timeout=60,
-            what="the second PREREQ_SUCCESS",
-        )
-        assert daemon.stop() == 0
+    site.prereq(G)
+    site.wait_for(
+        lambda: (
+            settled(site)
+            and "Prerequisite check of "
+            f"{G} completed: PREREQ_SUCCESS ({int(State.PREREQ_SUCCESS)})."
+            in site.log("CMUpdate.log")[before:]
+        ),
+        timeout=60,
+        what="the second PREREQ_SUCCESS",
+    )
+    assert site.stop() == 0
 
-    second = "\n".join(log(site, "CMUpdate.log")[before:])
+    second = "\n".join(site.log("CMUpdate.log")[before:])
     mismatch = re.search(
         rf"Staging folder \((.+)\) has hash ({HASH}) which does not match hash from content "
         rf"library ({HASH})",

@@ -1,7 +1,7 @@
 """Download-stage failures on the real daemon. Each broken download (a bad payload, a bad redist
 manifest, a missing or wrong redist) ends DOWNLOAD_FAILED (327679) with the exact ERROR lines,
 the offending file in EasySetupPayload\\BAD with its reason and nothing half-made, and the
-daemon keeps serving: once the content source is repaired, `cmlab download` succeeds cleanly.
+daemon keeps serving: once the content source is repaired, the same Download succeeds cleanly.
 Malformed CMU notifications go to CFD\\BAD and change nothing; `cmlab download` refuses a
 package it cannot download."""
 
@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash
 from cmlab.site.cab import create_cab, extract_cab
-from cmlab.site.config import load_config
 from cmlab.site.formats.manifest import parse_manifest
-from cmlab.site.state_codes import PackageState
 from cmlab.site.trust import (
     TrustStore,
     VerdictStatus,
@@ -28,26 +25,12 @@ from cmlab.site.trust import (
     sign_cab,
     verify_cab,
 )
+from cmlab.testing import SAMPLE_HIDDEN, SAMPLE_NOT_APPLICABLE, SAMPLE_UPDATE, LabSite, State
 from tests.faults.test_sync_bad_input import BOMB
-from tests.helpers.sites import (
-    GUID_2409_HFRU,
-    GUID_2503_HFRU,
-    GUID_2509,
-    Daemon,
-    cmlab,
-    copy_site,
-    inbox_files,
-    log,
-    make_template,
-    payload_hash,
-    query,
-    states,
-    sync_once,
-    temporaries,
-)
-from tests.helpers.waiting import wait_until
+from tests.helpers.cli import cmlab
+from tests.helpers.site_files import temporaries
 
-G = GUID_2509
+G = SAMPLE_UPDATE
 g = G.lower()
 SETUP_FAILED = "ERROR: Setup downloader setupdl.exe: FAILED"
 
@@ -55,47 +38,47 @@ SETUP_FAILED = "ERROR: Setup downloader setupdl.exe: FAILED"
 # -- sites -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def synced(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A site that went through sync and applicability (2509 is APPLICABILITY_SUCCESS), with
-    the daemon stopped: each test works on a copy."""
-    return sync_once(make_template(tmp_path_factory.mktemp("dl-failures") / "CAS"))
-
-
 @pytest.fixture
-def site(synced: Path, tmp_path: Path) -> Path:
-    return copy_site(synced, tmp_path / "CAS").resolve()
+def site(cmlab_site_factory: Callable[..., LabSite]) -> LabSite:
+    """A site that went through sync and applicability (2509 is APPLICABILITY_SUCCESS), its
+    daemon not started yet (it runs in this process): each test breaks its content source
+    first."""
+    return cmlab_site_factory(start=False)
 
 
-def queued(site: Path) -> set[str]:
-    return {
-        r[0].upper() for r in query(site, "SELECT PackageGuid FROM CM_UpdatePackagesToDownload")
-    }
+def queued(site: LabSite) -> set[str]:
+    return {r[0].upper() for r in site.query("SELECT PackageGuid FROM CM_UpdatePackagesToDownload")}
 
 
-def settled(site: Path, state: PackageState) -> bool:
+def settled(site: LabSite, state: State) -> bool:
     """HMAN recorded `state`, the queue entry is gone and every drop file was consumed."""
-    return states(site).get(G) == state and G not in queued(site) and not inbox_files(site)
+    return site.state(G) == state and G not in queued(site) and not site.waiting_files()
 
 
-def error_lines(site: Path, name: str) -> list[str]:
-    return [line for line in log(site, name) if line.startswith("ERROR:")]
+def error_lines(site: LabSite, name: str) -> list[str]:
+    return [line for line in site.log(name) if line.startswith("ERROR:")]
 
 
-def assert_downloaded(site: Path) -> None:
+def payload_hash(site: LabSite) -> str:
+    """The manifest's PayloadHash, as HMAN stored it in CM_UpdatePackages."""
+    rows = site.query("SELECT PayloadHash FROM CM_UpdatePackages WHERE PackageGuid = ?", [G])
+    return str(rows[0][0])
+
+
+def assert_downloaded(site: LabSite) -> None:
     """DOWNLOAD_SUCCESS with the whole package in place: the folder hash is the manifest's."""
     stored = payload_hash(site)
-    manifest = parse_manifest((site / "CMUStaging" / "Manifest.xml").read_bytes())
+    manifest = parse_manifest((site.path / "CMUStaging" / "Manifest.xml").read_bytes())
     (package,) = [p for p in manifest.packages if p.guid == G]
     assert stored and stored == package.payload_hash
-    folder = site / "EasySetupPayload" / g
+    folder = site.path / "EasySetupPayload" / g
     assert folder_hash(folder) == stored
     assert (folder / "redist" / "ConfigMgr.Manifest.cab").is_file()
-    assert states(site)[G] == PackageState.DOWNLOAD_SUCCESS
+    assert site.states()[G] == State.DOWNLOAD_SUCCESS
     assert G not in queued(site)
-    assert inbox_files(site) == []
-    assert temporaries(site) == []
-    assert not list((site / "EasySetupPayload").glob("*.partial"))
+    assert site.waiting_files() == []
+    assert temporaries(site.path) == []
+    assert not list((site.path / "EasySetupPayload").glob("*.partial"))
 
 
 # -- the ways a download breaks ----------------------------------------------------------------
@@ -111,12 +94,12 @@ class Breakage:
     kept: bytes | None = None  # what BAD holds, when it is not `data` whole
 
 
-def trust_store(site: Path) -> TrustStore:
-    config = load_config(site)
+def trust_store(site: LabSite) -> TrustStore:
+    config = site.config
     return TrustStore.from_pem_files(config.trust_roots, config.microsoft_roots)
 
 
-def verdict_of(site: Path, tmp: Path, data: bytes, status: VerdictStatus) -> str:
+def verdict_of(site: LabSite, tmp: Path, data: bytes, status: VerdictStatus) -> str:
     """The reason the daemon's verifier will give for `data` (reasons never name the path)."""
     probe = tmp / "probe.cab"
     probe.write_bytes(data)
@@ -154,33 +137,33 @@ def rogue_ca(tmp: Path) -> Path:
     return create_lab_ca(tmp / "rogue-ca", common_name="Rogue Root").root_cert.parent
 
 
-def content_hash(site: Path) -> str:
+def content_hash(site: LabSite) -> str:
     return str(
-        query(site, "SELECT ContentHash FROM CM_UpdatePackages WHERE PackageGuid=?", [G])[0][0]
+        site.query("SELECT ContentHash FROM CM_UpdatePackages WHERE PackageGuid=?", [G])[0][0]
     )
 
 
-def payload(site: Path) -> Path:
-    return site / "cloud" / f"{G}.cab"
+def payload(site: LabSite) -> Path:
+    return site.path / "cloud" / f"{G}.cab"
 
 
-def redist(site: Path, name: str) -> Path:
-    return site / "cloud" / G / "redist" / name
+def redist(site: LabSite, name: str) -> Path:
+    return site.path / "cloud" / G / "redist" / name
 
 
-def downloaded_as(site: Path, source: Path) -> Path:
+def downloaded_as(site: LabSite, source: Path) -> Path:
     """Where DMPDownloader puts a content-source file (and how its logs name it)."""
-    redists = site / "cloud" / G / "redist"
+    redists = site.path / "cloud" / G / "redist"
     if source.is_relative_to(redists):
-        return site / "EasySetupPayload" / g / "redist" / source.relative_to(redists)
-    return site / "EasySetupPayload" / f"{g}.cab"
+        return site.path / "EasySetupPayload" / g / "redist" / source.relative_to(redists)
+    return site.path / "EasySetupPayload" / f"{g}.cab"
 
 
-def local_cab(site: Path) -> str:
-    return str(site / "EasySetupPayload" / f"{g}.cab")
+def local_cab(site: LabSite) -> str:
+    return str(site.path / "EasySetupPayload" / f"{g}.cab")
 
 
-def payload_untrusted(site: Path, data: bytes, status: VerdictStatus, tmp: Path) -> Breakage:
+def payload_untrusted(site: LabSite, data: bytes, status: VerdictStatus, tmp: Path) -> Breakage:
     reason = verdict_of(site, tmp, data, status)
     return Breakage(
         payload(site),
@@ -190,26 +173,26 @@ def payload_untrusted(site: Path, data: bytes, status: VerdictStatus, tmp: Path)
     )
 
 
-def case_payload_tampered(site: Path, tmp: Path) -> Breakage:
+def case_payload_tampered(site: LabSite, tmp: Path) -> Breakage:
     # A byte of the CAB's file table: the signature no longer covers the file.
     data = flip(payload(site).read_bytes(), 200)
     return payload_untrusted(site, data, VerdictStatus.DIGEST_MISMATCH, tmp)
 
 
-def case_payload_unsigned(site: Path, tmp: Path) -> Breakage:
+def case_payload_unsigned(site: LabSite, tmp: Path) -> Breakage:
     data = unsigned_copy(payload(site), tmp).read_bytes()
     return payload_untrusted(site, data, VerdictStatus.NOT_SIGNED, tmp)
 
 
-def case_payload_other_ca(site: Path, tmp: Path) -> Breakage:
+def case_payload_other_ca(site: LabSite, tmp: Path) -> Breakage:
     data = signed_by(unsigned_copy(payload(site), tmp), rogue_ca(tmp), tmp)
     return payload_untrusted(site, data, VerdictStatus.UNTRUSTED_ROOT, tmp)
 
 
-def case_payload_resigned(site: Path, tmp: Path) -> Breakage:
+def case_payload_resigned(site: LabSite, tmp: Path) -> Breakage:
     # Changed content, validly signed by the site's own lab CA: only the manifest hash catches it.
     unsigned = unsigned_copy(payload(site), tmp, {"splash.hta": b"<html>not 2509</html>"})
-    data = signed_by(unsigned, site / "trust", tmp)
+    data = signed_by(unsigned, site.path / "trust", tmp)
     verdict_of(site, tmp, data, VerdictStatus.TRUSTED)
     actual = hashlib.sha256(data).hexdigest().upper()
     return Breakage(
@@ -221,7 +204,7 @@ def case_payload_resigned(site: Path, tmp: Path) -> Breakage:
     )
 
 
-def case_payload_missing(site: Path, tmp: Path) -> Breakage:
+def case_payload_missing(site: LabSite, tmp: Path) -> Breakage:
     src = payload(site)
     return Breakage(
         src,
@@ -230,7 +213,7 @@ def case_payload_missing(site: Path, tmp: Path) -> Breakage:
     )
 
 
-def manifest_untrusted(site: Path, data: bytes, status: VerdictStatus, tmp: Path) -> Breakage:
+def manifest_untrusted(site: LabSite, data: bytes, status: VerdictStatus, tmp: Path) -> Breakage:
     why = f"ConfigMgr.Manifest.cab failed the trust check ({status.name}): "
     why += verdict_of(site, tmp, data, status)
     return Breakage(
@@ -242,23 +225,23 @@ def manifest_untrusted(site: Path, data: bytes, status: VerdictStatus, tmp: Path
     )
 
 
-def case_redist_manifest_tampered(site: Path, tmp: Path) -> Breakage:
+def case_redist_manifest_tampered(site: LabSite, tmp: Path) -> Breakage:
     data = flip(redist(site, "ConfigMgr.Manifest.cab").read_bytes(), 200)
     return manifest_untrusted(site, data, VerdictStatus.DIGEST_MISMATCH, tmp)
 
 
-def case_redist_manifest_unsigned(site: Path, tmp: Path) -> Breakage:
+def case_redist_manifest_unsigned(site: LabSite, tmp: Path) -> Breakage:
     data = unsigned_copy(redist(site, "ConfigMgr.Manifest.cab"), tmp).read_bytes()
     return manifest_untrusted(site, data, VerdictStatus.NOT_SIGNED, tmp)
 
 
-def case_redist_manifest_other_ca(site: Path, tmp: Path) -> Breakage:
+def case_redist_manifest_other_ca(site: LabSite, tmp: Path) -> Breakage:
     unsigned = unsigned_copy(redist(site, "ConfigMgr.Manifest.cab"), tmp)
     data = signed_by(unsigned, rogue_ca(tmp), tmp)
     return manifest_untrusted(site, data, VerdictStatus.UNTRUSTED_ROOT, tmp)
 
 
-def case_redist_missing(site: Path, tmp: Path) -> Breakage:
+def case_redist_missing(site: LabSite, tmp: Path) -> Breakage:
     src = redist(site, "sqlncli.msi")
     why = f"Failed to download sqlncli.msi from {src}: [Errno 2] No such file or directory: '{src}'"
     return Breakage(
@@ -266,7 +249,7 @@ def case_redist_missing(site: Path, tmp: Path) -> Breakage:
     )
 
 
-def case_redist_hash(site: Path, tmp: Path) -> Breakage:
+def case_redist_hash(site: LabSite, tmp: Path) -> Breakage:
     src = redist(site, "msodbcsql.msi")
     good = src.read_bytes()
     data = flip(good, len(good) - 1)  # same size, one bit different
@@ -284,7 +267,7 @@ def case_redist_hash(site: Path, tmp: Path) -> Breakage:
     )
 
 
-def case_redist_truncated(site: Path, tmp: Path) -> Breakage:
+def case_redist_truncated(site: LabSite, tmp: Path) -> Breakage:
     src = redist(site, "NDP462-KB3151800-x86-x64-AllOS-ENU.exe")
     good = src.read_bytes()
     data = good[:1000]
@@ -301,7 +284,7 @@ def case_redist_truncated(site: Path, tmp: Path) -> Breakage:
     )
 
 
-def case_redist_oversize(site: Path, tmp: Path) -> Breakage:
+def case_redist_oversize(site: LabSite, tmp: Path) -> Breakage:
     src = redist(site, "LanguagePack/MobileDevice/SMSSETUP/BIN/X64/MobileDeviceLangPack.msi")
     good = src.read_bytes()
     why = f"MobileDeviceLangPack.msi is larger than the {len(good)} bytes expected"
@@ -315,7 +298,7 @@ def case_redist_oversize(site: Path, tmp: Path) -> Breakage:
     )
 
 
-CASES: dict[str, Callable[[Path, Path], Breakage]] = {
+CASES: dict[str, Callable[[LabSite, Path], Breakage]] = {
     "payload_tampered": case_payload_tampered,
     "payload_unsigned": case_payload_unsigned,
     "payload_other_ca": case_payload_other_ca,
@@ -333,7 +316,7 @@ CASES: dict[str, Callable[[Path, Path], Breakage]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_failed_download_is_reported_quarantined_and_retried_cleanly(
-    site: Path, tmp_path: Path, case: str
+    site: LabSite, tmp_path: Path, case: str
 ) -> None:
     brk = CASES[case](site, tmp_path)
     original = brk.target.read_bytes()
@@ -341,55 +324,49 @@ def test_failed_download_is_reported_quarantined_and_retried_cleanly(
         brk.target.unlink()
     else:
         brk.target.write_bytes(brk.data)
-    easy = site / "EasySetupPayload"
+    easy = site.path / "EasySetupPayload"
     local = downloaded_as(site, brk.target)
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("download", str(site), G)
-        wait_until(
-            lambda: settled(site, PackageState.DOWNLOAD_FAILED), timeout=60, what=f"{case} failed"
-        )
+    site.start()
+    site.download(G)
+    site.wait_for(lambda: settled(site, State.DOWNLOAD_FAILED), timeout=60, what=f"{case} failed")
 
-        # The logs say why, in the order the code writes it.
-        moved = []
-        if brk.bad is not None:
-            moved = [f"ERROR: Moved bad file {local} to {easy / 'BAD' / brk.bad}: {brk.reason}"]
-        errors = error_lines(site, "dmpdownloader.log")
-        assert errors == [
-            f"ERROR: {brk.reason}~~",
-            *moved,
-            f"ERROR: Failed to download package {g}~~",
-        ]
-        assert error_lines(site, "ConfigMgrSetup.log") == brk.setup_errors
-        assert (
-            f"Updated CMUpdatePackage state to {int(PackageState.DOWNLOAD_FAILED)} "
-            f"(PackageGuid={g})" in (log(site, "hman.log"))
-        )
+    # The logs say why, in the order the code writes it.
+    moved = []
+    if brk.bad is not None:
+        moved = [f"ERROR: Moved bad file {local} to {easy / 'BAD' / brk.bad}: {brk.reason}"]
+    errors = error_lines(site, "dmpdownloader.log")
+    assert errors == [
+        f"ERROR: {brk.reason}~~",
+        *moved,
+        f"ERROR: Failed to download package {g}~~",
+    ]
+    assert error_lines(site, "ConfigMgrSetup.log") == brk.setup_errors
+    assert f"Updated CMUpdatePackage state to {int(State.DOWNLOAD_FAILED)} (PackageGuid={g})" in (
+        site.log("hman.log")
+    )
 
-        # The offending file is kept, with its reason; nothing half-made is left.
-        bad = easy / "BAD"
-        if brk.bad is None:
-            assert not bad.exists()
-        else:
-            assert sorted(p.name for p in bad.iterdir()) == [brk.bad, f"{brk.bad}.reason"]
-            assert (bad / brk.bad).read_bytes() == (brk.kept or brk.data)
-            reason_file = (bad / f"{brk.bad}.reason").read_text()
-            assert reason_file == f"{local}\n{brk.reason}\n"
-        assert not (easy / g).exists()
-        assert not (easy / f"{g}.cab.partial").exists()
-        assert temporaries(site) == []
-        assert daemon.alive()
+    # The offending file is kept, with its reason; nothing half-made is left.
+    bad = easy / "BAD"
+    if brk.bad is None:
+        assert not bad.exists()
+    else:
+        assert sorted(p.name for p in bad.iterdir()) == [brk.bad, f"{brk.bad}.reason"]
+        assert (bad / brk.bad).read_bytes() == (brk.kept or brk.data)
+        reason_file = (bad / f"{brk.bad}.reason").read_text()
+        assert reason_file == f"{local}\n{brk.reason}\n"
+    assert not (easy / g).exists()
+    assert not (easy / f"{g}.cab.partial").exists()
+    assert temporaries(site.path) == []
+    assert site.running
 
-        # Repair the content source: the same request goes through cleanly.
-        brk.target.write_bytes(original)
-        cmlab("download", str(site), G)
-        wait_until(
-            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what=f"{case} retried"
-        )
-        assert error_lines(site, "dmpdownloader.log") == errors  # no new error
-        assert daemon.stop() == 0
+    # Repair the content source: the same request goes through cleanly.
+    brk.target.write_bytes(original)
+    site.download(G)
+    site.wait_for(lambda: settled(site, State.DOWNLOAD_SUCCESS), timeout=60, what=f"{case} retried")
+    assert error_lines(site, "dmpdownloader.log") == errors  # no new error
+    assert site.stop() == 0
     assert_downloaded(site)
-    assert "INFO: Setup downloader setupdl.exe: FINISHED" in log(site, "ConfigMgrSetup.log")
+    assert "INFO: Setup downloader setupdl.exe: FINISHED" in site.log("ConfigMgrSetup.log")
 
 
 # -- malformed CMU notifications ---------------------------------------------------------------
@@ -413,31 +390,32 @@ BAD_CMUS: dict[str, tuple[bytes, str]] = {
         b'<ConfigurationManagerUpdateContent Guid="' + G.encode() + b'" State="262146"',
         f"CMU file {G}.CMU is not well-formed XML: ",
     ),
-    f"{GUID_2503_HFRU}.CMU": (
-        cmu(GUID_2503_HFRU, 262146).replace(b"UpdateContent", b"Update"),
-        f"CMU file {GUID_2503_HFRU}.CMU root is <ConfigurationManagerUpdate>, expected "
+    f"{SAMPLE_HIDDEN}.CMU": (
+        cmu(SAMPLE_HIDDEN, 262146).replace(b"UpdateContent", b"Update"),
+        f"CMU file {SAMPLE_HIDDEN}.CMU root is <ConfigurationManagerUpdate>, expected "
         "<ConfigurationManagerUpdateContent>",
     ),
-    f"{GUID_2409_HFRU}.CMU": (
+    f"{SAMPLE_NOT_APPLICABLE}.CMU": (
         cmu(G, 262146),
-        f"{GUID_2409_HFRU}.CMU: the file names package {GUID_2409_HFRU} but its Guid is {G}",
+        f"{SAMPLE_NOT_APPLICABLE}.CMU: the file names package {SAMPLE_NOT_APPLICABLE} but "
+        f"its Guid is {G}",
     ),
     f"{g}.CMU": (
-        cmu(g, int(PackageState.APPLICABILITY_SUCCESS)),
+        cmu(g, int(State.APPLICABILITY_SUCCESS)),
         f"{g}.CMU: State '327682' is not a download state {DOWNLOAD_STATES}",
     ),
-    f"{GUID_2503_HFRU.lower()}.CMU": (
-        cmu(GUID_2503_HFRU.lower(), "downloaded"),
-        f"{GUID_2503_HFRU.lower()}.CMU: State 'downloaded' is not a download state "
+    f"{SAMPLE_HIDDEN.lower()}.CMU": (
+        cmu(SAMPLE_HIDDEN.lower(), "downloaded"),
+        f"{SAMPLE_HIDDEN.lower()}.CMU: State 'downloaded' is not a download state "
         + DOWNLOAD_STATES,
     ),
     f"{UNKNOWN}.CMU": (
         cmu(UNKNOWN, 262146),
         f"{UNKNOWN}.CMU: there is no update package {UNKNOWN} in CM_UpdatePackages",
     ),
-    f"{GUID_2409_HFRU.lower()}.CMU": (
-        cmu(GUID_2409_HFRU.lower(), 262146)[:-2] + b" " * 70_000 + b"/>",
-        f"{GUID_2409_HFRU.lower()}.CMU is over 65536 bytes: not a CMU notification",
+    f"{SAMPLE_NOT_APPLICABLE.lower()}.CMU": (
+        cmu(SAMPLE_NOT_APPLICABLE.lower(), 262146)[:-2] + b" " * 70_000 + b"/>",
+        f"{SAMPLE_NOT_APPLICABLE.lower()}.CMU is over 65536 bytes: not a CMU notification",
     ),
     f"{UNKNOWN_2}.CMU": (BOMB, f"CMU file {UNKNOWN_2}.CMU refused: "),
     f"{UNKNOWN_2.lower()}.CMU": (b"", f"CMU file {UNKNOWN_2.lower()}.CMU is not well-formed XML: "),
@@ -445,54 +423,50 @@ BAD_CMUS: dict[str, tuple[bytes, str]] = {
 }
 
 
-def snapshot(site: Path) -> list[list[tuple[object, ...]]]:
+def snapshot(site: LabSite) -> list[list[tuple[object, ...]]]:
     return [
-        query(site, "SELECT * FROM CM_UpdatePackages ORDER BY PackageGuid"),
-        query(site, "SELECT * FROM CM_UpdatePackageSiteStatus ORDER BY PackageGuid"),
-        query(site, "SELECT * FROM CM_UpdatePackagesToDownload ORDER BY PackageGuid"),
+        site.query("SELECT * FROM CM_UpdatePackages ORDER BY PackageGuid"),
+        site.query("SELECT * FROM CM_UpdatePackageSiteStatus ORDER BY PackageGuid"),
+        site.query("SELECT * FROM CM_UpdatePackagesToDownload ORDER BY PackageGuid"),
     ]
 
 
-def test_malformed_cmu_files_are_quarantined_and_change_nothing(site: Path) -> None:
-    cfd = site / "inboxes" / "hman.box" / "CFD"
+def test_malformed_cmu_files_are_quarantined_and_change_nothing(site: LabSite) -> None:
+    cfd = site.inbox("hman.box/CFD")
     before = snapshot(site)
-    with Daemon(site) as daemon:
-        daemon.start()
-        for name, (data, _) in BAD_CMUS.items():
-            write_atomic(cfd / name, data)
-        reasons = [cfd / "BAD" / f"{name}.reason" for name in BAD_CMUS]
-        # The .reason file is written before the log line that says so: wait for both.
-        wait_until(
-            lambda: (
-                all(r.exists() for r in reasons)
-                and len(error_lines(site, "hman.log")) >= len(BAD_CMUS)
-            ),
-            timeout=60,
-            what="every CMU quarantined",
+    site.start()
+    for name, (data, _) in BAD_CMUS.items():
+        site.drop("hman.box/CFD", name, data)
+    reasons = [cfd / "BAD" / f"{name}.reason" for name in BAD_CMUS]
+    # The .reason file is written before the log line that says so: wait for both.
+    site.wait_for(
+        lambda: (
+            all(r.exists() for r in reasons) and len(error_lines(site, "hman.log")) >= len(BAD_CMUS)
+        ),
+        timeout=60,
+        what="every CMU quarantined",
+    )
+    hman_errors = error_lines(site, "hman.log")
+    for name, (data, why) in BAD_CMUS.items():
+        shown, text, *_ = (cfd / "BAD" / f"{name}.reason").read_text().split("\n")
+        assert shown == str(cfd / name)
+        if why.endswith(": "):
+            assert text.startswith(why) and len(text) > len(why), (name, text)
+        else:
+            assert text == why, (name, text)
+        assert (cfd / "BAD" / name).read_bytes() == data
+        assert f"ERROR: Moved bad file {cfd / name} to {cfd / 'BAD' / name}: {text}" in (
+            hman_errors
         )
-        hman_errors = error_lines(site, "hman.log")
-        for name, (data, why) in BAD_CMUS.items():
-            shown, text, *_ = (cfd / "BAD" / f"{name}.reason").read_text().split("\n")
-            assert shown == str(cfd / name)
-            if why.endswith(": "):
-                assert text.startswith(why) and len(text) > len(why), (name, text)
-            else:
-                assert text == why, (name, text)
-            assert (cfd / "BAD" / name).read_bytes() == data
-            assert f"ERROR: Moved bad file {cfd / name} to {cfd / 'BAD' / name}: {text}" in (
-                hman_errors
-            )
-        assert len(hman_errors) == len(BAD_CMUS)
-        assert snapshot(site) == before
-        assert "Updated CMUpdatePackage state" not in "\n".join(log(site, "hman.log"))
-        assert inbox_files(site) == []
-        # HMAN's CMUHandler keeps serving: a real download is recorded.
-        assert daemon.alive()
-        cmlab("download", str(site), G)
-        wait_until(
-            lambda: settled(site, PackageState.DOWNLOAD_SUCCESS), timeout=60, what="a good download"
-        )
-        assert daemon.stop() == 0
+    assert len(hman_errors) == len(BAD_CMUS)
+    assert snapshot(site) == before
+    assert "Updated CMUpdatePackage state" not in "\n".join(site.log("hman.log"))
+    assert site.waiting_files() == []
+    # HMAN's CMUHandler keeps serving: a real download is recorded.
+    assert site.running
+    site.download(G)
+    site.wait_for(lambda: settled(site, State.DOWNLOAD_SUCCESS), timeout=60, what="a good download")
+    assert site.stop() == 0
     assert_downloaded(site)
 
 
@@ -504,30 +478,31 @@ def test_malformed_cmu_files_are_quarantined_and_change_nothing(site: Path) -> N
     [
         (UNKNOWN, 5, f"cmlab: no update package {UNKNOWN} in CM_UpdatePackages"),
         (
-            GUID_2409_HFRU,
+            SAMPLE_NOT_APPLICABLE,
             4,
-            f"cmlab: Configuration Manager 2409 Hotfix Rollup ({GUID_2409_HFRU}) is "
+            f"cmlab: Configuration Manager 2409 Hotfix Rollup ({SAMPLE_NOT_APPLICABLE}) is "
             "APPLICABILITY_NA (393214): only a package that is APPLICABILITY_SUCCESS or "
             "DOWNLOAD_FAILED can be downloaded",
         ),
         (
-            GUID_2503_HFRU,
+            SAMPLE_HIDDEN,
             4,
-            f"cmlab: Configuration Manager 2503 Hotfix Rollup ({GUID_2503_HFRU}) is "
+            f"cmlab: Configuration Manager 2503 Hotfix Rollup ({SAMPLE_HIDDEN}) is "
             "APPLICABILITY_HIDE (393213): only a package that is APPLICABILITY_SUCCESS or "
             "DOWNLOAD_FAILED can be downloaded",
         ),
     ],
 )
 def test_download_refuses_a_package_it_cannot_download(
-    site: Path, guid: str, code: int, message: str
+    site: LabSite, guid: str, code: int, message: str
 ) -> None:
-    """An unknown GUID is "not found" (exit code 5); a state it cannot download from is
-    "refused" (4)."""
+    """What the command line says (no daemon runs: the refusal is the SMS Provider's): an
+    unknown GUID is "not found" (exit code 5); a state it cannot download from is "refused"
+    (4)."""
     before = snapshot(site)
-    proc = cmlab("download", str(site), guid, check=False)
+    proc = cmlab("download", str(site.path), guid, check=False)
     assert proc.returncode == code
     assert proc.stdout == ""
     assert proc.stderr.strip() == message
     assert snapshot(site) == before
-    assert inbox_files(site) == []
+    assert site.waiting_files() == []

@@ -7,47 +7,34 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash
-from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import (
-    GUID_2509,
-    Daemon,
-    assert_in_order,
-    cmlab,
-    copy_site,
-    inbox_files,
-    log,
-    query,
-    states,
-)
-from tests.helpers.waiting import wait_until
+from cmlab.testing import SAMPLE_UPDATE, LabSite, State, assert_in_order
 
-GUID = GUID_2509
-CFD = Path("inboxes/hman.box/CFD")
-DISTMGR = Path("inboxes/distmgr.box")
-CMUPDATE = Path("inboxes/cmupdate.box")
+# Each test's site has 2509 downloaded; its daemon runs in this process, but for the one test
+# that kills it at a crash point.
+pytestmark = pytest.mark.cmlab(stage="downloaded")
+
+GUID = SAMPLE_UPDATE
+CFD = "hman.box/CFD"
+DISTMGR = "distmgr.box"
+CMUPDATE = "cmupdate.box"
 NO_ENABLED = "INFO: No update package is in state 2 (ENABLED). Nothing to update."
 
 
-@pytest.fixture
-def site(downloaded_template: Path, tmp_path: Path) -> Path:
-    return copy_site(downloaded_template, tmp_path / "CAS")
+def settled_at(site: LabSite, state: int) -> bool:
+    return site.state(GUID) == state and not site.waiting_files()
 
 
-def settled_at(site: Path, state: int) -> bool:
-    return states(site).get(GUID) == state and not inbox_files(site)
+def errors(site: LabSite, log_name: str) -> list[str]:
+    return [line for line in site.log(log_name) if line.startswith("ERROR:")]
 
 
-def errors(site: Path, log_name: str) -> list[str]:
-    return [line for line in log(site, log_name) if line.startswith("ERROR:")]
-
-
-def expect_bad(site: Path, box: Path, name: str, reason: str, log_name: str) -> None:
+def expect_bad(site: LabSite, box: str, name: str, reason: str, log_name: str) -> None:
     """`name` was moved to `box/BAD` with its reason, and the component's log says so."""
 
     def moved() -> list[str]:
@@ -57,23 +44,25 @@ def expect_bad(site: Path, box: Path, name: str, reason: str, log_name: str) -> 
             if line.startswith("ERROR: Moved bad file") and name in line and reason in line
         ]
 
-    wait_until(moved, timeout=30, what=f"the ERROR line for {name} in {log_name}")
-    assert not os.path.lexists(site / box / name)
-    assert os.path.lexists(site / box / "BAD" / name)
-    text = (site / box / "BAD" / f"{name}.reason").read_text()
+    site.wait_for(moved, timeout=30, what=f"the ERROR line for {name} in {log_name}")
+    inbox = site.inbox(box)
+    assert not os.path.lexists(inbox / name)
+    assert os.path.lexists(inbox / "BAD" / name)
+    text = (inbox / "BAD" / f"{name}.reason").read_text()
     assert reason in text, text
 
 
-def prereq_still_succeeds(site: Path, daemon: Daemon) -> None:
-    """The good flow after the bad input: the daemon is alive and serves a prerequisite check."""
-    assert daemon.alive()
-    assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
-    cmlab("prereq", str(site), GUID)
-    wait_until(
-        lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=60, what="PREREQ_SUCCESS"
-    )
-    assert daemon.stop() == 0
-    assert "Traceback" not in daemon.stderr(), daemon.stderr()
+def prereq_still_succeeds(site: LabSite, capfd: pytest.CaptureFixture[str]) -> None:
+    """The good flow after the bad input: the daemon is alive and serves a prerequisite check.
+    In this process a component's traceback goes to the test's stderr, which capfd (set
+    up before the site starts) holds."""
+    assert site.running
+    assert site.states()[GUID] == State.DOWNLOAD_SUCCESS
+    site.prereq(GUID)
+    site.wait_for(lambda: settled_at(site, State.PREREQ_SUCCESS), timeout=60, what="PREREQ_SUCCESS")
+    assert site.stop() == 0
+    stderr = capfd.readouterr().err
+    assert "Traceback" not in stderr, stderr
 
 
 # -- hman.box/CFD --------------------------------------------------------------------------------
@@ -86,47 +75,51 @@ def prereq_still_succeeds(site: Path, daemon: Daemon) -> None:
         ("5.ESC", "5.ESC is not a notification HMAN handles here (2.ESC, <PackageGuid>.CME)"),
     ],
 )
-def test_bad_cfd_notification_goes_to_bad(site: Path, name: str, reason: str) -> None:
-    with Daemon(site) as daemon:
-        daemon.start()
-        write_atomic(site / CFD / name, b"")
-        expect_bad(site, CFD, name, reason, "hman.log")
-        prereq_still_succeeds(site, daemon)
+def test_bad_cfd_notification_goes_to_bad(
+    capfd: pytest.CaptureFixture[str], cmlab_site: LabSite, name: str, reason: str
+) -> None:
+    site = cmlab_site
+    site.drop(CFD, name, b"")
+    expect_bad(site, CFD, name, reason, "hman.log")
+    prereq_still_succeeds(site, capfd)
 
 
-def test_symlink_named_2_esc_is_never_followed(site: Path, tmp_path: Path) -> None:
+def test_symlink_named_2_esc_is_never_followed(
+    capfd: pytest.CaptureFixture[str], cmlab_site: LabSite, tmp_path: Path
+) -> None:
+    site = cmlab_site
     outside = tmp_path / "outside.txt"
     outside.write_text("not HMAN's\n")
-    with Daemon(site) as daemon:
-        daemon.start()
-        os.symlink(outside, site / CFD / "2.ESC")
-        expect_bad(site, CFD, "2.ESC", "it is a symbolic link", "hman.log")
-        assert (site / CFD / "BAD" / "2.ESC").is_symlink()
-        assert outside.read_text() == "not HMAN's\n"
-        assert "INFO: 2.ESC file was found. Easy setup package needs to be updated." not in log(
-            site, "hman.log"
-        )
-        prereq_still_succeeds(site, daemon)
+    os.symlink(outside, site.inbox(CFD) / "2.ESC")
+    expect_bad(site, CFD, "2.ESC", "it is a symbolic link", "hman.log")
+    assert (site.inbox(CFD) / "BAD" / "2.ESC").is_symlink()
+    assert outside.read_text() == "not HMAN's\n"
+    assert "INFO: 2.ESC file was found. Easy setup package needs to be updated." not in site.log(
+        "hman.log"
+    )
+    prereq_still_succeeds(site, capfd)
 
 
-def test_2_esc_with_no_enabled_update_is_deleted_and_changes_nothing(site: Path) -> None:
+def test_2_esc_with_no_enabled_update_is_deleted_and_changes_nothing(
+    capfd: pytest.CaptureFixture[str], cmlab_site_factory: Callable[..., LabSite]
+) -> None:
+    site = cmlab_site_factory(stage="downloaded", start=False)
     before = errors(site, "hman.log")
-    with Daemon(site) as daemon:
-        daemon.start()
-        write_atomic(site / CFD / "2.ESC", b"")
-        wait_until(
-            lambda: NO_ENABLED in log(site, "hman.log") and not (site / CFD / "2.ESC").exists(),
-            timeout=30,
-            what="2.ESC handled",
-        )
-        assert_in_order(
-            log(site, "hman.log"),
-            ["INFO: 2.ESC file was found. Easy setup package needs to be updated.", NO_ENABLED],
-        )
-        assert not (site / CFD / "BAD").exists()
-        assert errors(site, "hman.log") == before
-        assert query(site, "SELECT COUNT(*) FROM EasySetupSettings") == [(0,)]
-        prereq_still_succeeds(site, daemon)
+    site.start()
+    esc = site.drop(CFD, "2.ESC", b"")
+    site.wait_for(
+        lambda: NO_ENABLED in site.log("hman.log") and not esc.exists(),
+        timeout=30,
+        what="2.ESC handled",
+    )
+    assert_in_order(
+        site.log("hman.log"),
+        ["INFO: 2.ESC file was found. Easy setup package needs to be updated.", NO_ENABLED],
+    )
+    assert not (site.inbox(CFD) / "BAD").exists()
+    assert errors(site, "hman.log") == before
+    assert site.query("SELECT COUNT(*) FROM EasySetupSettings") == [(0,)]
+    prereq_still_succeeds(site, capfd)
 
 
 # -- distmgr.box ---------------------------------------------------------------------------------
@@ -146,18 +139,19 @@ def test_2_esc_with_no_enabled_update_is_deleted_and_changes_nothing(site: Path)
         ),
     ],
 )
-def test_bad_pkn_goes_to_bad(site: Path, name: str, size: int, reason: str) -> None:
-    with Daemon(site) as daemon:
-        daemon.start()
-        # Written in place, as a careless trainee would: taken once closed.
-        (site / DISTMGR / name).write_bytes(os.urandom(size))
-        expect_bad(site, DISTMGR, name, reason, "distmgr.log")
-        assert (site / DISTMGR / "BAD" / name).stat().st_size == size
-        assert query(site, "SELECT COUNT(*) FROM ObjectDistributionState") == [(0,)]
-        assert not any((site / "SCCMContentLib").rglob("*.INI"))
-        prereq_still_succeeds(site, daemon)
+def test_bad_pkn_goes_to_bad(
+    capfd: pytest.CaptureFixture[str], cmlab_site: LabSite, name: str, size: int, reason: str
+) -> None:
+    site = cmlab_site
+    # Written in place, as a careless trainee would: taken once closed.
+    (site.inbox(DISTMGR) / name).write_bytes(os.urandom(size))
+    expect_bad(site, DISTMGR, name, reason, "distmgr.log")
+    assert (site.inbox(DISTMGR) / "BAD" / name).stat().st_size == size
+    assert site.query("SELECT COUNT(*) FROM ObjectDistributionState") == [(0,)]
+    assert not any((site.path / "SCCMContentLib").rglob("*.INI"))
+    prereq_still_succeeds(site, capfd)
     # The real CAS10001.PKN came afterwards and was served.
-    assert "Successfully created/updated the package CAS10001" in log(site, "distmgr.log")
+    assert "Successfully created/updated the package CAS10001" in site.log("distmgr.log")
 
 
 # -- cmupdate.box --------------------------------------------------------------------------------
@@ -173,105 +167,97 @@ def test_bad_pkn_goes_to_bad(site: Path, name: str, size: int, reason: str) -> N
     ids=["junk-content", "unknown-guid", "not-a-guid"],
 )
 def test_cmi_is_only_a_wake_up_and_is_deleted_harmlessly(
-    site: Path, name: str, data: bytes
+    capfd: pytest.CaptureFixture[str], cmlab_site: LabSite, name: str, data: bytes
 ) -> None:
     """CMUpdate reads neither the CMI's name nor its content: it runs
     spCMUGetPendingUpdatePackage, which has nothing for an update that is only downloaded."""
-    with Daemon(site) as daemon:
-        daemon.start()
-        write_atomic(site / CMUPDATE / name, data)
-        wait_until(
-            lambda: (
-                not (site / CMUPDATE / name).exists()
-                and any(
-                    line.startswith("Detected a change to") for line in log(site, "CMUpdate.log")
-                )
-            ),
-            timeout=30,
-            what=f"{name} handled",
-        )
-        assert not (site / CMUPDATE / "BAD").exists()
-        assert errors(site, "CMUpdate.log") == []
-        assert not (site / "CMUStaging" / GUID).exists()  # nothing extracted
-        assert query(site, "SELECT COUNT(*) FROM CM_UpdatePackagePrereqStatus") == [(0,)]
-        prereq_still_succeeds(site, daemon)
+    site = cmlab_site
+    cmi = site.drop(CMUPDATE, name, data)
+    site.wait_for(
+        lambda: (
+            not cmi.exists()
+            and any(line.startswith("Detected a change to") for line in site.log("CMUpdate.log"))
+        ),
+        timeout=30,
+        what=f"{name} handled",
+    )
+    assert not (site.inbox(CMUPDATE) / "BAD").exists()
+    assert errors(site, "CMUpdate.log") == []
+    assert not (site.path / "CMUStaging" / GUID).exists()  # nothing extracted
+    assert site.query("SELECT COUNT(*) FROM CM_UpdatePackagePrereqStatus") == [(0,)]
+    prereq_still_succeeds(site, capfd)
 
 
 # -- DistMgr's CONTENT_REPLICATION_FAILED --------------------------------------------------------
 
 
 def test_source_changed_after_hman_hashed_it_fails_replication_and_retry_recovers(
-    site: Path,
+    cmlab_site_factory: Callable[..., LabSite],
 ) -> None:
-    source = site / "EasySetupPayload" / GUID.lower()
+    # A crash point: the daemon is a child process, killed there.
+    site = cmlab_site_factory(stage="downloaded", mode="subprocess", start=False)
+    source = site.path / "EasySetupPayload" / GUID.lower()
+    cfd = site.inbox(CFD)
     recorded = folder_hash(source)
-    with Daemon(site) as daemon:
-        # HMAN records the Easy Setup Package with the source's hash, then the daemon dies
-        # before 2.ESC is deleted (the PKN is queued in the database, perhaps not dropped).
-        daemon.start(CMLAB_CRASHPOINTS="hman.before_esc_delete")
-        cmlab("prereq", str(site), GUID)
-        assert daemon.wait_exit(60) == -signal.SIGKILL
-        assert query(site, "SELECT PackageID, PackageHash FROM vEasySetupPackage") == [
-            ("CAS10001", recorded)
-        ]
-        assert states(site)[GUID] == PackageState.CONTENT_REPLICATING
-        assert (site / CFD / "2.ESC").exists()
+    # HMAN records the Easy Setup Package with the source's hash, then the daemon dies
+    # before 2.ESC is deleted (the PKN is queued in the database, perhaps not dropped).
+    site.start(CMLAB_CRASHPOINTS="hman.before_esc_delete")
+    site.prereq(GUID)
+    assert site.wait_exit(60) == -signal.SIGKILL
+    assert site.query("SELECT PackageID, PackageHash FROM vEasySetupPackage") == [
+        ("CAS10001", recorded)
+    ]
+    assert site.states()[GUID] == State.CONTENT_REPLICATING
+    assert (cfd / "2.ESC").exists()
 
-        # The source changes before DistMgr takes its snapshot.
-        with open(source / "splash.hta", "ab") as f:
-            f.write(b"<!-- edited on the share -->\n")
-        changed = folder_hash(source)
-        assert changed != recorded
+    # The source changes before DistMgr takes its snapshot.
+    with open(source / "splash.hta", "ab") as f:
+        f.write(b"<!-- edited on the share -->\n")
+    changed = folder_hash(source)
+    assert changed != recorded
 
-        daemon.start()
-        wait_until(
-            lambda: settled_at(site, PackageState.CONTENT_REPLICATION_FAILED),
-            timeout=60,
-            what="CONTENT_REPLICATION_FAILED",
-        )
-        assert states(site)[GUID] == 131071
-        assert (
-            f"ERROR: The snapshot of package CAS10001 has hash {changed}, not the source hash "
-            f"{recorded} HMAN recorded: the source changed while it was replicated. Retry the "
-            "content replication." in errors(site, "distmgr.log")
-        )
-        assert query(
-            site,
-            "SELECT IsComplete FROM CM_UpdatePackage_MonitoringStatus "
-            "WHERE PackageGuid = ? AND SubStageID = ?",
-            [GUID, 0xB0002],
-        ) == [(4,)]
-        assert query(site, "SELECT State FROM ObjectDistributionState") == [(3,)]
-        assert query(
-            site, "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", [GUID]
-        ) == [(PackageState.CONTENT_REPLICATION_FAILED,)]
-        # The CME was deleted (the run ended), the replayed 2.ESC found nothing ENABLED, and
-        # CMUpdate was never asked to check.
-        assert not (site / CFD / f"{GUID}.CME").exists()
-        hman = log(site, "hman.log")
-        assert NO_ENABLED in hman
-        assert any(line.startswith("deleted notification file") for line in hman)
-        assert (
-            f"Created notification file ({GUID}.CMI) for CONFIGURATION_MANAGER_UPDATE" not in hman
-        )
+    site.start()
+    site.wait_for(
+        lambda: settled_at(site, State.CONTENT_REPLICATION_FAILED),
+        timeout=60,
+        what="CONTENT_REPLICATION_FAILED",
+    )
+    assert site.states()[GUID] == 131071
+    assert (
+        f"ERROR: The snapshot of package CAS10001 has hash {changed}, not the source hash "
+        f"{recorded} HMAN recorded: the source changed while it was replicated. Retry the "
+        "content replication." in errors(site, "distmgr.log")
+    )
+    assert site.query(
+        "SELECT IsComplete FROM CM_UpdatePackage_MonitoringStatus "
+        "WHERE PackageGuid = ? AND SubStageID = ?",
+        [GUID, 0xB0002],
+    ) == [(4,)]
+    assert site.query("SELECT State FROM ObjectDistributionState") == [(3,)]
+    assert site.query(
+        "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", [GUID]
+    ) == [(State.CONTENT_REPLICATION_FAILED,)]
+    # The CME was deleted (the run ended), the replayed 2.ESC found nothing ENABLED, and
+    # CMUpdate was never asked to check.
+    assert not (cfd / f"{GUID}.CME").exists()
+    hman = site.log("hman.log")
+    assert NO_ENABLED in hman
+    assert any(line.startswith("deleted notification file") for line in hman)
+    assert f"Created notification file ({GUID}.CMI) for CONFIGURATION_MANAGER_UPDATE" not in hman
 
-        out = cmlab("retry-replication", str(site), GUID).stdout
-        assert "ReturnValue 0" in out
-        wait_until(
-            lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=60, what="PREREQ_SUCCESS"
-        )
-        assert daemon.stop() == 0
-        assert "Traceback" not in daemon.stderr(), daemon.stderr()
+    # RetryContentReplication returns 0 with the package it updates again.
+    assert site.retry_replication(GUID) == "CAS10001"
+    site.wait_for(lambda: settled_at(site, State.PREREQ_SUCCESS), timeout=60, what="PREREQ_SUCCESS")
+    assert site.stop() == 0
+    assert "Traceback" not in site.daemon_stderr(), site.daemon_stderr()
 
-    (row,) = query(
-        site,
+    (row,) = site.query(
         "SELECT PackageHash, StoredPkgHash, SourceVersion, StoredPkgVersion FROM vEasySetupPackage",
     )
     assert row == (changed, changed, 2, 2)
-    assert query(
-        site,
+    assert site.query(
         "SELECT IsComplete, Progress FROM CM_UpdatePackage_MonitoringStatus "
         "WHERE PackageGuid = ? AND SubStageID = ?",
         [GUID, 0xB0002],
     ) == [(2, 100)]
-    assert query(site, "SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [GUID]) == [(1,)]
+    assert site.query("SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [GUID]) == [(1,)]

@@ -4,18 +4,19 @@ sets the state the guide gives, and the daemon keeps serving (a good sync follow
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cmlab.core.fs import write_atomic
 from cmlab.site.cab import create_cab, extract_cab
-from cmlab.site.state_codes import PackageState
 from cmlab.site.trust import create_lab_ca, load_lab_ca, sign_cab
-from tests.helpers.sites import GUID_2509, Daemon, cmlab, log, states
-from tests.helpers.waiting import wait_until
+from cmlab.testing import SAMPLE_NOT_APPLICABLE, SAMPLE_UPDATE, LabSite, State
 from tests.unit.test_cabfiles import raw_cab
+
+# Each test's site is new (`cmlab init`, not synchronized), its daemon running in this process.
+pytestmark = pytest.mark.cmlab(stage="new")
 
 MCM = "___CABConfigMgr.Update.Manifest.mcm"
 BOMB = b"""<?xml version="1.0"?>
@@ -130,12 +131,12 @@ CASES: dict[str, tuple[Callable[[Path, Path], bytes], str, str]] = {
 }
 
 
-def sync_and_settle(site: Path) -> None:
-    cmlab("sync", str(site))
-    wait_until(
+def sync_and_settle(site: LabSite) -> None:
+    site.sync()
+    site.wait_for(
         lambda: (
-            states(site).get(GUID_2509) == PackageState.APPLICABILITY_SUCCESS
-            and not (site / "inboxes" / "hman.box" / "CAS.SCU").exists()
+            site.state(SAMPLE_UPDATE) == State.APPLICABILITY_SUCCESS
+            and not (site.inbox("hman.box") / "CAS.SCU").exists()
         ),
         timeout=60,
         what="a good sync after the bad input",
@@ -144,85 +145,75 @@ def sync_and_settle(site: Path) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_manifest_is_quarantined_and_the_daemon_keeps_serving(
-    site: Path, tmp_path: Path, case: str
+    cmlab_site: LabSite, tmp_path: Path, case: str
 ) -> None:
+    site = cmlab_site
     build, reason_text, log_text = CASES[case]
-    data = build(site, tmp_path)
-    with Daemon(site) as daemon:
-        daemon.start()
-        write_atomic(site / "inboxes" / "hman.box" / "ForwardingMsg" / MCM, data)
-        write_atomic(site / "inboxes" / "hman.box" / "CAS.SCU", b"")
-        reason = (
-            site / "inboxes" / "hman.box" / "CFD" / "BAD" / "ConfigMgr.Update.Manifest.CAB.reason"
-        )
-        wait_until(reason.exists, timeout=60, what=f"{case} quarantined")
-        assert reason_text in reason.read_text()
-        assert any(line.startswith("ERROR:") and log_text in line for line in log(site, "hman.log"))
-        assert (
-            site / "inboxes" / "hman.box" / "CFD" / "BAD" / "ConfigMgr.Update.Manifest.CAB"
-        ).read_bytes() == data
-        if case == "sql_hash_mismatch":
-            # The guide's state for a failed applicability check; the other packages go on.
-            assert states(site)[GUID_2509] == PackageState.APPLICABILITY_FAILED
-            assert (
-                states(site)["345A6BE1-3D07-43ED-B6E5-FAC0889DA04C"]
-                == PackageState.APPLICABILITY_NA
-            )
-        assert not Path("/tmp/cmlab-evil.txt").exists()
-        assert not (site / "evil.txt").exists() and not (site.parent / "evil.txt").exists()
-        sync_and_settle(site)
-        assert daemon.stop() == 0
+    data = build(site.path, tmp_path)
+    site.drop("hman.box/ForwardingMsg", MCM, data)
+    site.drop("hman.box", "CAS.SCU")
+    bad = site.inbox("hman.box/CFD") / "BAD"
+    reason = bad / "ConfigMgr.Update.Manifest.CAB.reason"
+    site.wait_for(reason.exists, timeout=60, what=f"{case} quarantined")
+    assert reason_text in reason.read_text()
+    assert any(line.startswith("ERROR:") and log_text in line for line in site.log("hman.log"))
+    assert (bad / "ConfigMgr.Update.Manifest.CAB").read_bytes() == data
+    if case == "sql_hash_mismatch":
+        # The guide's state for a failed applicability check; the other packages go on.
+        assert site.states()[SAMPLE_UPDATE] == State.APPLICABILITY_FAILED
+        assert site.states()[SAMPLE_NOT_APPLICABLE] == State.APPLICABILITY_NA
+    assert not Path("/tmp/cmlab-evil.txt").exists()
+    assert not (site.path / "evil.txt").exists() and not (site.path.parent / "evil.txt").exists()
+    sync_and_settle(site)
+    assert site.stop() == 0
 
 
-def test_empty_mcm_is_quarantined(site: Path) -> None:
-    with Daemon(site) as daemon:
-        daemon.start()
-        write_atomic(site / "inboxes" / "hman.box" / "ForwardingMsg" / MCM, b"")
-        reason = site / "inboxes" / "hman.box" / "ForwardingMsg" / "BAD" / f"{MCM}.reason"
-        wait_until(reason.exists, timeout=60)
-        assert "is empty" in reason.read_text()
-        sync_and_settle(site)
-        assert daemon.stop() == 0
+def test_empty_mcm_is_quarantined(cmlab_site: LabSite) -> None:
+    site = cmlab_site
+    site.drop("hman.box/ForwardingMsg", MCM, b"")
+    reason = site.inbox("hman.box/ForwardingMsg") / "BAD" / f"{MCM}.reason"
+    site.wait_for(reason.exists, timeout=60, what="the empty MCM quarantined")
+    assert "is empty" in reason.read_text()
+    sync_and_settle(site)
+    assert site.stop() == 0
 
 
-def test_symlink_in_an_inbox_is_never_followed(site: Path, tmp_path: Path) -> None:
+def test_symlink_in_an_inbox_is_never_followed(cmlab_site: LabSite, tmp_path: Path) -> None:
+    site = cmlab_site
     target = tmp_path / "outside.txt"
     target.write_text("secret")
-    with Daemon(site) as daemon:
-        daemon.start()
-        os.symlink(target, site / "inboxes" / "hman.box" / "CAS.SCU")
-        reason = site / "inboxes" / "hman.box" / "BAD" / "CAS.SCU.reason"
-        wait_until(reason.exists, timeout=60)
-        assert "symbolic link" in reason.read_text()
-        assert target.read_text() == "secret"
-        # The reason file is written before the log line: wait for the line, do not race it.
-        wait_until(
-            lambda: any("symbolic link" in line for line in log(site, "hman.log")), timeout=30
-        )
-        sync_and_settle(site)
-        assert daemon.stop() == 0
+    os.symlink(target, site.inbox("hman.box") / "CAS.SCU")
+    reason = site.inbox("hman.box") / "BAD" / "CAS.SCU.reason"
+    site.wait_for(reason.exists, timeout=60, what="the link quarantined")
+    assert "symbolic link" in reason.read_text()
+    assert target.read_text() == "secret"
+    # The reason file is written before the log line: wait for the line, do not race it.
+    site.wait_log("hman.log", re.compile("symbolic link"), timeout=30)
+    sync_and_settle(site)
+    assert site.stop() == 0
 
 
-def test_bad_manifest_in_the_content_source_stops_the_sync_before_state_3(site: Path) -> None:
-    cloud = site / "cloud" / "ConfigMgr.Update.Manifest.cab"
+def test_bad_manifest_in_the_content_source_stops_the_sync_before_state_3(
+    cmlab_site: LabSite,
+) -> None:
+    site = cmlab_site
+    cloud = site.path / "cloud" / "ConfigMgr.Update.Manifest.cab"
     good = cloud.read_bytes()
     tampered = bytearray(good)
     tampered[200] ^= 0x01
     cloud.write_bytes(bytes(tampered))
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("sync", str(site))
-        bad = site / "EasySetupPayload" / "BAD" / "ConfigMgr.Update.Manifest.cab.reason"
-        wait_until(bad.exists, timeout=60)
-        assert "DIGEST_MISMATCH" in bad.read_text()
-        lines = log(site, "dmpdownloader.log")
-        assert any(
-            line.startswith("ERROR: File '") and "failed the trust check" in line for line in lines
-        )
-        assert (
-            "Generating state message: 3 for package 00000000-0000-0000-0000-000000000000~~"
-            not in lines
-        )
-        cloud.write_bytes(good)
-        sync_and_settle(site)
-        assert daemon.stop() == 0
+    site.sync()
+    bad = site.path / "EasySetupPayload" / "BAD" / "ConfigMgr.Update.Manifest.cab.reason"
+    site.wait_for(bad.exists, timeout=60, what="the tampered manifest quarantined")
+    assert "DIGEST_MISMATCH" in bad.read_text()
+    lines = site.log("dmpdownloader.log")
+    assert any(
+        line.startswith("ERROR: File '") and "failed the trust check" in line for line in lines
+    )
+    assert (
+        "Generating state message: 3 for package 00000000-0000-0000-0000-000000000000~~"
+        not in lines
+    )
+    cloud.write_bytes(good)
+    sync_and_settle(site)
+    assert site.stop() == 0

@@ -10,7 +10,7 @@ import json
 import re
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,8 +34,9 @@ from cmlab.site.sitedb import (
 )
 from cmlab.site.state_codes import PackageFlag, PackageState
 from cmlab.site.trust import create_lab_ca
-from tests.helpers.sites import GUID_2509, Daemon, cmlab, copy_site, query
-from tests.helpers.waiting import wait_until
+from cmlab.testing import LabSite
+from tests.helpers.cli import cmlab
+from tests.helpers.sites import GUID_2509, query
 
 
 def test_payload_build_and_verify(template: Path, tmp_path: Path) -> None:
@@ -115,15 +116,16 @@ def test_status_of_a_folder_that_is_not_a_site(tmp_path: Path) -> None:
     assert proc.returncode == 5 and "cmlab init" in proc.stderr  # not found
 
 
-def test_a_second_daemon_on_the_same_site_is_refused(template: Path, tmp_path: Path) -> None:
-    site = copy_site(template, tmp_path / "CAS")
-    with Daemon(site) as first:
-        first.start()
-        wait_until(lambda: (site / "Logs" / "SMSDBMon.log").exists(), timeout=30)
-        second = cmlab("run", str(site), check=False)
-        assert second.returncode == 4 and "already running" in second.stderr  # refused
-        assert first.alive()
-        assert first.stop() == 0
+def test_a_second_daemon_on_the_same_site_is_refused(
+    cmlab_site_factory: Callable[..., LabSite],
+) -> None:
+    # The first daemon serves (it holds the site's lock) once start() returns; it runs in
+    # this process, the second is `cmlab run` in another.
+    first = cmlab_site_factory(stage="new")
+    second = cmlab("run", str(first.path), check=False)
+    assert second.returncode == 4 and "already running" in second.stderr  # refused
+    assert first.running
+    assert first.stop() == 0
 
 
 # -- the exit-code table --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from cmlab.core.errors import ContentLibError
 from cmlab.core.fs import remove_stale_tmp
 from cmlab.core.hashing import folder_hash, sha256_bytes
 from cmlab.site.content_library import ContentLibrary, Snapshot
-from tests.helpers.sites import temporaries
+from tests.helpers.site_files import temporaries
 
 PKG = "CAS10001"
 EXAMPLE_HASH = "30AB28253638EDB3D4870BCCACC3B9D528939F196532CA41E3BB213E0A57E474"

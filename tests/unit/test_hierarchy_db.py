@@ -15,37 +15,25 @@ from cmlab.admin.init import InitOptions, init_site
 from cmlab.core.errors import ConfigError
 from cmlab.site.sitedb import connect, hierarchy, servicing, transaction
 from cmlab.site.state_codes import PackageFlag, PackageState
-from tests.helpers.sites import copy_site, query
+from cmlab.testing import HierarchySpec, LabHierarchy
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
 HASH = "A" * 64
-
-
-@pytest.fixture(scope="module")
-def cas_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_site(InitOptions(site_dir=tmp_path_factory.mktemp("hdb") / "CAS", site_code="CAS"))
-
-
-@pytest.fixture
-def sites(cas_template: Path, tmp_path: Path) -> dict[str, Path]:
-    cas = copy_site(cas_template, tmp_path / "CAS")
-    common = {"ca_dir": cas / "trust", "content_source": cas / "cloud"}
-    pr1 = init_site(
-        InitOptions(
-            site_dir=tmp_path / "PR1", site_code="PR1", role="primary", parent=cas, **common
-        )
-    )
-    sec = init_site(
-        InitOptions(
-            site_dir=tmp_path / "SEC", site_code="SEC", role="secondary", parent=pr1, **common
-        )
-    )
-    return {"CAS": cas, "PR1": pr1, "SEC": sec}
+SPEC = HierarchySpec.from_dict(
+    {"site": [{"code": "CAS"}, {"code": "PR1", "parent": "CAS"}, {"code": "SEC", "parent": "PR1"}]}
+)
 
 
 @pytest.fixture
-def dbs(sites: dict[str, Path]) -> Iterator[dict[str, sqlite3.Connection]]:
-    conns = {code: connect(site / "db" / "site.db", code) for code, site in sites.items()}
+def sites(template: Path, tmp_path: Path) -> LabHierarchy:
+    """A CAS (the session's new site, copied), its child primary PR1 and PR1's secondary SEC,
+    each made by `cmlab init --parent` in tmp_path/<CODE>; no daemon runs."""
+    return LabHierarchy(tmp_path, SPEC, top_from=template).create()
+
+
+@pytest.fixture
+def dbs(sites: LabHierarchy) -> Iterator[dict[str, sqlite3.Connection]]:
+    conns = {site.site_code: connect(site.config.paths.db_file, site.site_code) for site in sites}
     yield conns
     for c in conns.values():
         c.close()
@@ -65,7 +53,7 @@ def own(conn: sqlite3.Connection) -> int | None:
 
 
 def test_init_records_the_hierarchy_in_both_databases_and_the_parents_site_toml(
-    sites: dict[str, Path],
+    sites: LabHierarchy,
 ) -> None:
     # The address of each other site (a copied site keeps its template's own folder).
     rows = (
@@ -73,25 +61,25 @@ def test_init_records_the_hierarchy_in_both_databases_and_the_parents_site_toml(
         "CASE IsLocal WHEN 1 THEN '' ELSE SiteFolder END FROM ServerData"
     )
     cas, pr1, sec = sites["CAS"], sites["PR1"], sites["SEC"]
-    assert set(query(cas, rows)) == {
+    assert set(cas.query(rows)) == {
         ("CAS", None, 4, 1, ""),
-        ("PR1", "CAS", 2, 0, str(pr1)),
+        ("PR1", "CAS", 2, 0, str(pr1.path)),
     }
-    assert set(query(pr1, rows)) == {
+    assert set(pr1.query(rows)) == {
         ("PR1", "CAS", 2, 1, ""),
-        ("CAS", None, 4, 0, str(cas)),
-        ("SEC", "PR1", 1, 0, str(sec)),
+        ("CAS", None, 4, 0, str(cas.path)),
+        ("SEC", "PR1", 1, 0, str(sec.path)),
     }
-    assert set(query(sec, rows)) == {
+    assert set(sec.query(rows)) == {
         ("SEC", "PR1", 1, 1, ""),
-        ("PR1", "CAS", 2, 0, str(pr1)),
+        ("PR1", "CAS", 2, 0, str(pr1.path)),
     }
-    assert query(cas, "SELECT Version FROM Sites WHERE SiteCode = 'PR1'") == [("5.00.9135.1000",)]
-    toml = (cas / "site.toml").read_text()
+    assert cas.query("SELECT Version FROM Sites WHERE SiteCode = 'PR1'") == [("5.00.9135.1000",)]
+    toml = (cas.path / "site.toml").read_text()
     assert '[[child_site]]\ncode = "PR1"\nrole = "primary"\n' in toml
     from cmlab.site.config import load_config
 
-    assert load_config(cas).site_code == "CAS"  # the parent's site.toml still loads
+    assert load_config(cas.path).site_code == "CAS"  # the parent's site.toml still loads
 
 
 @pytest.mark.parametrize(
@@ -103,7 +91,7 @@ def test_init_records_the_hierarchy_in_both_databases_and_the_parents_site_toml(
     ],
 )
 def test_init_refuses_a_wrong_parent(
-    sites: dict[str, Path], tmp_path: Path, role: str, parent: str, why: str
+    sites: LabHierarchy, tmp_path: Path, role: str, parent: str, why: str
 ) -> None:
     code = "PR1" if why.startswith("CAS already") else "XX9"
     with pytest.raises(ConfigError, match=why):
@@ -112,9 +100,9 @@ def test_init_refuses_a_wrong_parent(
                 site_dir=tmp_path / "new",
                 site_code=code,
                 role=role,
-                parent=sites[parent],
-                ca_dir=sites["CAS"] / "trust",
-                content_source=sites["CAS"] / "cloud",
+                parent=sites[parent].path,
+                ca_dir=sites["CAS"].path / "trust",
+                content_source=sites["CAS"].path / "cloud",
             )
         )
 

@@ -23,8 +23,7 @@ from cmlab.site.formats import cmupdates_message
 from cmlab.site.inbox import BadInput
 from cmlab.site.sitedb import connect, create_site_db, hierarchy, replication_group, transaction
 from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import Daemon, inbox_files, log, make_template, query, set_toml
-from tests.helpers.waiting import wait_until
+from cmlab.testing import HierarchySpec, LabHierarchy, LabSite
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"
 OTHER_GUID = "6B0783D9-B8A2-4848-82F6-8EFE956F4988"
@@ -759,125 +758,126 @@ def test_the_other_sites_folders_are_never_created(tmp_path: Path) -> None:
 # -- two real daemons ----------------------------------------------------------------------------
 
 
-def _rcm_errors(site: Path) -> list[str]:
-    return [line for line in log(site, "rcmctrl.log") if line.startswith("ERROR:")]
+def _rcm_errors(site: LabSite) -> list[str]:
+    return [line for line in site.log("rcmctrl.log") if line.startswith("ERROR:")]
 
 
-def test_two_daemons_exchange_the_group(tmp_path: Path) -> None:
-    cas = make_template(tmp_path / "CAS")
-    pr1 = make_template(tmp_path / "PR1", site_code="PR1", role="primary", parent=cas)
-    for site in (cas, pr1):
-        set_toml(site, "replication", "cmupdates_interval", "0.2")
-    receive = pr1 / "inboxes" / "rcm.box" / "receive"
+def test_two_daemons_exchange_the_group(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    spec = HierarchySpec.from_dict(
+        {
+            "defaults": {"replication.cmupdates_interval": 0.2},
+            "site": [{"code": "CAS"}, {"code": "PR1", "parent": "CAS"}],
+        }
+    )
+    h = LabHierarchy(tmp_path, spec).create()
+    request.addfinalizer(h.stop)
+    cas, pr1 = h["CAS"], h["PR1"]
+    receive = pr1.inbox("rcm.box/receive")
     away = receive.with_name("receive.away")
     receive.rename(away)  # PR1 is not reachable yet
 
-    with Daemon(cas) as cas_daemon, Daemon(pr1) as pr1_daemon:
-        cas_daemon.start()
-        unreachable = (
-            f"WARNING: Cannot replicate the CMUpdates group to site PR1: the folder {receive} "
-            "does not exist. Will retry in 0.2 seconds."
-        )
-        wait_until(
-            lambda: log(cas, "rcmctrl.log").count(unreachable) >= 2,
-            what="the CAS retrying the unreachable PR1",
-        )
-        assert not receive.exists()  # the CAS never made PR1's folder
-        away.rename(receive)
-        pr1_daemon.start()
+    cas.start()
+    unreachable = (
+        f"WARNING: Cannot replicate the CMUpdates group to site PR1: the folder {receive} "
+        "does not exist. Will retry in 0.2 seconds."
+    )
+    cas.wait_for(
+        lambda: cas.log("rcmctrl.log").count(unreachable) >= 2,
+        what="the CAS retrying the unreachable PR1",
+    )
+    assert not receive.exists()  # the CAS never made PR1's folder
+    away.rename(receive)
+    pr1.start()
 
-        # A run at the CAS (a package row with its RunNumber): PR1 starts its part of it and
-        # reports back up.
-        with sqlite3.connect(cas / "db" / "site.db", timeout=30) as conn:
-            conn.execute(
-                "INSERT INTO CM_UpdatePackages (PackageGuid, Name, State, Flag, RunNumber) "
-                "VALUES (?, 'Configuration Manager 2509', 2, 0, 1)",
-                (GUID,),
-            )
-        conn.close()
+    # A run at the CAS (a package row with its RunNumber), written by hand: PR1 starts its
+    # part of it and reports back up.
+    with sqlite3.connect(cas.config.paths.db_file, timeout=30) as conn:
+        conn.execute(
+            "INSERT INTO CM_UpdatePackages (PackageGuid, Name, State, Flag, RunNumber) "
+            "VALUES (?, 'Configuration Manager 2509', 2, 0, 1)",
+            (GUID,),
+        )
+    conn.close()
 
-        def pr1_row_at(site: Path) -> list[tuple[Any, ...]]:
-            return query(
-                site,
-                "SELECT ss.State, ss.RunNumber FROM CM_UpdatePackageSiteStatus ss "
-                "JOIN ServerData sd ON sd.ID = ss.SiteNumber WHERE sd.SiteCode = 'PR1'",
-            )
-
-        wait_until(
-            lambda: pr1_row_at(pr1) == [(PackageState.CONTENT_REPLICATING, 1)],
-            what="PR1 starting run 1",
-        )
-        wait_until(
-            lambda: pr1_row_at(cas) == [(PackageState.CONTENT_REPLICATING, 1)],
-            what="PR1's state replicated up to the CAS",
-        )
-        sent = [m for m in log(cas, "rcmctrl.log") if m.startswith("Sent CMUpdates")]
-        assert sent and all(m.endswith("site status rows).") for m in sent)
-        received = re.compile(
-            r"Received CMUpdates replication group message \d+ from site CAS: "
-            r"applied \d+ changes\."
-        )
-        assert any(received.fullmatch(m) for m in log(pr1, "rcmctrl.log"))
-        assert f"Update {GUID} is now CONTENT_REPLICATING (65537) at this site." in log(
-            pr1, "rcmctrl.log"
+    def pr1_row_at(site: LabSite) -> list[tuple[Any, ...]]:
+        return site.query(
+            "SELECT ss.State, ss.RunNumber FROM CM_UpdatePackageSiteStatus ss "
+            "JOIN ServerData sd ON sd.ID = ss.SiteNumber WHERE sd.SiteCode = 'PR1'",
         )
 
-        # Bad files: each goes to BAD with its reason; PR1 keeps serving.
-        good: dict[str, Any] = {
-            "group": "CMUpdates",
-            "from": "CAS",
-            "to": "PR1",
-            "seq": 10**9,
-            "time": "now",
-            "sites": [],
-            "site_status": [],
-            "monitoring": [],
-            "prereq": [],
-            "packages": [],
-            "easysetup": [],
-        }
-        bad = {
-            "notjson.RPL": b"this is not json",
-            "truncated.RPL": json.dumps(good).encode()[:40],
-            "group.RPL": json.dumps({**good, "group": "Other"}).encode(),
-            "sender.RPL": json.dumps({**good, "from": "XYZ"}).encode(),
-            "types.RPL": json.dumps({**good, "seq": "1"}).encode(),
-            "guid.RPL": json.dumps(
-                {**good, "packages": [{"PackageGuid": "nope", "Name": "x"}]}
-            ).encode(),
-        }
-        for name, data in bad.items():
-            (receive / f".{name}.tmp").write_bytes(data)
-            os.replace(receive / f".{name}.tmp", receive / name)
-        huge = receive / ".huge.tmp"
-        with open(huge, "wb") as f:
-            f.truncate(cmupdates_message.MAX_MESSAGE_BYTES + 1)
-        os.replace(huge, receive / "huge.RPL")
-        expected = [*bad, "huge.RPL"]
-        wait_until(
-            lambda: all((receive / "BAD" / n).exists() for n in expected),
-            what="every bad file in BAD",
-        )
-        # The file is moved before its ERROR line is written: wait for the line too.
-        wait_until(
-            lambda: len(_rcm_errors(pr1)) == len(expected),
-            what=f"{len(expected)} ERROR lines in rcmctrl.log",
-        )
-        assert "larger than" in (receive / "BAD" / "huge.RPL.reason").read_text()
-        assert pr1_daemon.alive()
+    pr1.wait_for(
+        lambda: pr1_row_at(pr1) == [(PackageState.CONTENT_REPLICATING, 1)],
+        what="PR1 starting run 1",
+    )
+    cas.wait_for(
+        lambda: pr1_row_at(cas) == [(PackageState.CONTENT_REPLICATING, 1)],
+        what="PR1's state replicated up to the CAS",
+    )
+    sent = [m for m in cas.log("rcmctrl.log") if m.startswith("Sent CMUpdates")]
+    assert sent and all(m.endswith("site status rows).") for m in sent)
+    received = re.compile(
+        r"Received CMUpdates replication group message \d+ from site CAS: "
+        r"applied \d+ changes\."
+    )
+    assert any(received.fullmatch(m) for m in pr1.log("rcmctrl.log"))
+    assert f"Update {GUID} is now CONTENT_REPLICATING (65537) at this site." in pr1.log(
+        "rcmctrl.log"
+    )
 
-        # ... and still takes what comes next.
-        with sqlite3.connect(cas / "db" / "site.db", timeout=30) as conn:
-            conn.execute("UPDATE CM_UpdatePackages SET Description = 'after the bad files'")
-        conn.close()
-        wait_until(
-            lambda: (
-                query(pr1, "SELECT Description FROM CM_UpdatePackages")
-                == [("after the bad files",)]
-            ),
-            what="the next change reaching PR1",
-        )
-        assert cas_daemon.stop() == 0
-        assert pr1_daemon.stop() == 0
+    # Bad files: each goes to BAD with its reason; PR1 keeps serving.
+    good: dict[str, Any] = {
+        "group": "CMUpdates",
+        "from": "CAS",
+        "to": "PR1",
+        "seq": 10**9,
+        "time": "now",
+        "sites": [],
+        "site_status": [],
+        "monitoring": [],
+        "prereq": [],
+        "packages": [],
+        "easysetup": [],
+    }
+    bad = {
+        "notjson.RPL": b"this is not json",
+        "truncated.RPL": json.dumps(good).encode()[:40],
+        "group.RPL": json.dumps({**good, "group": "Other"}).encode(),
+        "sender.RPL": json.dumps({**good, "from": "XYZ"}).encode(),
+        "types.RPL": json.dumps({**good, "seq": "1"}).encode(),
+        "guid.RPL": json.dumps(
+            {**good, "packages": [{"PackageGuid": "nope", "Name": "x"}]}
+        ).encode(),
+    }
+    for name, data in bad.items():
+        pr1.drop("rcm.box/receive", name, data)
+    huge = receive / ".huge.tmp"
+    with open(huge, "wb") as f:
+        f.truncate(cmupdates_message.MAX_MESSAGE_BYTES + 1)
+    os.replace(huge, receive / "huge.RPL")
+    expected = [*bad, "huge.RPL"]
+    pr1.wait_for(
+        lambda: all((receive / "BAD" / n).exists() for n in expected),
+        what="every bad file in BAD",
+    )
+    # The file is moved before its ERROR line is written: wait for the line too.
+    pr1.wait_for(
+        lambda: len(_rcm_errors(pr1)) == len(expected),
+        what=f"{len(expected)} ERROR lines in rcmctrl.log",
+    )
+    assert "larger than" in (receive / "BAD" / "huge.RPL.reason").read_text()
+    assert pr1.running
+
+    # ... and still takes what comes next.
+    with sqlite3.connect(cas.config.paths.db_file, timeout=30) as conn:
+        conn.execute("UPDATE CM_UpdatePackages SET Description = 'after the bad files'")
+    conn.close()
+    pr1.wait_for(
+        lambda: (
+            pr1.query("SELECT Description FROM CM_UpdatePackages") == [("after the bad files",)]
+        ),
+        what="the next change reaching PR1",
+    )
+    assert cas.stop() == 0
+    assert pr1.stop() == 0
     assert not _rcm_errors(cas)
-    assert not [n for n in inbox_files(pr1) if "rcm.box" in n]
+    assert not [n for n in pr1.waiting_files() if "rcm.box" in n]

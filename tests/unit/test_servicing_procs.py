@@ -34,7 +34,7 @@ from cmlab.site.sitedb.servicing import (
     spProcessCMUPackages,
 )
 from cmlab.site.state_codes import PackageFlag, PackageState
-from tests.helpers.sites import cmlab, copy_site
+from tests.helpers.cli import cmlab
 
 GUID = "420E3E18-73C5-4BE9-88B0-6F1E30A012CA"  # 2509
 OTHER = "6B0783D9-B8A2-4848-82F6-8EFE956F4988"  # 2503 hotfix rollup
@@ -76,24 +76,8 @@ SERVICING_STATES = tuple(s for s in PackageState if 65537 <= s <= 262143)
 # -- fixtures and helpers ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def procs_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`cmlab init` once for the module (a signed lab cloud, a schema-3 database)."""
-    from cmlab.admin.init import InitOptions, init_site
-
-    return init_site(
-        InitOptions(
-            site_dir=tmp_path_factory.mktemp("procs") / "CAS",
-            site_code="CAS",
-            sync_interval=0,
-            auto_download=False,
-        )
-    )
-
-
-@pytest.fixture
-def site(procs_template: Path, tmp_path: Path) -> Path:
-    return copy_site(procs_template, tmp_path / "CAS")
+# `site` (tests/conftest.py): a copy of the session's new site, as `cmlab init` made it (a
+# signed lab cloud, a database at the current schema); no daemon runs.
 
 
 @pytest.fixture

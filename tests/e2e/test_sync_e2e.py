@@ -2,39 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import re
-from pathlib import Path
 
 import pytest
 
 from cmlab.core.hashing import sha256_file
-from tests.helpers.sites import (
-    GUID_2409_HFRU,
-    GUID_2503_HFRU,
-    GUID_2509,
-    SYNCED,
-    Daemon,
+from cmlab.testing import (
+    SAMPLE_HIDDEN,
+    SAMPLE_NOT_APPLICABLE,
+    SAMPLE_UPDATE,
+    SYNCED_STATES,
+    LabSite,
     assert_in_order,
-    cmlab,
-    copy_site,
-    inbox_files,
-    log,
-    query,
-    set_toml,
-    synced,
 )
-from tests.helpers.waiting import wait_until
+from tests.helpers.cli import cmlab
 
-EXPECTED = SYNCED
 NULL = "00000000-0000-0000-0000-000000000000"
 HIGH = r"E:\\ConfigMgr\\inboxes\\auth\\statesys\.box\\incoming\\high\\___CMU[a-z0-9]{8}\.SMX~~"
 
+# Every test here synchronizes a new site itself, paths shown as on a site server's E: drive.
+pytestmark = pytest.mark.cmlab(stage="new", settings={"site.display_root": r"E:\ConfigMgr"})
 
-@pytest.fixture
-def site(template: Path, tmp_path: Path) -> Path:
-    s = copy_site(template, tmp_path / "CAS")
-    set_toml(s, "site", "display_root", "'E:\\ConfigMgr'")
-    return s
+
+def sync(site: LabSite) -> None:
+    """Synchronize and wait until every package's applicability is decided and the site idle
+    (no drop file, no change SMSDBMon has still to turn into one)."""
+    site.sync(wait=True)
+    assert site.states() == SYNCED_STATES
 
 
 def state_message_lines(n: int, guid: str = NULL) -> list[str | re.Pattern[str]]:
@@ -45,15 +40,13 @@ def state_message_lines(n: int, guid: str = NULL) -> list[str | re.Pattern[str]]
     ]
 
 
-def test_sync_end_to_end(site: Path) -> None:
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("sync", str(site))
-        wait_until(lambda: synced(site), timeout=60, what="sync and applicability")
-        assert daemon.stop() == 0
+def test_sync_end_to_end(cmlab_site: LabSite) -> None:
+    site = cmlab_site.path
+    sync(cmlab_site)
+    assert cmlab_site.stop() == 0
 
     # Five state messages, 0 to 4, written as .SMX files and consumed by statesys.
-    rows = query(site, "SELECT StateID, StateName, FileName FROM StateMessages ORDER BY ID")
+    rows = cmlab_site.query("SELECT StateID, StateName, FileName FROM StateMessages ORDER BY ID")
     assert [r[0] for r in rows] == [0, 1, 2, 3, 4]
     assert [r[1] for r in rows] == [
         "START_PROCESS",
@@ -66,7 +59,7 @@ def test_sync_end_to_end(site: Path) -> None:
 
     cab = r"E:\ConfigMgr\EasySetupPayload\ConfigMgr.Update.Manifest.cab"
     assert_in_order(
-        log(site, "dmpdownloader.log"),
+        cmlab_site.log("dmpdownloader.log"),
         [
             *state_message_lines(0),
             "Checking for preview version~~",
@@ -101,7 +94,7 @@ def test_sync_end_to_end(site: Path) -> None:
         )
 
     assert_in_order(
-        log(site, "hman.log"),
+        cmlab_site.log("hman.log"),
         [
             re.compile(
                 r'STATMSG: ID=3306 SEV=I LEV=M SOURCE="SMS Server" COMP="SMS_HIERARCHY_MANAGER" '
@@ -115,18 +108,18 @@ def test_sync_end_to_end(site: Path) -> None:
             f"Extracted {staging}\\Manifest.xml",
             f"Processing Configuration Manager Update manifest file {staging}\\manifest.xml",
             hash_line("CM2509-KB35360093_AppCheck_420E3E18.sql"),
-            f"Configuration Manager Update (PackageGuid={GUID_2509}) is applicable",
+            f"Configuration Manager Update (PackageGuid={SAMPLE_UPDATE}) is applicable",
             hash_line("CM2503-KB33177653_AppCheck_6B0783D9.sql"),
             "SQL MESSAGE:  - Superseded by Configuration Manager 2509, hide this hotfix",
-            f"Configuration Manager Update (PackageGuid={GUID_2503_HFRU}) is not applicable "
+            f"Configuration Manager Update (PackageGuid={SAMPLE_HIDDEN}) is not applicable "
             "and should be filtered.",
             hash_line("CM2409-KB32290337_AppCheck_345A6BE1.sql"),
             "SQL MESSAGE:  - Not a 2409 build, skip this hotfix",
-            f"Configuration Manager Update (PackageGuid={GUID_2409_HFRU}) is not applicable "
+            f"Configuration Manager Update (PackageGuid={SAMPLE_NOT_APPLICABLE}) is not applicable "
             "and should be filtered.",
         ],
     )
-    smsdbmon = log(site, "SMSDBMon.log")
+    smsdbmon = cmlab_site.log("SMSDBMon.log")
     assert (
         "Modified trigger definition for Hierarchy Manager[CM_UpdatePackages_UPD_HMAN]: table "
         r"CM_UpdatePackages(State) on update, file ESC in dir E:\ConfigMgr\inboxes\hman.box\CFD"
@@ -148,58 +141,52 @@ def test_sync_end_to_end(site: Path) -> None:
     ]
     assert not (site / "inboxes" / "hman.box" / "CFD" / "ConfigMgr.Update.Manifest.CAB").exists()
     assert not (site / "EasySetupPayload" / "ConfigMgr.Update.Manifest.cab").exists()
-    assert inbox_files(site) == []
+    assert cmlab_site.waiting_files() == []
 
     # The guide's queries run as written.
-    out = cmlab("sql", str(site), "SELECT dbo.fnCurrentSiteVersion()").stdout
-    assert "5.00.9135.1000" in out
-    out = cmlab(
-        "sql",
-        str(site),
+    assert cmlab_site.query("SELECT dbo.fnCurrentSiteVersion()") == [("5.00.9135.1000",)]
+    rows = cmlab_site.query(
         "SELECT PackageGuid,State FROM CM_UpdatePackages "
-        f"where PackageGUID = '{GUID_2509.lower()}'",
-    ).stdout
-    assert "327682" in out
+        f"where PackageGUID = '{SAMPLE_UPDATE.lower()}'"
+    )
+    assert [state for _, state in rows] == [327682]
 
 
-def test_status_reports_states_by_name(site: Path) -> None:
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("sync", str(site))
-        wait_until(lambda: synced(site), timeout=60)
-        out = cmlab("status", str(site)).stdout
-        assert "APPLICABILITY_SUCCESS (327682)" in out
-        assert "daemon running" in out
-        assert daemon.stop() == 0
-    import json
+def test_status_reports_states_by_name(cmlab_site: LabSite) -> None:
+    # `cmlab status` is the command under test: it runs as an administrator runs it.
+    site = cmlab_site.path
+    sync(cmlab_site)
+    out = cmlab("status", str(site)).stdout
+    assert "APPLICABILITY_SUCCESS (327682)" in out
+    assert "daemon running" in out
+    assert cmlab_site.stop() == 0
 
     doc = json.loads(cmlab("status", str(site), "--json").stdout)
     assert {p["PackageGuid"]: p["StateName"] for p in doc["packages"]} == {
-        g: s.name for g, s in EXPECTED.items()
+        g: s.name for g, s in SYNCED_STATES.items()
     }
     assert doc["daemon_running"] is False
 
 
-def test_remote_scp_goes_through_the_mp_outbox(site: Path) -> None:
-    set_toml(site, "scp", "remote", "true")
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("sync", str(site))
-        wait_until(lambda: synced(site), timeout=60)
-        assert daemon.stop() == 0
+@pytest.mark.cmlab(stage="new", settings={"site.display_root": r"E:\ConfigMgr", "scp.remote": True})
+def test_remote_scp_goes_through_the_mp_outbox(cmlab_site: LabSite) -> None:
+    sync(cmlab_site)
+    assert cmlab_site.stop() == 0
     assert any(
         line.startswith(
             r"Moved file E:\ConfigMgr\MP\OUTBOXES\MCM.box\___CABConfigMgr.Update.Manifest.mcm"
         )
-        for line in log(site, "mpfdm.log")
+        for line in cmlab_site.log("mpfdm.log")
     )
 
 
-def test_backlog_at_restart_is_processed(site: Path) -> None:
+@pytest.mark.cmlab(stage="new", start=False, settings={"site.display_root": r"E:\ConfigMgr"})
+def test_backlog_at_restart_is_processed(cmlab_site: LabSite) -> None:
     """Drop files already waiting in every inbox when the daemon starts are all handled."""
     from cmlab.core.fs import write_atomic
     from cmlab.site.formats.state_message import StateMessage, render_state_message
 
+    site = cmlab_site.path
     inboxes = site / "inboxes"
     high = inboxes / "auth" / "statesys.box" / "incoming" / "high"
     for i in range(200):
@@ -211,10 +198,15 @@ def test_backlog_at_restart_is_processed(site: Path) -> None:
     )
     write_atomic(inboxes / "hman.box" / "CAS.SCU", b"")
     # And a sync requested while the daemon was down: SMSDBMon finds the row at start.
-    cmlab("sync", str(site))
-    with Daemon(site) as daemon:
-        daemon.start()
-        wait_until(lambda: synced(site), timeout=60)
-        assert daemon.stop() == 0
-    assert len(query(site, "SELECT * FROM StateMessages")) == 200 + 5
-    assert inbox_files(site) == []
+    cmlab_site.sync()
+    with cmlab_site:
+        cmlab_site.wait_for(
+            lambda: cmlab_site.states() == SYNCED_STATES,
+            what="sync and applicability",
+            seen=lambda: str(cmlab_site.states()),
+        )
+        cmlab_site.wait_idle()
+        assert cmlab_site.states() == SYNCED_STATES
+        assert cmlab_site.stop() == 0
+    assert len(cmlab_site.query("SELECT * FROM StateMessages")) == 200 + 5
+    assert cmlab_site.waiting_files() == []

@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 
 from cmlab.commands.demo import run_demo
-from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import GUID_2409_HFRU, GUID_2503_HFRU, GUID_2509, states
+from cmlab.testing import SAMPLE_HIDDEN, SAMPLE_NOT_APPLICABLE, SAMPLE_UPDATE, LabSite, State
 
 
 def test_demo_takes_the_sample_update_to_install_success(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run_demo(tmp_path, deadline_s=120) == 0
-    assert states(tmp_path / "CAS") == {
-        GUID_2509: PackageState.INSTALL_SUCCESS,
-        GUID_2503_HFRU: PackageState.APPLICABILITY_HIDE,
-        GUID_2409_HFRU: PackageState.APPLICABILITY_NA,
+    # The demo's site, read back as it left it (its daemon is stopped).
+    assert LabSite(tmp_path / "CAS").states() == {
+        SAMPLE_UPDATE: State.INSTALL_SUCCESS,
+        SAMPLE_HIDDEN: State.APPLICABILITY_HIDE,
+        SAMPLE_NOT_APPLICABLE: State.APPLICABILITY_NA,
     }
     out = capsys.readouterr().out
     assert "Configuration Manager 2509: DOWNLOAD_SUCCESS (262146)" in out

@@ -13,18 +13,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import (
-    GUID_2509,
-    Daemon,
-    cmlab,
-    query,
-    settled_at,
-    site_history,
-    site_version,
-    states,
-)
-from tests.helpers.waiting import wait_until
+from cmlab.testing import SAMPLE_UPDATE, LabSite, State
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "site-0.1.0-downloaded.tar.gz"
 
@@ -35,25 +24,27 @@ def unpack_old_site(dest: Path) -> Path:
     return dest / "CAS"
 
 
+def site_version(site: LabSite) -> str:
+    """What fnCurrentSiteVersion() returns."""
+    ((version,),) = site.query("SELECT dbo.fnCurrentSiteVersion()")
+    return str(version)
+
+
 def test_a_site_made_by_0_1_0_installs_the_update_with_this_release(tmp_path: Path) -> None:
-    site = unpack_old_site(tmp_path)
+    site = LabSite(unpack_old_site(tmp_path))
     # What 0.1.0 left: the update downloaded, the site at its old build.
-    assert states(site)[GUID_2509] == PackageState.DOWNLOAD_SUCCESS
+    assert site.states()[SAMPLE_UPDATE] == State.DOWNLOAD_SUCCESS
     assert site_version(site) == "5.00.9135.1000"
-    assert query(site, "SELECT SiteFolder FROM ServerData WHERE SiteCode = 'CAS'") == [
+    assert site.query("SELECT SiteFolder FROM ServerData WHERE SiteCode = 'CAS'") == [
         ("/tmp/oldsite/CAS",)
     ]
 
-    with Daemon(site) as daemon:
-        daemon.start()
-        assert "ENABLED (2)" in cmlab("install", str(site), GUID_2509).stdout
-        wait_until(
-            lambda: settled_at(site, PackageState.INSTALL_SUCCESS),
-            timeout=120,
-            what="INSTALL_SUCCESS on the 0.1.0 site",
-        )
-        assert daemon.stop() == 0
+    with site:
+        assert site.install(SAMPLE_UPDATE) == State.DOWNLOAD_SUCCESS
+        site.wait_state(SAMPLE_UPDATE, State.INSTALL_SUCCESS, timeout=120)
+        site.wait_settled(SAMPLE_UPDATE, State.INSTALL_SUCCESS)
+        assert site.stop() == 0
 
-    assert states(site)[GUID_2509] == PackageState.INSTALL_SUCCESS
+    assert site.states()[SAMPLE_UPDATE] == State.INSTALL_SUCCESS
     assert site_version(site) == "5.00.9141.1000"
-    assert site_history(site)[-1] == PackageState.INSTALL_SUCCESS
+    assert site.history(SAMPLE_UPDATE)[-1] == State.INSTALL_SUCCESS

@@ -7,8 +7,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from tests.helpers.sites import Daemon, log, wait_serving
-from tests.helpers.waiting import wait_until
+import pytest
+
+from cmlab.testing import LabSite
 
 JOB_COLUMNS = "JobType, PkgID, Version, DestSite, PackageFile, FileSize, FileHash, State"
 
@@ -22,42 +23,45 @@ def write(site: Path, sql: str, params: tuple[object, ...] = ()) -> None:
         conn.close()
 
 
-def test_jobs_without_their_notification_are_found_in_the_job_source(site: Path) -> None:
+@pytest.mark.cmlab(stage="new")
+def test_jobs_without_their_notification_are_found_in_the_job_source(
+    cmlab_site: LabSite,
+) -> None:
+    # The site serves (its start returned once SMSDBMon had set its triggers), so the triggers
+    # dropped below stay dropped.
+    site = cmlab_site.path
     tosend = site / "inboxes" / "schedule.box" / "tosend"
-    with Daemon(site) as daemon:
-        daemon.start()
-        wait_serving(site, daemon)
-        # What install step 5 does: SMSDBMon's triggers are gone.
-        for trigger in ("SchedulerJobs_INS_SCHED", "SchedulerJobs_UPD_SCHED"):
-            write(site, f"DROP TRIGGER {trigger}")
-        # A job that ended while its instruction was still waiting...
-        write(
-            site,
-            f"INSERT INTO SchedulerJobs (JobID, {JOB_COLUMNS}) VALUES "
-            "(1, 'SWD', 'CAS10001', 1, 'PR1', 'SMSPKG/CAS10001.PCK.1', 1, ?, 'Complete')",
-            ("0" * 64,),
-        )
-        tosend.mkdir(parents=True, exist_ok=True)
-        (tosend / "00000001.Idb").write_text("{}")
-        # ...and one added with no notification (its package is unknown here: it fails).
-        write(
-            site,
-            f"INSERT INTO SchedulerJobs (JobID, {JOB_COLUMNS}) VALUES "
-            "(2, 'SWD', 'CAS10002', 1, 'PR1', 'SMSPKG/CAS10002.PCK.1', 1, ?, 'Pending')",
-            ("0" * 64,),
-        )
-        wait_until(
-            lambda: (
-                not (tosend / "00000001.Idb").exists()
-                and "<JOB STATUS - COMPLETE>~" in log(site, "scheduler.log")
-                and any(
-                    line.startswith("Job 00000002 found in the job source")
-                    for line in log(site, "scheduler.log")
-                )
-            ),
-            timeout=60,
-            what="the sweep to hand both jobs to the Scheduler",
-        )
-        lines = log(site, "scheduler.log")
-        assert "Job 00000001 found in the job source without a notification." in lines
-        assert daemon.stop() == 0
+    # What install step 5 does: SMSDBMon's triggers are gone.
+    for trigger in ("SchedulerJobs_INS_SCHED", "SchedulerJobs_UPD_SCHED"):
+        write(site, f"DROP TRIGGER {trigger}")
+    # A job that ended while its instruction was still waiting...
+    write(
+        site,
+        f"INSERT INTO SchedulerJobs (JobID, {JOB_COLUMNS}) VALUES "
+        "(1, 'SWD', 'CAS10001', 1, 'PR1', 'SMSPKG/CAS10001.PCK.1', 1, ?, 'Complete')",
+        ("0" * 64,),
+    )
+    tosend.mkdir(parents=True, exist_ok=True)
+    (tosend / "00000001.Idb").write_text("{}")
+    # ...and one added with no notification (its package is unknown here: it fails).
+    write(
+        site,
+        f"INSERT INTO SchedulerJobs (JobID, {JOB_COLUMNS}) VALUES "
+        "(2, 'SWD', 'CAS10002', 1, 'PR1', 'SMSPKG/CAS10002.PCK.1', 1, ?, 'Pending')",
+        ("0" * 64,),
+    )
+    cmlab_site.wait_for(
+        lambda: (
+            not (tosend / "00000001.Idb").exists()
+            and "<JOB STATUS - COMPLETE>~" in cmlab_site.log("scheduler.log")
+            and any(
+                line.startswith("Job 00000002 found in the job source")
+                for line in cmlab_site.log("scheduler.log")
+            )
+        ),
+        timeout=60,
+        what="the sweep to hand both jobs to the Scheduler",
+    )
+    lines = cmlab_site.log("scheduler.log")
+    assert "Job 00000001 found in the job source without a notification." in lines
+    assert cmlab_site.stop() == 0

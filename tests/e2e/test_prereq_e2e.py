@@ -6,29 +6,14 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
-from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash, staging_hash
-from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import (
-    GUID_2509,
-    Daemon,
-    assert_in_order,
-    cmlab,
-    copy_site,
-    inbox_files,
-    log,
-    query,
-    set_toml,
-    settled_at,
-    states,
-)
-from tests.helpers.waiting import wait_until
+from cmlab.testing import SAMPLE_UPDATE, LabSite, State, assert_in_order
+from tests.helpers.cli import cmlab
 
-GUID = GUID_2509
+GUID = SAMPLE_UPDATE
 ROOT = r"E:\ConfigMgr"
 CFD = rf"{ROOT}\inboxes\hman.box\CFD"
 STAGING = rf"\\?\{ROOT}\CMUStaging\{GUID}"
@@ -36,33 +21,15 @@ SHARE = rf"\\cas.cmlab.local\EasySetupPayLoad\{GUID}"
 HEX64 = r"[0-9A-F]{64}"
 
 
-@pytest.fixture
-def site(downloaded_template: Path, tmp_path: Path) -> Path:
-    s = copy_site(downloaded_template, tmp_path / "CAS")
-    set_toml(s, "site", "display_root", "'E:\\ConfigMgr'")
-    return s
+# Every test starts "Ready to install" (the plugin's downloaded template), paths shown as on a
+# site server's E: drive.
+pytestmark = pytest.mark.cmlab(stage="downloaded", settings={"site.display_root": ROOT})
 
 
-def set_fact(site: Path, key: str, value: str) -> None:
-    """Add or replace one key of site.toml's [facts]."""
-    path = site / "site.toml"
-    lines = path.read_text().splitlines()
-    start = lines.index("[facts]")
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
-    for i in range(start + 1, end):
-        if lines[i].split("=")[0].strip() == key:
-            lines[i] = f"{key} = {value}"
-            break
-    else:
-        lines.insert(end, f"{key} = {value}")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def prereq_rows(site: Path) -> list[tuple[str, int, str]]:
+def prereq_rows(site: LabSite) -> list[tuple[str, int, str]]:
     return [
         (str(r[0]), int(r[1]), str(r[2] or ""))
-        for r in query(
-            site,
+        for r in site.query(
             "SELECT RuleName, Status, Message FROM CM_UpdatePackagePrereqStatus "
             "WHERE PackageGuid = ? ORDER BY RuleName",
             [GUID],
@@ -70,18 +37,14 @@ def prereq_rows(site: Path) -> list[tuple[str, int, str]]:
     ]
 
 
-def test_prereq_only_reaches_prereq_success_with_the_guides_lines(site: Path) -> None:
-    with Daemon(site) as daemon:
-        daemon.start()
-        out = cmlab("prereq", str(site), GUID).stdout
-        assert "ENABLED (2)" in out
-        wait_until(
-            lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS"
-        )
-        assert daemon.stop() == 0
+def test_prereq_only_reaches_prereq_success_with_the_guides_lines(cmlab_site: LabSite) -> None:
+    site = cmlab_site.path
+    assert cmlab_site.prereq(GUID, wait=True, timeout=90) == State.DOWNLOAD_SUCCESS
+    cmlab_site.wait_settled(GUID, State.PREREQ_SUCCESS)
+    assert cmlab_site.stop() == 0
 
     assert_in_order(
-        log(site, "SMSDBMon.log"),
+        cmlab_site.log("SMSDBMon.log"),
         [
             "RCV: UPDATE on CM_UpdatePackages for CM_UpdatePackages_UPD_HMAN [2  ]",
             rf"SND: Dropped {CFD}\2.ESC",
@@ -92,9 +55,9 @@ def test_prereq_only_reaches_prereq_success_with_the_guides_lines(site: Path) ->
         "Modified trigger definition for Hierarchy Manager[CM_UpdatePackages_UPD_HMAN]: table "
         rf"CM_UpdatePackages(State) on update, file ESC in dir {CFD}"
         + "\\"
-        in log(site, "SMSDBMon.log")
+        in cmlab_site.log("SMSDBMon.log")
     )
-    hman = log(site, "hman.log")
+    hman = cmlab_site.log("hman.log")
     package_id = "CAS10001"
     assert_in_order(
         hman,
@@ -123,7 +86,7 @@ def test_prereq_only_reaches_prereq_success_with_the_guides_lines(site: Path) ->
         ],
     )
     assert_in_order(
-        log(site, "distmgr.log"),
+        cmlab_site.log("distmgr.log"),
         [
             f"Found package properties updated notification for package '{package_id}'",
             f"Info: package '{package_id}' is set to replicate to site servers only.",
@@ -143,7 +106,7 @@ def test_prereq_only_reaches_prereq_success_with_the_guides_lines(site: Path) ->
 
     setup = rf"{STAGING}\SMSSetup"
     assert_in_order(
-        log(site, "CMUpdate.log"),
+        cmlab_site.log("CMUpdate.log"),
         [
             rf'Detected a change to the "{ROOT}\inboxes\cmupdate.box" directory.',
             "INFO: setup type: 8, top level: 1.",
@@ -173,7 +136,7 @@ def test_prereq_only_reaches_prereq_success_with_the_guides_lines(site: Path) ->
         ],
     )
     assert_in_order(
-        log(site, "ConfigMgrPrereq.log"),
+        cmlab_site.log("ConfigMgrPrereq.log"),
         [
             "******* Start Prerequisite checking. *******",
             "===== INFO: Prerequisite Type & Server: SITE_PRI:cas.cmlab.local =====",
@@ -183,14 +146,14 @@ def test_prereq_only_reaches_prereq_success_with_the_guides_lines(site: Path) ->
         ],
     )
     # Every rule passed, and says so in the table.
-    rows = prereq_rows(site)
+    rows = prereq_rows(cmlab_site)
     assert rows and all(status == 0 for _, status, _ in rows), rows
     # vEasySetupPackage: the guide's columns, and one hash everywhere.
     cols = (
         "PackageID, PackageVersion, PackageHash, PackageGUID, StoredPkgHash, Source, SourceSite, "
         "LastRefresh, StoredPkgVersion, StorePkgFlag, SourceDate, SourceVersion, SourceSize"
     )
-    (row,) = query(site, f"SELECT {cols} FROM vEasySetupPackage")
+    (row,) = cmlab_site.query(f"SELECT {cols} FROM vEasySetupPackage")
     v = dict(zip([c.strip() for c in cols.split(",")], row, strict=True))
     source_hash = folder_hash(site / "EasySetupPayload" / GUID.lower())
     assert v["PackageID"] == package_id and v["PackageGUID"] == GUID
@@ -201,98 +164,92 @@ def test_prereq_only_reaches_prereq_success_with_the_guides_lines(site: Path) ->
     assert staging_hash(site / "CMUStaging" / GUID) == source_hash
     # The monitoring rows of each stage, complete.
     mon = dict(
-        query(
-            site,
+        cmlab_site.query(
             "SELECT SubStageID, IsComplete FROM CM_UpdatePackage_MonitoringStatus "
             "WHERE PackageGuid = ?",
             [GUID],
         )
     )
     assert mon[0xB0001] == 2 and mon[0xB0002] == 2 and mon[0xD0005] == 2
-    assert query(site, "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", [GUID])
-    assert query(site, "SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [GUID]) == [(1,)]
+    assert cmlab_site.query(
+        "SELECT State FROM CM_UpdatePackageSiteStatus WHERE PackageGuid = ?", [GUID]
+    )
+    assert cmlab_site.query("SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [GUID]) == [
+        (1,)
+    ]
 
 
-def test_prereq_warning_then_install_ignoring_warnings(site: Path) -> None:
-    set_fact(site, "maintenance_tasks_during_update", "true")
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("prereq", str(site), GUID)
-        wait_until(
-            lambda: settled_at(site, PackageState.PREREQ_WARNING), timeout=90, what="PREREQ_WARNING"
-        )
-        warned = [r for r in prereq_rows(site) if r[1] == 1]
-        assert warned and all(message for _, _, message in warned), warned
-        prereq_log = log(site, "ConfigMgrPrereq.log")
-        assert any(warned[0][2] in line for line in prereq_log), warned[0][2]
-        # Install with Flag=2: the content is replicated already, the check passes the warning.
-        cmlab("install", str(site), GUID, "--ignore-warnings")
-        wait_until(
-            lambda: (
-                "Continue configuration manager update as it is configured to ignore prereq "
-                "warnings." in log(site, "CMUpdate.log")
-            ),
-            timeout=90,
-            what="the ignore-warnings line",
-        )
-        # Flag 2 goes on to the installation despite the warning.
-        wait_until(
-            lambda: settled_at(site, PackageState.INSTALL_SUCCESS),
-            timeout=120,
-            what="INSTALL_SUCCESS",
-        )
-        assert daemon.stop() == 0
-    assert "Easy setup source folder hash is not changed. Skip updating." in log(site, "hman.log")
-    assert "Content is already found at the staging folder" in log(site, "CMUpdate.log")
-    assert query(site, "SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [GUID]) == [(2,)]
+@pytest.mark.cmlab(
+    stage="downloaded",
+    settings={"site.display_root": ROOT, "facts.maintenance_tasks_during_update": True},
+)
+def test_prereq_warning_then_install_ignoring_warnings(cmlab_site: LabSite) -> None:
+    cmlab_site.prereq(GUID, wait=True, timeout=90)
+    cmlab_site.wait_settled(GUID, State.PREREQ_WARNING)
+    warned = [r for r in prereq_rows(cmlab_site) if r[1] == 1]
+    assert warned and all(message for _, _, message in warned), warned
+    prereq_log = cmlab_site.log("ConfigMgrPrereq.log")
+    assert any(warned[0][2] in line for line in prereq_log), warned[0][2]
+    # Install with Flag=2: the content is replicated already, the check passes the warning.
+    cmlab_site.install(GUID, ignore_warnings=True)
+    cmlab_site.wait_log(
+        "CMUpdate.log",
+        "Continue configuration manager update as it is configured to ignore prereq warnings.",
+        timeout=90,
+    )
+    # Flag 2 goes on to the installation despite the warning.
+    cmlab_site.wait_state(GUID, State.INSTALL_SUCCESS, timeout=120)
+    cmlab_site.wait_settled(GUID, State.INSTALL_SUCCESS)
+    assert cmlab_site.stop() == 0
+    assert "Easy setup source folder hash is not changed. Skip updating." in cmlab_site.log(
+        "hman.log"
+    )
+    assert "Content is already found at the staging folder" in cmlab_site.log("CMUpdate.log")
+    assert cmlab_site.query("SELECT Flag FROM CM_UpdatePackages WHERE PackageGuid = ?", [GUID]) == [
+        (2,)
+    ]
     assert (
         "INFO: Running install step 1 (RUN_PREUPGRADE_SCRIPTS): Unpack and run the pre-upgrade "
-        "SQL scripts" in log(site, "CMUpdate.log")
+        "SQL scripts" in cmlab_site.log("CMUpdate.log")
     )
 
 
-def test_prereq_error_names_the_rule_and_its_fix(site: Path) -> None:
-    set_fact(site, "client_comm", '"http"')
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("prereq", str(site), GUID)
-        wait_until(
-            lambda: settled_at(site, PackageState.PREREQ_ERROR), timeout=90, what="PREREQ_ERROR"
-        )
-        assert daemon.stop() == 0
-    failed = [r for r in prereq_rows(site) if r[1] == 2]
+@pytest.mark.cmlab(
+    stage="downloaded", settings={"site.display_root": ROOT, "facts.client_comm": "http"}
+)
+def test_prereq_error_names_the_rule_and_its_fix(cmlab_site: LabSite) -> None:
+    cmlab_site.prereq(GUID)
+    cmlab_site.wait_settled(GUID, State.PREREQ_ERROR, timeout=90)
+    assert cmlab_site.stop() == 0
+    failed = [r for r in prereq_rows(cmlab_site) if r[1] == 2]
     assert len(failed) >= 1
     assert any("HTTPS" in message and "Enhanced HTTP" in message for _, _, message in failed)
-    prereq_log = log(site, "ConfigMgrPrereq.log")
+    prereq_log = cmlab_site.log("ConfigMgrPrereq.log")
     assert any(failed[0][0] in line and "Error" in line for line in prereq_log)
 
 
-def test_unreadable_source_keeps_enabled_until_2esc_is_dropped_again(site: Path) -> None:
+@pytest.mark.cmlab(stage="downloaded", start=False, settings={"site.display_root": ROOT})
+def test_unreadable_source_keeps_enabled_until_2esc_is_dropped_again(cmlab_site: LabSite) -> None:
+    site = cmlab_site.path
     source = site / "EasySetupPayload" / GUID.lower()
     aside = site / "payload-aside"
     shutil.move(source, aside)
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("prereq", str(site), GUID)
-        wait_until(
-            lambda: "Failed to calculate hash" in log(site, "hman.log") and not inbox_files(site),
-            timeout=60,
-            what="Failed to calculate hash",
-        )
-        assert states(site)[GUID] == PackageState.ENABLED
-        assert (
-            "Successfully reported ConfigMgr update status (SiteCode=CAS, SubStageID=0xb0001, "
-            "IsComplete=4, Progress=0, Applicable=1)" in log(site, "hman.log")
-        )
-        # The guide's fix: make the share readable, then re-create 2.esc in CFD by hand.
-        shutil.move(aside, source)
-        write_atomic(site / "inboxes" / "hman.box" / "CFD" / "2.esc", b"")
-        wait_until(
-            lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS"
-        )
-        assert daemon.stop() == 0
+    cmlab_site.start()
+    cmlab_site.prereq(GUID)
+    cmlab_site.wait_log("hman.log", "Failed to calculate hash")
+    cmlab_site.wait_idle()
+    assert cmlab_site.state(GUID) == State.ENABLED
+    assert (
+        "Successfully reported ConfigMgr update status (SiteCode=CAS, SubStageID=0xb0001, "
+        "IsComplete=4, Progress=0, Applicable=1)" in cmlab_site.log("hman.log")
+    )
+    # The guide's fix: make the share readable, then re-create 2.esc in CFD by hand.
+    shutil.move(aside, source)
+    cmlab_site.drop("hman.box/CFD", "2.esc")
+    cmlab_site.wait_settled(GUID, State.PREREQ_SUCCESS, timeout=90)
+    assert cmlab_site.stop() == 0
     assert_in_order(
-        log(site, "hman.log"),
+        cmlab_site.log("hman.log"),
         [
             f"Get  Update Pack {GUID}, {SHARE}",
             "Failed to calculate hash",
@@ -303,36 +260,34 @@ def test_unreadable_source_keeps_enabled_until_2esc_is_dropped_again(site: Path)
     )
 
 
-def test_tampered_update_map_cab_gives_the_guides_error_and_retry_recovers(site: Path) -> None:
+@pytest.mark.cmlab(stage="downloaded", start=False, settings={"site.display_root": ROOT})
+def test_tampered_update_map_cab_gives_the_guides_error_and_retry_recovers(
+    cmlab_site: LabSite,
+) -> None:
+    site = cmlab_site.path
     cab = site / "EasySetupPayload" / GUID.lower() / "SMSSetup" / "update.map.cab"
     good = cab.read_bytes()
     bad = bytearray(good)
     bad[len(bad) // 2] ^= 0xFF
     cab.write_bytes(bytes(bad))
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("prereq", str(site), GUID)
-        wait_until(
-            lambda: settled_at(site, PackageState.PREREQ_ERROR), timeout=90, what="PREREQ_ERROR"
-        )
-        assert_in_order(
-            log(site, "CMUpdate.log"),
-            [
-                rf"update package content {GUID} has been expanded to foler {STAGING}" + "\\",
-                rf"Error in verifying the trust of file {STAGING}\SMSSetup\update.map.cab.",
-            ],
-        )
-        assert [r[0] for r in prereq_rows(site) if r[1] == 2] == ["update.map.cab signature"]
-        # The guide's fix: good payload files, RetryContentReplication, then try again.
-        cab.write_bytes(good)
-        out = cmlab("retry-replication", str(site), GUID).stdout
-        assert "ReturnValue 0" in out
-        wait_until(
-            lambda: settled_at(site, PackageState.PREREQ_SUCCESS), timeout=90, what="PREREQ_SUCCESS"
-        )
-        assert daemon.stop() == 0
+    cmlab_site.start()
+    cmlab_site.prereq(GUID)
+    cmlab_site.wait_settled(GUID, State.PREREQ_ERROR, timeout=90)
     assert_in_order(
-        log(site, "distmgr.log"),
+        cmlab_site.log("CMUpdate.log"),
+        [
+            rf"update package content {GUID} has been expanded to foler {STAGING}" + "\\",
+            rf"Error in verifying the trust of file {STAGING}\SMSSetup\update.map.cab.",
+        ],
+    )
+    assert [r[0] for r in prereq_rows(cmlab_site) if r[1] == 2] == ["update.map.cab signature"]
+    # The guide's fix: good payload files, RetryContentReplication, then try again.
+    cab.write_bytes(good)
+    assert cmlab_site.retry_replication(GUID, wait=True, timeout=90) == "CAS10001"
+    cmlab_site.wait_settled(GUID, State.PREREQ_SUCCESS)
+    assert cmlab_site.stop() == 0
+    assert_in_order(
+        cmlab_site.log("distmgr.log"),
         [
             "Taking package snapshot for package CAS10001 from source " + SHARE,
             "Successfully created/updated the package CAS10001",
@@ -343,14 +298,17 @@ def test_tampered_update_map_cab_gives_the_guides_error_and_retry_recovers(site:
     assert re.search(
         r"Staging folder \(.*\) has hash [0-9A-F]{64} which does not match hash from content "
         r"library [0-9A-F]{64}",
-        "\n".join(log(site, "CMUpdate.log")),
+        "\n".join(cmlab_site.log("CMUpdate.log")),
     )
-    (stored,) = query(site, "SELECT StoredPkgHash FROM vEasySetupPackage")
+    (stored,) = cmlab_site.query("SELECT StoredPkgHash FROM vEasySetupPackage")
     assert stored[0] == folder_hash(site / "EasySetupPayload" / GUID.lower())
     assert staging_hash(site / "CMUStaging" / GUID) == stored[0]
 
 
-def test_initiate_upgrade_refuses_a_package_that_is_not_ready(site: Path) -> None:
+# `cmlab prereq`'s refusal is what is tested: the command line, no daemon needed.
+@pytest.mark.cmlab(stage="downloaded", start=False, settings={"site.display_root": ROOT})
+def test_initiate_upgrade_refuses_a_package_that_is_not_ready(cmlab_site: LabSite) -> None:
+    site = cmlab_site.path
     proc = cmlab("prereq", str(site), "6B0783D9-B8A2-4848-82F6-8EFE956F4988", check=False)
     assert proc.returncode == 4  # refused
     assert "APPLICABILITY_HIDE" in proc.stderr

@@ -14,23 +14,11 @@ from cmlab.admin.reset import ResetResult, reset_package
 from cmlab.site.sitedb import connect, procs, transaction
 from cmlab.site.sms_log import read_messages
 from cmlab.site.state_codes import IsComplete, PackageState, SubStage
-from tests.helpers.sites import (
-    GUID_2409_HFRU,
-    GUID_2503_HFRU,
-    GUID_2509,
-    Daemon,
-    cmlab,
-    copy_site,
-    inbox_files,
-    query,
-    set_toml,
-    states,
-    sync_once,
-)
-from tests.helpers.waiting import wait_until
+from cmlab.testing import SAMPLE_HIDDEN, SAMPLE_NOT_APPLICABLE, SAMPLE_UPDATE, LabSite
+from tests.helpers.cli import cmlab
 
-GUID = GUID_2509  # the package reset in these tests
-OTHER = GUID_2503_HFRU  # a package that must be left alone
+GUID = SAMPLE_UPDATE  # the package reset in these tests
+OTHER = SAMPLE_HIDDEN  # a package that must be left alone
 GUID_TABLES = (
     "CM_UpdatePackages",
     "CM_UpdatePackagesToDownload",
@@ -42,17 +30,14 @@ GUID_TABLES = (
 INSTALLING = "After an update package starts installing, don't use CMUpdateReset.exe."
 
 
-@pytest.fixture(scope="module")
-def synced(tmp_path_factory: pytest.TempPathFactory, template: Path) -> Path:
-    """A site synchronized once by the real daemon (auto-download off, so it stays there)."""
-    site = copy_site(template, tmp_path_factory.mktemp("synced") / "CAS")
-    set_toml(site, "scp", "auto_download", "false")
-    return sync_once(site)
+# A synchronized site (the plugin's synced template: auto-download off, so it stays there),
+# its daemon not running: the reset is run on the site's folder, as CMUpdateReset.exe is.
+pytestmark = pytest.mark.cmlab(stage="synced", start=False)
 
 
 @pytest.fixture
-def site(synced: Path, tmp_path: Path) -> Path:
-    return copy_site(synced, tmp_path / "CAS")
+def site(cmlab_site: LabSite) -> Path:
+    return cmlab_site.path
 
 
 @pytest.fixture
@@ -110,11 +95,11 @@ def make_content(site: Path, guid: str) -> list[Path]:
     return files
 
 
-def count(site: Path, sql: str, *params: object) -> int:
-    return int(query(site, sql, params)[0][0])
+def count(site: LabSite, sql: str, *params: object) -> int:
+    return int(site.query(sql, params)[0][0])
 
 
-def rows_of(site: Path, guid: str) -> dict[str, int]:
+def rows_of(site: LabSite, guid: str) -> dict[str, int]:
     counts = {
         t: count(site, f"SELECT COUNT(*) FROM {t} WHERE PackageGuid = ? COLLATE NOCASE", guid)
         for t in GUID_TABLES
@@ -133,15 +118,15 @@ def rows_of(site: Path, guid: str) -> dict[str, int]:
     return counts
 
 
-def snapshot(site: Path) -> tuple[dict[str, list[tuple[object, ...]]], set[str]]:
+def snapshot(site: LabSite) -> tuple[dict[str, list[tuple[object, ...]]], set[str]]:
     """Every row of the package tables and every path of the site tree except Logs and db."""
     tables = {
-        t: sorted(map(tuple, query(site, f"SELECT * FROM {t}")), key=repr)
+        t: sorted(map(tuple, site.query(f"SELECT * FROM {t}")), key=repr)
         for t in (*GUID_TABLES, "SMSPackages", "TableChangeNotifications", "StateMessages")
     }
     paths = set()
-    for root, dirs, files in os.walk(site):
-        rel = Path(root).relative_to(site)
+    for root, dirs, files in os.walk(site.path):
+        rel = Path(root).relative_to(site.path)
         if rel.parts[:1] in (("Logs",), ("db",)):
             continue
         paths.update(str(rel / n) for n in dirs + files)
@@ -158,11 +143,11 @@ def prepared(site: Path, db: sqlite3.Connection, state: int) -> tuple[list[Path]
     "state", [PackageState.APPLICABILITY_SUCCESS, PackageState.DOWNLOAD_IN_PROGRESS]
 )
 def test_reset_removes_a_package_that_has_not_started_installing(
-    site: Path, db: sqlite3.Connection, state: PackageState
+    cmlab_site: LabSite, site: Path, db: sqlite3.Connection, state: PackageState
 ) -> None:
     mine, others = prepared(site, db, state)
-    assert all(rows_of(site, GUID).values())
-    history = count(site, "SELECT COUNT(*) FROM StateMessages")
+    assert all(rows_of(cmlab_site, GUID).values())
+    history = count(cmlab_site, "SELECT COUNT(*) FROM StateMessages")
     staging_before = sorted(p.name for p in (site / "CMUStaging").iterdir())
 
     proc = cmlab("reset", str(site), GUID.lower())  # the GUID matches in either case
@@ -173,18 +158,18 @@ def test_reset_removes_a_package_that_has_not_started_installing(
     for path in (f"{GUID.lower()}.cab", f"___CMU{GUID.lower()}.MCM", f"{GUID}.DMP"):
         assert path in proc.stdout
     assert f"cmlab sync {site}" in proc.stdout
-    assert rows_of(site, GUID) == dict.fromkeys(rows_of(site, GUID), 0)
+    assert rows_of(cmlab_site, GUID) == dict.fromkeys(rows_of(cmlab_site, GUID), 0)
     assert not [p for p in mine if os.path.lexists(p)]
     assert not (site / "EasySetupPayload" / GUID.lower()).exists()
     assert not (site / "CMUStaging" / GUID).exists()
 
     # History stays; the other package, its rows and its content are untouched.
-    assert count(site, "SELECT COUNT(*) FROM StateMessages") == history
-    assert all(rows_of(site, OTHER).values())
+    assert count(cmlab_site, "SELECT COUNT(*) FROM StateMessages") == history
+    assert all(rows_of(cmlab_site, OTHER).values())
     assert all(p.is_file() for p in others)
-    assert states(site) == {
-        GUID_2503_HFRU: PackageState.DOWNLOAD_IN_PROGRESS,
-        GUID_2409_HFRU: PackageState.APPLICABILITY_NA,
+    assert cmlab_site.states() == {
+        SAMPLE_HIDDEN: PackageState.DOWNLOAD_IN_PROGRESS,
+        SAMPLE_NOT_APPLICABLE: PackageState.APPLICABILITY_NA,
     }
     # Only the package's own staging folder went: the manifest and applicability checks stay.
     assert sorted(p.name for p in (site / "CMUStaging").iterdir()) == [
@@ -219,21 +204,23 @@ def test_reset_removes_a_package_that_has_not_started_installing(
     ],
 )
 def test_reset_refuses_a_package_that_started_installing(
-    site: Path, db: sqlite3.Connection, state: PackageState, force: bool
+    cmlab_site: LabSite, site: Path, db: sqlite3.Connection, state: PackageState, force: bool
 ) -> None:
     prepared(site, db, state)
-    before = snapshot(site)
+    before = snapshot(cmlab_site)
     report = reset_package(site, GUID, force=force)
     assert report.outcome is ResetResult.INSTALLING and not report.ok
     assert f"is {state.name} ({int(state)})" in report.message
     assert INSTALLING in report.message
-    assert snapshot(site) == before
+    assert snapshot(cmlab_site) == before
     assert f"ERROR: {report.message}" in read_messages(site / "Logs" / "CMUpdateReset.log")
 
 
-def test_cli_refusal_names_the_state_and_exits_4(site: Path, db: sqlite3.Connection) -> None:
+def test_cli_refusal_names_the_state_and_exits_4(
+    cmlab_site: LabSite, site: Path, db: sqlite3.Connection
+) -> None:
     prepared(site, db, PackageState.INSTALL_IN_PROGRESS)
-    before = snapshot(site)
+    before = snapshot(cmlab_site)
     proc = cmlab("reset", str(site), GUID, "--force", check=False)
     assert proc.returncode == 4  # refused
     assert (
@@ -241,11 +228,11 @@ def test_cli_refusal_names_the_state_and_exits_4(site: Path, db: sqlite3.Connect
         "it has started installing." in proc.stderr
     )
     assert INSTALLING in proc.stderr and "Nothing was removed." in proc.stderr
-    assert snapshot(site) == before
+    assert snapshot(cmlab_site) == before
 
 
 def test_a_child_site_that_is_installing_blocks_the_reset(
-    site: Path, db: sqlite3.Connection
+    cmlab_site: LabSite, site: Path, db: sqlite3.Connection
 ) -> None:
     """The top-level site has the package downloaded; a child primary already installs it."""
     prepared(site, db, PackageState.DOWNLOAD_SUCCESS)
@@ -259,29 +246,29 @@ def test_a_child_site_that_is_installing_blocks_the_reset(
             "VALUES (?, 2, ?)",
             (GUID, int(PackageState.INSTALL_IN_PROGRESS)),
         )
-    before = snapshot(site)
+    before = snapshot(cmlab_site)
     report = reset_package(site, GUID, force=True)
     assert report.outcome is ResetResult.INSTALLING
     assert "is INSTALL_IN_PROGRESS (196609) at site PR1" in report.message
-    assert snapshot(site) == before
+    assert snapshot(cmlab_site) == before
 
 
 @pytest.mark.parametrize(
     "state", [PackageState.DOWNLOAD_SUCCESS, PackageState.CONTENT_REPLICATION_FAILED]
 )
 def test_a_downloaded_package_is_deleted_only_with_force(
-    site: Path, db: sqlite3.Connection, state: PackageState
+    cmlab_site: LabSite, site: Path, db: sqlite3.Connection, state: PackageState
 ) -> None:
     mine, _ = prepared(site, db, state)
-    before = snapshot(site)
+    before = snapshot(cmlab_site)
     proc = cmlab("reset", str(site), GUID, check=False)
     assert proc.returncode == 4  # refused
     assert f"is {state.name} ({int(state)}), a post-download state" in proc.stderr
     assert "--force" in proc.stderr
-    assert snapshot(site) == before
+    assert snapshot(cmlab_site) == before
 
     proc = cmlab("reset", str(site), GUID, "--force")
-    assert rows_of(site, GUID) == dict.fromkeys(rows_of(site, GUID), 0)
+    assert rows_of(cmlab_site, GUID) == dict.fromkeys(rows_of(cmlab_site, GUID), 0)
     assert not [p for p in mine if os.path.lexists(p)]
     log = read_messages(site / "Logs" / "CMUpdateReset.log")
     assert (
@@ -290,8 +277,8 @@ def test_a_downloaded_package_is_deleted_only_with_force(
     )
 
 
-def test_unknown_and_malformed_guids(site: Path) -> None:
-    before = snapshot(site)
+def test_unknown_and_malformed_guids(cmlab_site: LabSite, site: Path) -> None:
+    before = snapshot(cmlab_site)
     unknown = "61F16B3C-F1F6-4F9F-8647-2A524B0C802C"
     proc = cmlab("reset", str(site), unknown, check=False)
     assert proc.returncode == 5  # not found
@@ -301,7 +288,7 @@ def test_unknown_and_malformed_guids(site: Path) -> None:
     for bad in ("../../etc", f"{GUID}/..", "not-a-guid"):
         proc = cmlab("reset", str(site), bad, check=False)
         assert proc.returncode == 2 and "is not an update package GUID" in proc.stderr
-    assert snapshot(site) == before
+    assert snapshot(cmlab_site) == before
 
 
 def test_json_output(site: Path, db: sqlite3.Connection) -> None:
@@ -370,7 +357,9 @@ def test_links_are_removed_never_followed(
     )
 
 
-def test_leftovers_of_an_interrupted_reset_are_cleaned(site: Path, db: sqlite3.Connection) -> None:
+def test_leftovers_of_an_interrupted_reset_are_cleaned(
+    cmlab_site: LabSite, site: Path, db: sqlite3.Connection
+) -> None:
     """The package's row is gone (a crash, or a hand-made DELETE) but other rows and its files
     are left: running the reset again removes them."""
     seed(db, GUID, PackageState.DOWNLOAD_FAILED, "CAS10001")
@@ -380,7 +369,7 @@ def test_leftovers_of_an_interrupted_reset_are_cleaned(site: Path, db: sqlite3.C
     report = reset_package(site, GUID)
     assert report.ok and report.state is None
     assert not [p for p in files if os.path.lexists(p)]
-    assert rows_of(site, GUID) == dict.fromkeys(rows_of(site, GUID), 0)
+    assert rows_of(cmlab_site, GUID) == dict.fromkeys(rows_of(cmlab_site, GUID), 0)
     assert report.rows["EasySetupSettings"] == 1
     # Only files left (the database part had committed): cleaned too.
     files = make_content(site, GUID)
@@ -389,64 +378,68 @@ def test_leftovers_of_an_interrupted_reset_are_cleaned(site: Path, db: sqlite3.C
     assert not [p for p in files if os.path.lexists(p)]
 
 
-def test_only_the_top_level_site_runs_the_reset(site: Path, db: sqlite3.Connection) -> None:
+def test_only_the_top_level_site_runs_the_reset(
+    cmlab_site: LabSite, site: Path, db: sqlite3.Connection
+) -> None:
     prepared(site, db, PackageState.DOWNLOAD_FAILED)
-    set_toml(site, "site", "role", "'primary'")
-    set_toml(site, "site", "parent", f"'{site.parent / 'CAS-parent'}'")
-    before = snapshot(site)
+    cmlab_site.set("site", "role", "primary")
+    cmlab_site.set("site", "parent", str(site.parent / "CAS-parent"))
+    before = snapshot(cmlab_site)
     proc = cmlab("reset", str(site), GUID, check=False)
     assert proc.returncode == 4 and "not the top-level site" in proc.stderr
-    assert snapshot(site) == before
+    assert snapshot(cmlab_site) == before
 
 
-def test_reset_while_the_daemon_runs_then_sync_brings_the_package_back(site: Path) -> None:
+def test_reset_while_the_daemon_runs_then_sync_brings_the_package_back(
+    cmlab_site: LabSite, site: Path
+) -> None:
     """The guide's case: the download finished but the content is suspect. Reset it (forced,
     as it is downloaded) with the daemon running; the next sync starts it over."""
     payload = site / "EasySetupPayload"
     low = GUID.lower()
     downloaded = (PackageState.DOWNLOAD_SUCCESS, PackageState.DOWNLOAD_FAILED)
-    with Daemon(site) as daemon:
-        daemon.start()
-        cmlab("download", str(site), GUID)
-        wait_until(lambda: states(site)[GUID] in downloaded, timeout=60, what="download")
-        assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
-        wait_until(lambda: not inbox_files(site), timeout=30, what="drop files consumed")
-        assert (payload / low).is_dir() and (payload / f"{low}.cab").is_file()
-        (payload / low / "tampered.txt").write_text("not from Microsoft")
+    cmlab_site.start()
+    cmlab_site.download(GUID)
+    cmlab_site.wait_for(lambda: cmlab_site.states()[GUID] in downloaded, what="download")
+    assert cmlab_site.states()[GUID] == PackageState.DOWNLOAD_SUCCESS
+    cmlab_site.wait_for(lambda: not cmlab_site.waiting_files(), what="drop files consumed")
+    assert (payload / low).is_dir() and (payload / f"{low}.cab").is_file()
+    (payload / low / "tampered.txt").write_text("not from Microsoft")
 
-        refused = cmlab("reset", str(site), GUID, check=False)
-        assert refused.returncode == 4 and "DOWNLOAD_SUCCESS (262146)" in refused.stderr
-        assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
+    # `cmlab reset`'s refusal is tested as the command line gives it.
+    refused = cmlab("reset", str(site), GUID, check=False)
+    assert refused.returncode == 4 and "DOWNLOAD_SUCCESS (262146)" in refused.stderr
+    assert cmlab_site.states()[GUID] == PackageState.DOWNLOAD_SUCCESS
 
-        cmlab("reset", str(site), GUID, "--force")
-        assert GUID not in states(site)
-        assert not [n for n in os.listdir(payload) if n.lower().startswith(low)]
-        assert rows_of(site, GUID) == dict.fromkeys(rows_of(site, GUID), 0)
-        assert daemon.alive()
+    assert cmlab_site.reset(GUID, force=True).ok
+    assert GUID not in cmlab_site.states()
+    assert not [n for n in os.listdir(payload) if n.lower().startswith(low)]
+    assert rows_of(cmlab_site, GUID) == dict.fromkeys(rows_of(cmlab_site, GUID), 0)
+    assert cmlab_site.running
 
-        cmlab("sync", str(site))
-        # Back at the start: applicable again (or further on, if the site downloads by itself).
-        # HMAN rechecks every package of the manifest: wait for all of them.
-        back = (
-            PackageState.APPLICABILITY_SUCCESS,
-            PackageState.DOWNLOAD_IN_PROGRESS,
-            PackageState.DOWNLOAD_SUCCESS,
-        )
-        others = {
-            GUID_2503_HFRU: PackageState.APPLICABILITY_HIDE,
-            GUID_2409_HFRU: PackageState.APPLICABILITY_NA,
-        }
+    cmlab_site.sync()
+    # Back at the start: applicable again (or further on, if the site downloads by itself).
+    # HMAN rechecks every package of the manifest: wait for all of them.
+    back = (
+        PackageState.APPLICABILITY_SUCCESS,
+        PackageState.DOWNLOAD_IN_PROGRESS,
+        PackageState.DOWNLOAD_SUCCESS,
+    )
+    others = {
+        SAMPLE_HIDDEN: PackageState.APPLICABILITY_HIDE,
+        SAMPLE_NOT_APPLICABLE: PackageState.APPLICABILITY_NA,
+    }
 
-        def resynced() -> bool:
-            now = states(site)
-            return now.get(GUID) in back and all(now.get(g) == s for g, s in others.items())
+    def resynced() -> bool:
+        now = cmlab_site.states()
+        return now.get(GUID) in back and all(now.get(g) == s for g, s in others.items())
 
-        wait_until(resynced, timeout=60, what="the package back, the others rechecked")
+    cmlab_site.wait_for(resynced, what="the package back, the others rechecked")
 
-        # And it downloads again, cleanly.
-        if states(site)[GUID] == PackageState.APPLICABILITY_SUCCESS:
-            cmlab("download", str(site), GUID)
-        wait_until(lambda: states(site)[GUID] in downloaded, timeout=60, what="download again")
-        assert states(site)[GUID] == PackageState.DOWNLOAD_SUCCESS
-        assert not (payload / low / "tampered.txt").exists()
-        assert daemon.stop() == 0
+    # And it downloads again, cleanly.
+    if cmlab_site.states()[GUID] == PackageState.APPLICABILITY_SUCCESS:
+        cmlab_site.download(GUID)
+    cmlab_site.wait_for(lambda: cmlab_site.states()[GUID] in downloaded, what="download again")
+    assert cmlab_site.states()[GUID] == PackageState.DOWNLOAD_SUCCESS
+    assert not (payload / low / "tampered.txt").exists()
+    assert cmlab_site.stop() == 0

@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cmlab.core.fs import write_atomic
-from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import (
-    GUID_2509,
-    Daemon,
-    assert_in_order,
-    copy_site,
-    log,
-    query,
-    set_toml,
-    temporaries,
-)
-from tests.helpers.waiting import wait_until
+from cmlab.testing import SAMPLE_UPDATE, LabSite, Mode, State, assert_in_order
+from tests.helpers.site_files import temporaries
 
-GUID = GUID_2509
+GUID = SAMPLE_UPDATE
 ROOT = r"E:\ConfigMgr"
 CFD = Path("inboxes") / "hman.box" / "CFD"
 ESC = "196612.ESC"
@@ -77,12 +67,12 @@ def expected_lines(piloting: bool) -> list[str]:
     ]
 
 
-@pytest.fixture
-def site(downloaded_template: Path, tmp_path: Path) -> Path:
-    """A downloaded site with the new client files in CMUClient (those of the sample update's
-    payload, as the installation will leave them) and an old client in Client/."""
-    s = copy_site(downloaded_template, tmp_path / "CAS")
-    set_toml(s, "site", "display_root", "'E:\\ConfigMgr'")
+def client_site(make: Callable[..., LabSite], mode: Mode = "inprocess") -> LabSite:
+    """A downloaded site, not started, with the new client files in CMUClient (those of the
+    sample update's payload, as the installation will leave them) and an old client in
+    Client/."""
+    site = make(stage="downloaded", mode=mode, start=False, settings={"site.display_root": ROOT})
+    s = site.path
     payload_client = s / "EasySetupPayload" / GUID.lower() / "CMUClient"
     cmu_client = s / "CMUClient"
     cmu_client.mkdir(exist_ok=True)
@@ -92,7 +82,12 @@ def site(downloaded_template: Path, tmp_path: Path) -> Path:
     (cmu_client / "i386" / "client.msi").write_bytes(b"x86 client " * 100)
     (s / "Client").mkdir(exist_ok=True)
     (s / "Client" / "old-client.msi").write_bytes(b"the previous build's client")
-    return s
+    return site
+
+
+@pytest.fixture
+def site(cmlab_site_factory: Callable[..., LabSite]) -> LabSite:
+    return client_site(cmlab_site_factory)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -101,9 +96,9 @@ def tree(folder: Path) -> dict[str, bytes]:
     }
 
 
-def set_state(site: Path, state: int) -> None:
+def set_state(site: LabSite, state: int) -> None:
     """What CMUpdate leaves: the package's state and this site's status row."""
-    conn = sqlite3.connect(site / "db" / "site.db", timeout=30)
+    conn = sqlite3.connect(site.path / "db" / "site.db", timeout=30)
     try:
         with conn:
             conn.execute(
@@ -119,19 +114,18 @@ def set_state(site: Path, state: int) -> None:
         conn.close()
 
 
-def drop_esc(site: Path) -> None:
-    write_atomic(site / CFD / ESC, b"")
+def drop_esc(site: LabSite) -> None:
+    site.drop("hman.box/CFD", ESC)
 
 
-def handled(site: Path) -> bool:
-    return not (site / CFD / ESC).exists() and UPGRADE_COPY in log(site, "hman.log")
+def handled(site: LabSite) -> bool:
+    return not (site.path / CFD / ESC).exists() and UPGRADE_COPY in site.log("hman.log")
 
 
-def monitoring(site: Path) -> dict[int, tuple[int, int]]:
+def monitoring(site: LabSite) -> dict[int, tuple[int, int]]:
     return {
         int(r[0]): (int(r[1]), int(r[2]))
-        for r in query(
-            site,
+        for r in site.query(
             "SELECT SubStageID, IsComplete, Progress FROM CM_UpdatePackage_MonitoringStatus "
             "WHERE PackageGuid = ? AND SubStageID IN (917511, 917512, 917513)",
             [GUID],
@@ -139,152 +133,155 @@ def monitoring(site: Path) -> dict[int, tuple[int, int]]:
     }
 
 
-def assert_client_packages(site: Path, *, piloting: bool) -> None:
-    new = tree(site / "CMUClient")
-    assert tree(site / "Client") == new  # the old client is gone: the folder was replaced
+def assert_client_packages(site: LabSite, *, piloting: bool) -> None:
+    folder = site.path
+    new = tree(folder / "CMUClient")
+    assert tree(folder / "Client") == new  # the old client is gone: the folder was replaced
     ccmsetup = new["ccmsetup.exe"]
-    assert tree(site / "ClientUpgrade") == {"ccmsetup.exe": ccmsetup}
+    assert tree(folder / "ClientUpgrade") == {"ccmsetup.exe": ccmsetup}
     if piloting:
-        assert tree(site / "PilotingUpgrade") == {"ccmsetup.exe": ccmsetup}
+        assert tree(folder / "PilotingUpgrade") == {"ccmsetup.exe": ccmsetup}
     else:
-        assert tree(site / "PilotingUpgrade") == {}
+        assert tree(folder / "PilotingUpgrade") == {}
     assert monitoring(site) == {0xE0007: (2, 100), 0xE0008: (2, 100), 0xE0009: (2, 100)}
-    assert temporaries(site) == []
+    assert temporaries(folder) == []
 
 
-def test_early_notification_waits_then_updates_the_client_packages(site: Path) -> None:
-    set_state(site, PackageState.INSTALL_WAITING_PARENT)
-    with Daemon(site) as daemon:
-        daemon.start()
-        drop_esc(site)
-        wait_until(lambda: WARN in log(site, "hman.log"), timeout=30, what="the WARN line")
-        # Not installed yet: the notification stays for the next cycle, nothing is copied.
-        assert (site / CFD / ESC).exists()
-        assert not (site / CFD / "BAD").exists()
-        assert tree(site / "Client") == {"old-client.msi": b"the previous build's client"}
-        assert monitoring(site) == {}
-        assert_in_order(log(site, "hman.log"), [FOUND, WARN])
+def test_early_notification_waits_then_updates_the_client_packages(
+    site: LabSite, capfd: pytest.CaptureFixture[str]
+) -> None:
+    set_state(site, State.INSTALL_WAITING_PARENT)
+    site.start()
+    drop_esc(site)
+    site.wait_for(lambda: WARN in site.log("hman.log"), timeout=30, what="the WARN line")
+    # Not installed yet: the notification stays for the next cycle, nothing is copied.
+    assert (site.path / CFD / ESC).exists()
+    assert not (site.path / CFD / "BAD").exists()
+    assert tree(site.path / "Client") == {"old-client.msi": b"the previous build's client"}
+    assert monitoring(site) == {}
+    assert_in_order(site.log("hman.log"), [FOUND, WARN])
 
-        set_state(site, PackageState.INSTALL_SUCCESS)
-        wait_until(lambda: handled(site), timeout=30, what="196612.ESC handled")
-        messages = log(site, "hman.log")
-        assert messages.count(WARN) == 1  # retries while the state stays are not logged again
-        assert_in_order(messages, [FOUND, WARN, *expected_lines(piloting=False)])
-        assert_client_packages(site, piloting=False)
-        assert query(
-            site,
-            "SELECT SiteCode, FullClientPackageID, ClientPilotingAdvertisementID "
-            "FROM ClientUpgradeSettings",
-        ) == [("CAS", "CAS00004", None)]
+    set_state(site, State.INSTALL_SUCCESS)
+    site.wait_for(lambda: handled(site), timeout=30, what="196612.ESC handled")
+    messages = site.log("hman.log")
+    assert messages.count(WARN) == 1  # retries while the state stays are not logged again
+    assert_in_order(messages, [FOUND, WARN, *expected_lines(piloting=False)])
+    assert_client_packages(site, piloting=False)
+    assert site.query(
+        "SELECT SiteCode, FullClientPackageID, ClientPilotingAdvertisementID "
+        "FROM ClientUpgradeSettings",
+    ) == [("CAS", "CAS00004", None)]
 
-        # Handled again (a crash before the delete, or a trainee's re-drop): the same end.
-        drop_esc(site)
-        wait_until(
-            lambda: (
-                not (site / CFD / ESC).exists()
-                and log(site, "hman.log").count(UPGRADE_COPY) == 2
-                and "deleted notification file" in log(site, "hman.log")[-1]
-            ),
-            timeout=30,
-            what="the second 196612.ESC handled",
-        )
-        assert_client_packages(site, piloting=False)
-        assert daemon.stop() == 0
-        assert "Traceback" not in daemon.stderr(), daemon.stderr()
-    assert not [line for line in log(site, "hman.log") if line.startswith("ERROR")]
+    # Handled again (a crash before the delete, or a trainee's re-drop): the same end.
+    drop_esc(site)
+    site.wait_for(
+        lambda: (
+            not (site.path / CFD / ESC).exists()
+            and site.log("hman.log").count(UPGRADE_COPY) == 2
+            and "deleted notification file" in site.log("hman.log")[-1]
+        ),
+        timeout=30,
+        what="the second 196612.ESC handled",
+    )
+    assert_client_packages(site, piloting=False)
+    assert site.stop() == 0
+    # In this process, a component's traceback would be on this test's stderr.
+    stderr = capfd.readouterr().err
+    assert "Traceback" not in stderr, stderr
+    assert not [line for line in site.log("hman.log") if line.startswith("ERROR")]
 
 
-def test_piloting_also_updates_the_piloting_package(site: Path) -> None:
-    with (site / "site.toml").open("a") as f:
+def test_piloting_also_updates_the_piloting_package(site: LabSite) -> None:
+    with (site.path / "site.toml").open("a") as f:
         f.write("\n[client]\npiloting = true\n")
-    set_state(site, PackageState.INSTALL_SUCCESS)
-    with Daemon(site) as daemon:
-        daemon.start()
-        drop_esc(site)
-        wait_until(lambda: handled(site), timeout=30, what="196612.ESC handled")
-        assert_in_order(log(site, "hman.log"), expected_lines(piloting=True))
-        assert_client_packages(site, piloting=True)
-        assert query(site, "SELECT ClientPilotingAdvertisementID FROM ClientUpgradeSettings") == [
-            ("CAS20001",)
-        ]
-        assert daemon.stop() == 0
+    set_state(site, State.INSTALL_SUCCESS)
+    site.start()
+    drop_esc(site)
+    site.wait_for(lambda: handled(site), timeout=30, what="196612.ESC handled")
+    assert_in_order(site.log("hman.log"), expected_lines(piloting=True))
+    assert_client_packages(site, piloting=True)
+    assert site.query("SELECT ClientPilotingAdvertisementID FROM ClientUpgradeSettings") == [
+        ("CAS20001",)
+    ]
+    assert site.stop() == 0
 
 
-def test_stray_notification_is_deleted(site: Path) -> None:
+def test_stray_notification_is_deleted(site: LabSite) -> None:
     """No update is being installed or installed (the site is at DOWNLOAD_SUCCESS)."""
-    with Daemon(site) as daemon:
-        daemon.start()
-        drop_esc(site)
-        wait_until(lambda: not (site / CFD / ESC).exists(), timeout=30, what="196612.ESC gone")
-        assert_in_order(
-            log(site, "hman.log"),
-            [
-                FOUND,
-                "INFO: No update package is being installed or installed. Nothing to update; "
-                "the notification is removed.",
-            ],
-        )
-        assert not (site / CFD / "BAD").exists()
-        assert tree(site / "Client") == {"old-client.msi": b"the previous build's client"}
-        assert daemon.stop() == 0
+    site.start()
+    drop_esc(site)
+    site.wait_for(lambda: not (site.path / CFD / ESC).exists(), timeout=30, what="196612.ESC gone")
+    assert_in_order(
+        site.log("hman.log"),
+        [
+            FOUND,
+            "INFO: No update package is being installed or installed. Nothing to update; "
+            "the notification is removed.",
+        ],
+    )
+    assert not (site.path / CFD / "BAD").exists()
+    assert tree(site.path / "Client") == {"old-client.msi": b"the previous build's client"}
+    assert site.stop() == 0
 
 
-def moved_bad_file_errors(site: Path) -> list[str]:
+def moved_bad_file_errors(site: LabSite) -> list[str]:
     """hman.log's ERROR lines once the engine has logged a quarantine; [] until then."""
-    errors = [line for line in log(site, "hman.log") if line.startswith("ERROR")]
+    errors = [line for line in site.log("hman.log") if line.startswith("ERROR")]
     return errors if any(e.startswith("ERROR: Moved bad file") for e in errors) else []
 
 
 @pytest.mark.parametrize("broken", ["no CMUClient", "no ccmsetup"])
-def test_missing_client_files_go_to_bad(site: Path, broken: str) -> None:
+def test_missing_client_files_go_to_bad(site: LabSite, broken: str) -> None:
     if broken == "no CMUClient":
-        for f in (site / "CMUClient").rglob("*"):
+        for f in (site.path / "CMUClient").rglob("*"):
             if f.is_file():
                 f.unlink()
-        (site / "CMUClient" / "i386").rmdir()
-        (site / "CMUClient").rmdir()
+        (site.path / "CMUClient" / "i386").rmdir()
+        (site.path / "CMUClient").rmdir()
         what = "CMUClient does not exist"
     else:
-        (site / "CMUClient" / "ccmsetup.exe").unlink()
+        (site.path / "CMUClient" / "ccmsetup.exe").unlink()
         what = "CMUClient has no ccmsetup.exe"
-    set_state(site, PackageState.INSTALL_SUCCESS)
-    with Daemon(site) as daemon:
-        daemon.start()
-        drop_esc(site)
-        bad = site / CFD / "BAD" / ESC
-        wait_until(lambda: (bad.parent / f"{ESC}.reason").exists(), timeout=30, what="BAD")
-        reason = (bad.parent / f"{ESC}.reason").read_text()
-        assert "the client files to update the client packages from are missing" in reason
-        assert what in reason
-        # Quarantine writes the .reason file before it logs the move: wait for the line.
-        errors = wait_until(
-            lambda: moved_bad_file_errors(site), timeout=30, what="ERROR: Moved bad file"
-        )
-        assert any("Failed to update client packages" in e and what in e for e in errors)
-        # Nothing half-copied.
-        assert tree(site / "Client") == {"old-client.msi": b"the previous build's client"}
-        assert tree(site / "ClientUpgrade") == {}
-        assert monitoring(site) == {0xE0007: (4, 0)}
-        assert CLIENT_BINARIES not in log(site, "hman.log")
-        assert daemon.stop() == 0
+    set_state(site, State.INSTALL_SUCCESS)
+    site.start()
+    drop_esc(site)
+    bad = site.path / CFD / "BAD" / ESC
+    site.wait_for(lambda: (bad.parent / f"{ESC}.reason").exists(), timeout=30, what="BAD")
+    reason = (bad.parent / f"{ESC}.reason").read_text()
+    assert "the client files to update the client packages from are missing" in reason
+    assert what in reason
+    # Quarantine writes the .reason file before it logs the move: wait for the line.
+    errors = site.wait_for(
+        lambda: moved_bad_file_errors(site), timeout=30, what="ERROR: Moved bad file"
+    )
+    assert any("Failed to update client packages" in e and what in e for e in errors)
+    # Nothing half-copied.
+    assert tree(site.path / "Client") == {"old-client.msi": b"the previous build's client"}
+    assert tree(site.path / "ClientUpgrade") == {}
+    assert monitoring(site) == {0xE0007: (4, 0)}
+    assert CLIENT_BINARIES not in site.log("hman.log")
+    assert site.stop() == 0
 
 
-def test_sigkill_after_client_copy_then_restart_converges(site: Path) -> None:
-    set_state(site, PackageState.INSTALL_SUCCESS)
-    with Daemon(site) as daemon:
-        daemon.start(CMLAB_CRASHPOINTS="hman.postinstall.after_client_copy")
-        drop_esc(site)
-        rc = daemon.wait_exit(timeout=60)
-        assert rc == -signal.SIGKILL, daemon.stderr()
-        # Killed between the two copies: Client is the new one, ClientUpgrade not yet.
-        assert (site / CFD / ESC).exists()
-        assert tree(site / "Client") == tree(site / "CMUClient")
-        assert tree(site / "ClientUpgrade") == {}
-        assert UPGRADE_COPY not in log(site, "hman.log")
+def test_sigkill_after_client_copy_then_restart_converges(
+    cmlab_site_factory: Callable[..., LabSite],
+) -> None:
+    # A crash point SIGKILLs the daemon's process: it runs as `cmlab run` in a child process.
+    site = client_site(cmlab_site_factory, mode="subprocess")
+    set_state(site, State.INSTALL_SUCCESS)
+    site.start(CMLAB_CRASHPOINTS="hman.postinstall.after_client_copy")
+    drop_esc(site)
+    rc = site.wait_exit(timeout=60)
+    assert rc == -signal.SIGKILL, site.daemon_stderr()
+    # Killed between the two copies: Client is the new one, ClientUpgrade not yet.
+    assert (site.path / CFD / ESC).exists()
+    assert tree(site.path / "Client") == tree(site.path / "CMUClient")
+    assert tree(site.path / "ClientUpgrade") == {}
+    assert UPGRADE_COPY not in site.log("hman.log")
 
-        daemon.start()
-        wait_until(lambda: handled(site), timeout=30, what="196612.ESC handled after restart")
-        assert_client_packages(site, piloting=False)
-        assert log(site, "hman.log").count(CLIENT_BINARIES) == 2
-        assert daemon.stop() == 0
-        assert "Traceback" not in daemon.stderr(), daemon.stderr()
+    site.start()
+    site.wait_for(lambda: handled(site), timeout=30, what="196612.ESC handled after restart")
+    assert_client_packages(site, piloting=False)
+    assert site.log("hman.log").count(CLIENT_BINARIES) == 2
+    assert site.stop() == 0
+    assert "Traceback" not in site.daemon_stderr(), site.daemon_stderr()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,24 +25,16 @@ from cmlab.site.inbox import InboxEngine
 from cmlab.site.sitedb import SiteDB, connect, servicing, transaction
 from cmlab.site.sms_log import LogRegistry, LogSink
 from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import (
-    GUID_2509,
-    Daemon,
-    assert_in_order,
-    log,
-    make_template,
-    query,
-    set_toml,
-    temporaries,
-)
-from tests.helpers.waiting import await_until, wait_until
+from cmlab.testing import SAMPLE_UPDATE, HierarchySpec, LabHierarchy, LabSite, Mode, assert_in_order
+from tests.helpers.site_files import temporaries
+from tests.helpers.waiting import await_until
 from tests.unit.test_cabfiles import raw_cab
 
 ROOT = r"C:\Program Files\Microsoft Configuration Manager"
 PKG = "CAS10001"
 JOB = "00000001"
 SENT_FROM = r"E:\ConfigMgr\SMSPKG\CAS10001.PCK.{v}"
-SOURCE = rf"\\cas.cmlab.local\EasySetupPayLoad\{GUID_2509}"
+SOURCE = rf"\\cas.cmlab.local\EasySetupPayLoad\{SAMPLE_UPDATE}"
 CONTENT_V1 = {
     "SMSSetup/update.map.cab": b"the update map\n" * 50,
     "SMSSetup/bin/x64/cmupdate.exe": os.urandom(40_000),
@@ -55,40 +47,44 @@ CONTENT_V2 = {**CONTENT_V1, "readme.txt": b"version two\n", "new.txt": b"new fil
 # -- sites ----------------------------------------------------------------------------------
 
 
-def make_hierarchy(tmp_path: Path, *, secondary: bool = False) -> dict[str, Path]:
-    """A CAS with its child primary PR1 (and PR1's secondary SEC), each its own folder and
-    database, made by `cmlab init --role ... --parent ...`."""
-    cas = make_template(tmp_path / "CAS")
-    pr1 = make_template(tmp_path / "PR1", site_code="PR1", role="primary", parent=cas)
-    set_toml(pr1, "site", "display_root", f"'{ROOT}'")
-    sites = {"CAS": cas, "PR1": pr1}
+def make_hierarchy(
+    root: Path, cas: Path, *, secondary: bool = False, mode: Mode = "inprocess"
+) -> LabHierarchy:
+    """A CAS (a copy of `cas`, a new site) with its child primary PR1 (and PR1's secondary
+    SEC), each its own folder and database, made by `cmlab init --role ... --parent ...`; no
+    daemon started (the caller stops any it starts)."""
+    children: list[dict[str, object]] = [
+        {"code": "PR1", "parent": "CAS", "settings": {"site.display_root": ROOT}}
+    ]
     if secondary:
-        sec = make_template(tmp_path / "SEC", site_code="SEC", role="secondary", parent=pr1)
-        set_toml(sec, "site", "display_root", f"'{ROOT}'")
-        sites["SEC"] = sec
-    return sites
+        children.append({"code": "SEC", "parent": "PR1", "settings": {"site.display_root": ROOT}})
+    spec = HierarchySpec.from_dict({"site": [{"code": "CAS"}, *children]})
+    return LabHierarchy(root, spec, mode=mode, top_from=cas).create()
 
 
 @pytest.fixture
-def hier(tmp_path: Path) -> dict[str, Path]:
-    return make_hierarchy(tmp_path)
+def hier(template: Path, tmp_path: Path) -> Iterator[LabHierarchy]:
+    h = make_hierarchy(tmp_path / "sites", template)
+    yield h
+    h.stop()
 
 
-def receive(site: Path) -> Path:
-    return site / "inboxes" / "despoolr.box" / "receive"
+def receive(site: LabSite) -> Path:
+    return site.inbox("despoolr.box/receive")
 
 
-def bad(site: Path) -> Path:
+def bad(site: LabSite) -> Path:
     return receive(site) / "BAD"
 
 
 @asynccontextmanager
 async def running(
-    site: Path, component: type[Component] = Despooler, handlers: tuple[str, ...] = ()
+    site: LabSite, component: type[Component] = Despooler, handlers: tuple[str, ...] = ()
 ) -> AsyncIterator[Component]:
     """One component of `site` on the real inbox engine, in this process (its inboxes only,
-    or only those of `handlers`): the handler runs exactly as in the daemon."""
-    config = load_config(site)
+    or only those of `handlers`): the handler runs exactly as in the daemon, and no other
+    component acts on what it leaves (a whole daemon, LabSite.start, would take the run on)."""
+    config = load_config(site.path)
     db = SiteDB(config.paths.db_file, config.site_code)
     logs = LogRegistry(LogSink(folder=config.paths.logs, site_code=config.site_code))
     engine = InboxEngine(rescan=0.2, settle=0.05)
@@ -105,7 +101,7 @@ async def running(
         logs.close()
 
 
-async def handled(site: Path, job: str = JOB) -> None:
+async def handled(site: LabSite, job: str = JOB) -> None:
     """The INS is gone: the handler returned (DONE: the engine deleted it) or moved it (BAD)."""
     ins = receive(site) / f"{job}.INS"
     await await_until(lambda: not ins.exists(), timeout=30, what=f"{ins.name} handled")
@@ -121,10 +117,10 @@ def write_tree(folder: Path, files: dict[str, bytes]) -> Path:
     return folder
 
 
-def pck(cas: Path, files: dict[str, bytes], version: int, tmp: Path) -> tuple[Path, str]:
+def pck(cas: LabSite, files: dict[str, bytes], version: int, tmp: Path) -> tuple[Path, str]:
     """The parent's `SMSPKG/CAS10001.PCK.<v>` of `files`, and the content's folder hash."""
     source = write_tree(tmp / f"content{version}", files)
-    dst = cas / "SMSPKG" / f"{PKG}.PCK.{version}"
+    dst = cas.path / "SMSPKG" / f"{PKG}.PCK.{version}"
     create_cab(files, dst)
     return dst, folder_hash(source)
 
@@ -145,7 +141,7 @@ def swd(
         "dest_site": dest,
         "package_id": PKG,
         "version": version,
-        "package_guid": GUID_2509,
+        "package_guid": SAMPLE_UPDATE,
         "package_name": servicing.EASY_SETUP_PACKAGE_NAME,
         "source": SOURCE,
         "package_file": SENT_FROM.format(v=version),
@@ -157,7 +153,7 @@ def swd(
     return build_instruction(Instruction(**fields))  # type: ignore[arg-type]
 
 
-def deliver(site: Path, job: str, pkg_bytes: bytes | None, instruction: bytes) -> None:
+def deliver(site: LabSite, job: str, pkg_bytes: bytes | None, instruction: bytes) -> None:
     """As the Sender: the package first, the instruction last (each renamed into place)."""
     receive(site).mkdir(parents=True, exist_ok=True)
     if pkg_bytes is not None:
@@ -182,52 +178,52 @@ def received_lines(version: int, old: int, job: str = JOB) -> list[str]:
     ]
 
 
-def library(site: Path) -> ContentLibrary:
-    return ContentLibrary(site / "SCCMContentLib")
+def library(site: LabSite) -> ContentLibrary:
+    return ContentLibrary(site.path / "SCCMContentLib")
 
 
-def stored_files(site: Path, version: int, dest: Path) -> dict[str, bytes]:
+def stored_files(site: LabSite, version: int, dest: Path) -> dict[str, bytes]:
     library(site).extract(PKG, version, dest)
     return {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
 
 
-def seed_replicated_run(site: Path, package_hash: str | None) -> None:
+def seed_replicated_run(site: LabSite, package_hash: str | None) -> None:
     """What CMUpdates replication brings a child before its package: the update with run 1,
     this site's row at CONTENT_REPLICATING, and EasySetupSettings with the top-level site's
     PackageHash."""
-    conn = connect(site / "db" / "site.db", "PR1")
+    conn = connect(site.path / "db" / "site.db", "PR1")
     try:
         with transaction(conn):
             conn.execute(
                 "INSERT INTO CM_UpdatePackages (PackageGuid, Name, State, RunNumber) "
                 "VALUES (?, 'Configuration Manager 2509', ?, 1)",
-                (GUID_2509, int(PackageState.CONTENT_REPLICATING)),
+                (SAMPLE_UPDATE, int(PackageState.CONTENT_REPLICATING)),
             )
             conn.execute(
                 "INSERT INTO CM_UpdatePackageSiteStatus (PackageGuid, SiteNumber, State, "
                 "RunNumber) VALUES (?, 1, ?, 1)",
-                (GUID_2509, int(PackageState.CONTENT_REPLICATING)),
+                (SAMPLE_UPDATE, int(PackageState.CONTENT_REPLICATING)),
             )
             conn.execute(
                 "INSERT INTO EasySetupSettings (PackageID, PackageGuid, PackageVersion, "
                 "PackageHash) VALUES (?, ?, 1, ?)",
-                (PKG, GUID_2509, package_hash),
+                (PKG, SAMPLE_UPDATE, package_hash),
             )
     finally:
         conn.close()
 
 
-def leftovers(site: Path) -> list[str]:
+def leftovers(site: LabSite) -> list[str]:
     """Working files the despooler must not leave: the PCK.temp and cmlab temporaries."""
-    found = [p.name for p in (site / "SMSPKG").glob("*.temp")]
-    return found + temporaries(site)
+    found = [p.name for p in (site.path / "SMSPKG").glob("*.temp")]
+    return found + temporaries(site.path)
 
 
 # -- a good package -------------------------------------------------------------------------
 
 
 async def test_good_package_is_stored_recorded_and_moves_the_run_on(
-    hier: dict[str, Path], tmp_path: Path
+    hier: LabHierarchy, tmp_path: Path
 ) -> None:
     cas, pr1 = hier["CAS"], hier["PR1"]
     pck_file, content_hash = pck(cas, CONTENT_V1, 1, tmp_path)
@@ -237,40 +233,38 @@ async def test_good_package_is_stored_recorded_and_moves_the_run_on(
         deliver(pr1, JOB, data, swd(JOB, 1, data, content_hash))
         await handled(pr1)
 
-    assert log(pr1, "despool.log") == received_lines(1, 0)
+    assert pr1.log("despool.log") == received_lines(1, 0)
     assert library(pr1).current_version(PKG) == 1
     assert stored_files(pr1, 1, tmp_path / "out") == CONTENT_V1
-    assert query(
-        pr1,
+    assert pr1.query(
         "SELECT Name, Source, SourceSite, SourceVersion, StoredPkgVersion, StoredPkgHash, "
         "StorePkgFlag FROM SMSPackages WHERE PkgID = ?",
         [PKG],
     ) == [(servicing.EASY_SETUP_PACKAGE_NAME, SOURCE, "CAS", 1, 1, content_hash, 2)]
     # The replicated PackageHash is the top-level site's: kept.
-    assert query(
-        pr1, "SELECT PackageGuid, PackageHash FROM EasySetupSettings WHERE PackageID = ?", [PKG]
-    ) == [(GUID_2509, content_hash)]
-    assert query(pr1, "SELECT SiteCode, State, SourceVersion FROM ObjectDistributionState") == [
+    assert pr1.query(
+        "SELECT PackageGuid, PackageHash FROM EasySetupSettings WHERE PackageID = ?", [PKG]
+    ) == [(SAMPLE_UPDATE, content_hash)]
+    assert pr1.query("SELECT SiteCode, State, SourceVersion FROM ObjectDistributionState") == [
         ("PR1", 0, 1)
     ]
-    assert query(
-        pr1,
+    assert pr1.query(
         "SELECT IsComplete, Progress FROM CM_UpdatePackage_MonitoringStatus "
         "WHERE PackageGuid = ? AND SiteNumber = 1 AND SubStageID = 720898",
-        [GUID_2509],
+        [SAMPLE_UPDATE],
     ) == [(2, 100)]
     # The stored hash is the one the top-level site recorded: this site's run goes on.
-    assert query(pr1, "SELECT State FROM CM_UpdatePackageSiteStatus WHERE SiteNumber = 1") == [
+    assert pr1.query("SELECT State FROM CM_UpdatePackageSiteStatus WHERE SiteNumber = 1") == [
         (PackageState.CONTENT_REPLICATION_SUCCESS,)
     ]
     assert sorted(os.listdir(receive(pr1))) == []
     assert leftovers(pr1) == []
     # No notification for DistMgr here: a replicated package is not snapshotted again.
-    assert not query(pr1, "SELECT 1 FROM TableChangeNotifications WHERE FileName LIKE '%.PKN'")
+    assert not pr1.query("SELECT 1 FROM TableChangeNotifications WHERE FileName LIKE '%.PKN'")
 
 
 async def test_new_package_row_has_no_package_hash_until_replication_brings_it(
-    hier: dict[str, Path], tmp_path: Path
+    hier: LabHierarchy, tmp_path: Path
 ) -> None:
     cas, pr1 = hier["CAS"], hier["PR1"]
     pck_file, content_hash = pck(cas, CONTENT_V1, 1, tmp_path)
@@ -278,13 +272,13 @@ async def test_new_package_row_has_no_package_hash_until_replication_brings_it(
     async with running(pr1):
         deliver(pr1, JOB, data, swd(JOB, 1, data, content_hash))
         await handled(pr1)
-    assert query(
-        pr1, "SELECT PackageGuid, PackageHash FROM EasySetupSettings WHERE PackageID = ?", [PKG]
-    ) == [(GUID_2509, None)]
+    assert pr1.query(
+        "SELECT PackageGuid, PackageHash FROM EasySetupSettings WHERE PackageID = ?", [PKG]
+    ) == [(SAMPLE_UPDATE, None)]
     assert library(pr1).current_version(PKG) == 1
 
 
-async def test_replay_and_newer_version(hier: dict[str, Path], tmp_path: Path) -> None:
+async def test_replay_and_newer_version(hier: LabHierarchy, tmp_path: Path) -> None:
     """The same INS twice changes nothing; a newer version replaces the stored one and the
     library keeps only it; an older one is refused as stored already."""
     cas, pr1 = hier["CAS"], hier["PR1"]
@@ -294,17 +288,17 @@ async def test_replay_and_newer_version(hier: dict[str, Path], tmp_path: Path) -
     async with running(pr1):
         deliver(pr1, JOB, d1, swd(JOB, 1, d1, h1))
         await handled(pr1)
-        rows = query(pr1, "SELECT * FROM SMSPackages")
-        ods = query(
-            pr1, "SELECT ObjectID, SiteCode, State, SourceVersion FROM ObjectDistributionState"
+        rows = pr1.query("SELECT * FROM SMSPackages")
+        ods = pr1.query(
+            "SELECT ObjectID, SiteCode, State, SourceVersion FROM ObjectDistributionState"
         )
         # Replayed: the Sender sent it again (package and all).
         deliver(pr1, JOB, d1, swd(JOB, 1, d1, h1))
         await handled(pr1)
-        assert query(pr1, "SELECT * FROM SMSPackages") == rows
+        assert pr1.query("SELECT * FROM SMSPackages") == rows
         assert (
-            query(
-                pr1, "SELECT ObjectID, SiteCode, State, SourceVersion FROM ObjectDistributionState"
+            pr1.query(
+                "SELECT ObjectID, SiteCode, State, SourceVersion FROM ObjectDistributionState"
             )
             == ods
         )
@@ -319,7 +313,7 @@ async def test_replay_and_newer_version(hier: dict[str, Path], tmp_path: Path) -
     already = (
         "Package CAS10001 version 1 is already stored (Stored Package Version = {}); nothing to do."
     )
-    assert log(pr1, "despool.log") == [
+    assert pr1.log("despool.log") == [
         *received_lines(1, 0),
         already.format(1),
         already.format(1),
@@ -330,7 +324,7 @@ async def test_replay_and_newer_version(hier: dict[str, Path], tmp_path: Path) -
     assert lib.current_version(PKG) == 2
     assert lib.snapshot_info(PKG, 1) is None  # remove_old_versions
     assert stored_files(pr1, 2, tmp_path / "out") == CONTENT_V2
-    assert query(pr1, "SELECT StoredPkgVersion, StoredPkgHash FROM SMSPackages") == [(2, h2)]
+    assert pr1.query("SELECT StoredPkgVersion, StoredPkgHash FROM SMSPackages") == [(2, h2)]
     assert os.listdir(receive(pr1)) == []
     assert leftovers(pr1) == []
 
@@ -376,7 +370,7 @@ DAMAGES = {
 
 
 def assert_quarantined_and_rerequested(
-    cas: Path, pr1: Path, reason: str, *, pkg_delivered: bool = True
+    cas: LabSite, pr1: LabSite, reason: str, *, pkg_delivered: bool = True
 ) -> None:
     assert sorted(p for p in os.listdir(bad(pr1)) if not p.endswith(".reason")) == sorted(
         [f"{JOB}.INS", *([f"ds_{JOB.lower()}.pkg"] if pkg_delivered else [])]
@@ -385,19 +379,19 @@ def assert_quarantined_and_rerequested(
     assert [p for p in os.listdir(receive(pr1)) if p != "BAD"] == []
     # Kept out of the content library.
     assert library(pr1).current_version(PKG) is None
-    assert not list((pr1 / "SCCMContentLib" / "FileLib").rglob("*"))
-    assert query(pr1, "SELECT COUNT(*) FROM SMSPackages") == [(0,)]
-    assert query(
-        pr1, "SELECT ObjectID, SiteCode, State, SourceVersion FROM ObjectDistributionState"
+    assert not list((pr1.path / "SCCMContentLib" / "FileLib").rglob("*"))
+    assert pr1.query("SELECT COUNT(*) FROM SMSPackages") == [(0,)]
+    assert pr1.query(
+        "SELECT ObjectID, SiteCode, State, SourceVersion FROM ObjectDistributionState"
     ) == [(PKG, "PR1", 2, 1)]
-    rsq = cas / "inboxes" / "distmgr.box" / "PR1_CAS10001_1.RSQ"
+    rsq = cas.path / "inboxes" / "distmgr.box" / "PR1_CAS10001_1.RSQ"
     assert rsq.read_text() == reason + "\n"
-    assert leftovers(pr1) == [] and temporaries(cas) == []
+    assert leftovers(pr1) == [] and temporaries(cas.path) == []
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
 async def test_damaged_package_goes_to_bad_and_is_rerequested(
-    hier: dict[str, Path], tmp_path: Path, damage: str
+    hier: LabHierarchy, tmp_path: Path, damage: str
 ) -> None:
     cas, pr1 = hier["CAS"], hier["PR1"]
     pck_file, content_hash = pck(cas, CONTENT_V1, 1, tmp_path)
@@ -407,7 +401,7 @@ async def test_damaged_package_goes_to_bad_and_is_rerequested(
         deliver(pr1, JOB, pkg_bytes, instruction)
         await handled(pr1)
 
-    lines = log(pr1, "despool.log")
+    lines = pr1.log("despool.log")
     errors = [line for line in lines if line.startswith("ERROR: Package")]
     assert len(errors) == 1, lines
     m = re.fullmatch(
@@ -429,7 +423,7 @@ async def test_damaged_package_goes_to_bad_and_is_rerequested(
     assert_quarantined_and_rerequested(cas, pr1, m[1])
 
 
-async def test_missing_package_is_rerequested(hier: dict[str, Path], tmp_path: Path) -> None:
+async def test_missing_package_is_rerequested(hier: LabHierarchy, tmp_path: Path) -> None:
     cas, pr1 = hier["CAS"], hier["PR1"]
     pck_file, content_hash = pck(cas, CONTENT_V1, 1, tmp_path)
     data = pck_file.read_bytes()
@@ -440,25 +434,25 @@ async def test_missing_package_is_rerequested(hier: dict[str, Path], tmp_path: P
     assert (
         "ERROR: Package CAS10001 version 1 from site CAS is damaged: "
         f"{reason}. It is not stored; it is re-requested from site CAS."
-    ) in log(pr1, "despool.log")
+    ) in pr1.log("despool.log")
     assert_quarantined_and_rerequested(cas, pr1, reason, pkg_delivered=False)
 
 
 async def test_unreachable_parent_is_logged_and_the_package_still_quarantined(
-    hier: dict[str, Path], tmp_path: Path
+    hier: LabHierarchy, tmp_path: Path
 ) -> None:
     cas, pr1 = hier["CAS"], hier["PR1"]
     pck_file, content_hash = pck(cas, CONTENT_V1, 1, tmp_path)
     data = pck_file.read_bytes()
     gone = tmp_path / "unmounted-share"
-    conn = connect(pr1 / "db" / "site.db", "PR1")
+    conn = connect(pr1.path / "db" / "site.db", "PR1")
     with transaction(conn):
         conn.execute("UPDATE ServerData SET SiteFolder = ? WHERE SiteCode = 'CAS'", (str(gone),))
     conn.close()
     async with running(pr1):
         deliver(pr1, JOB, data[:-1], swd(JOB, 1, data, content_hash))
         await handled(pr1)
-    lines = log(pr1, "despool.log")
+    lines = pr1.log("despool.log")
     assert any(
         re.fullmatch(
             rf"ERROR: Cannot reach parent site CAS at {re.escape(str(gone))} to re-request "
@@ -474,8 +468,8 @@ async def test_unreachable_parent_is_logged_and_the_package_still_quarantined(
         f"ds_{JOB.lower()}.pkg.reason",
     ]
     assert not gone.exists()
-    assert not list((cas / "inboxes" / "distmgr.box").glob("*.RSQ"))
-    assert query(pr1, "SELECT State FROM ObjectDistributionState") == [(2,)]
+    assert not list((cas.path / "inboxes" / "distmgr.box").glob("*.RSQ"))
+    assert pr1.query("SELECT State FROM ObjectDistributionState") == [(2,)]
 
 
 @pytest.mark.parametrize(
@@ -491,7 +485,7 @@ async def test_unreachable_parent_is_logged_and_the_package_still_quarantined(
     ids=["not-json", "no-keys", "too-big", "other-site", "wrong-job", "recovery-at-primary"],
 )
 async def test_instruction_that_cannot_be_used_goes_to_bad_with_its_package(
-    hier: dict[str, Path], tmp_path: Path, instruction: bytes | str | None, reason: str
+    hier: LabHierarchy, tmp_path: Path, instruction: bytes | str | None, reason: str
 ) -> None:
     cas, pr1 = hier["CAS"], hier["PR1"]
     pck_file, content_hash = pck(cas, CONTENT_V1, 1, tmp_path)
@@ -524,31 +518,30 @@ async def test_instruction_that_cannot_be_used_goes_to_bad_with_its_package(
     ]
     assert re.fullmatch(reason, (bad(pr1) / f"{JOB}.INS.reason").read_text().splitlines()[1])
     assert library(pr1).current_version(PKG) is None
-    assert query(pr1, "SELECT COUNT(*) FROM ObjectDistributionState") == [(0,)]
+    assert pr1.query("SELECT COUNT(*) FROM ObjectDistributionState") == [(0,)]
     # Not damaged in transit: nothing is re-requested.
-    assert not list((cas / "inboxes" / "distmgr.box").glob("*.RSQ"))
+    assert not list((cas.path / "inboxes" / "distmgr.box").glob("*.RSQ"))
 
 
 # -- the real daemon ------------------------------------------------------------------------
 
 
-def _stored_and_idle(pr1: Path, version: int = 1) -> bool:
-    return not (receive(pr1) / f"{JOB}.INS").exists() and query(
-        pr1, "SELECT StoredPkgVersion FROM SMSPackages"
+def _stored_and_idle(pr1: LabSite, version: int = 1) -> bool:
+    return not (receive(pr1) / f"{JOB}.INS").exists() and pr1.query(
+        "SELECT StoredPkgVersion FROM SMSPackages"
     ) == [(version,)]
 
 
-def test_files_wait_while_the_despooler_is_down(hier: dict[str, Path], tmp_path: Path) -> None:
+def test_files_wait_while_the_despooler_is_down(hier: LabHierarchy, tmp_path: Path) -> None:
     """Delivered while the site's daemon is stopped: handled at its start (the backlog)."""
     cas, pr1 = hier["CAS"], hier["PR1"]
     pck_file, content_hash = pck(cas, CONTENT_V1, 1, tmp_path)
     data = pck_file.read_bytes()
     deliver(pr1, JOB, data, swd(JOB, 1, data, content_hash))
-    with Daemon(pr1) as daemon:
-        daemon.start()
-        wait_until(lambda: _stored_and_idle(pr1), timeout=60, what="the backlog despooled")
-        assert daemon.stop() == 0
-    assert log(pr1, "despool.log") == received_lines(1, 0)
+    pr1.start()
+    pr1.wait_for(lambda: _stored_and_idle(pr1), timeout=60, what="the backlog despooled")
+    assert pr1.stop() == 0
+    assert pr1.log("despool.log") == received_lines(1, 0)
     assert library(pr1).current_version(PKG) == 1
     assert os.listdir(receive(pr1)) == []
 
@@ -556,20 +549,22 @@ def test_files_wait_while_the_despooler_is_down(hier: dict[str, Path], tmp_path:
 @pytest.mark.parametrize(
     "point", ["despooler.after_move", "despooler.after_store", "despooler.after_record"]
 )
-def test_a_crash_anywhere_converges_on_restart(
-    hier: dict[str, Path], tmp_path: Path, point: str
-) -> None:
+def test_a_crash_anywhere_converges_on_restart(template: Path, tmp_path: Path, point: str) -> None:
+    # A crash point SIGKILLs the daemon's process: PR1 runs as `cmlab run` in a child process.
+    hier = make_hierarchy(tmp_path / "sites", template, mode="subprocess")
     cas, pr1 = hier["CAS"], hier["PR1"]
     pck_file, content_hash = pck(cas, CONTENT_V1, 1, tmp_path)
     data = pck_file.read_bytes()
     deliver(pr1, JOB, data, swd(JOB, 1, data, content_hash))
-    with Daemon(pr1) as daemon:
-        daemon.start(CMLAB_CRASHPOINTS=point)
-        assert daemon.wait_exit(60) != 0  # killed itself at the point
+    try:
+        pr1.start(CMLAB_CRASHPOINTS=point)
+        assert pr1.wait_exit(60) != 0  # killed itself at the point
         assert (receive(pr1) / f"{JOB}.INS").exists()
-        daemon.start()
-        wait_until(lambda: _stored_and_idle(pr1), timeout=60, what="the replay converged")
-        assert daemon.stop() == 0
+        pr1.start()
+        pr1.wait_for(lambda: _stored_and_idle(pr1), timeout=60, what="the replay converged")
+        assert pr1.stop() == 0
+    finally:
+        hier.stop()
     # The first run's lines up to the crash, then the replay's: all of them, or (the rows
     # were committed) that the version is stored already.
     full = received_lines(1, 0)
@@ -581,9 +576,9 @@ def test_a_crash_anywhere_converges_on_restart(
         "despooler.after_store": [*full[:5], *full],
         "despooler.after_record": [*full[:6], already],
     }
-    assert log(pr1, "despool.log") == expected[point]
+    assert pr1.log("despool.log") == expected[point]
     assert library(pr1).current_version(PKG) == 1
     assert stored_files(pr1, 1, tmp_path / "out") == CONTENT_V1
-    assert query(pr1, "SELECT State, SourceVersion FROM ObjectDistributionState") == [(0, 1)]
+    assert pr1.query("SELECT State, SourceVersion FROM ObjectDistributionState") == [(0, 1)]
     assert os.listdir(receive(pr1)) == []
     assert leftovers(pr1) == []

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,9 @@ from cmlab.site.installation import installed_build
 from cmlab.site.sitedb import connect, hierarchy, transaction
 from cmlab.site.sitedb.recovery import request_secondary_recovery
 from cmlab.site.state_codes import PackageState
+from cmlab.testing import SAMPLE_UPDATE, LabHierarchy, LabSite
 from tests.e2e.test_despooler import ROOT, bad, make_hierarchy, receive, running
-from tests.helpers.sites import GUID_2509, Daemon, log, query
-from tests.helpers.waiting import await_until, wait_until
+from tests.helpers.waiting import await_until
 
 NEW_BUILD = 9200
 NEW_VERSION = f"5.00.{NEW_BUILD}.1000"
@@ -40,17 +41,17 @@ HOTFIX = "11111111-2222-3333-4444-555555555555"
 NOT_INSTALLED = "AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE"
 
 
-def db(site: Path, code: str) -> sqlite3.Connection:
-    return connect(site / "db" / "site.db", code)
+def db(site: LabSite, code: str) -> sqlite3.Connection:
+    return connect(site.path / "db" / "site.db", code)
 
 
 @pytest.fixture
-def hier(tmp_path: Path) -> dict[str, Path]:
+def hier(template: Path, tmp_path: Path) -> Iterator[LabHierarchy]:
     """CAS -> PR1 -> SEC, with PR1 updated to build 9200 (two updates installed, a third not)
     and SEC still at the build `cmlab init` gave it."""
-    sites = make_hierarchy(tmp_path, secondary=True)
+    sites = make_hierarchy(tmp_path / "sites", template, secondary=True)
     pr1 = sites["PR1"]
-    create_installation(pr1, NEW_BUILD, NEW_VERSION, site_code="PR1", server="pr1.cmlab.local")
+    create_installation(pr1.path, NEW_BUILD, NEW_VERSION, site_code="PR1", server="pr1.cmlab.local")
     conn = db(pr1, "PR1")
     try:
         with transaction(conn):
@@ -60,7 +61,7 @@ def hier(tmp_path: Path) -> dict[str, Path]:
                 (NEW_VERSION, NEW_VERSION, NEW_BUILD),
             )
             for guid, state in (
-                (GUID_2509, PackageState.INSTALL_SUCCESS),
+                (SAMPLE_UPDATE, PackageState.INSTALL_SUCCESS),
                 (HOTFIX, PackageState.INSTALL_SUCCESS),
                 (NOT_INSTALLED, PackageState.PREREQ_SUCCESS),
             ):
@@ -76,15 +77,16 @@ def hier(tmp_path: Path) -> dict[str, Path]:
                 )
     finally:
         conn.close()
-    return sites
+    yield sites
+    sites.stop()
 
 
-def bin_files(site: Path) -> dict[str, bytes]:
-    folder = site / "bin" / "x64"
+def bin_files(site: LabSite) -> dict[str, bytes]:
+    folder = site.path / "bin" / "x64"
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")}
 
 
-def request(site: Path, code: str, site_code: str) -> int:
+def request(site: LabSite, code: str, site_code: str) -> int:
     conn = db(site, code)
     try:
         with transaction(conn):
@@ -93,14 +95,12 @@ def request(site: Path, code: str, site_code: str) -> int:
         conn.close()
 
 
-def drop_rss(pr1: Path, code: str = "SEC") -> Path:
+def drop_rss(pr1: LabSite, code: str = "SEC") -> Path:
     """What SMSDBMon drops for the new request number (its trigger's notification)."""
-    rss = pr1 / "inboxes" / "hman.box" / f"{code}.RSS"
-    write_atomic(rss, b"")
-    return rss
+    return pr1.drop("hman.box", f"{code}.RSS")
 
 
-async def recover_at_primary(pr1: Path, code: str = "SEC", times: int = 1) -> None:
+async def recover_at_primary(pr1: LabSite, code: str = "SEC", times: int = 1) -> None:
     async with running(pr1, HierarchyManager, ("on_recover_secondary",)):
         for _ in range(times):
             rss = drop_rss(pr1, code)
@@ -110,16 +110,15 @@ async def recover_at_primary(pr1: Path, code: str = "SEC", times: int = 1) -> No
 # -- the request --------------------------------------------------------------------------------
 
 
-def test_request_numbers_rise_and_notify_hman(hier: dict[str, Path]) -> None:
+def test_request_numbers_rise_and_notify_hman(hier: LabHierarchy) -> None:
     pr1 = hier["PR1"]
     assert request(pr1, "PR1", "sec") == 1
     assert request(pr1, "PR1", "SEC") == 2
-    assert query(pr1, "SELECT SiteCode, RequestNumber, State FROM SecondarySiteRecovery") == [
+    assert pr1.query("SELECT SiteCode, RequestNumber, State FROM SecondarySiteRecovery") == [
         ("SEC", 2, "Requested")
     ]
     assert (
-        query(
-            pr1,
+        pr1.query(
             "SELECT FileName, Directory FROM TableChangeNotifications WHERE FileName = 'SEC.RSS'",
         )
         == [("SEC.RSS", "hman.box")] * 2
@@ -159,7 +158,7 @@ def test_request_numbers_rise_and_notify_hman(hier: dict[str, Path]) -> None:
     ],
 )
 def test_request_is_refused_for_anything_but_a_secondary_child(
-    hier: dict[str, Path], where: str, code: str, message: str
+    hier: LabHierarchy, where: str, code: str, message: str
 ) -> None:
     conn = db(hier[where], where)
     try:
@@ -179,23 +178,22 @@ def test_request_is_refused_for_anything_but_a_secondary_child(
 # -- HMAN at the primary ------------------------------------------------------------------------
 
 
-async def test_hman_packs_the_primary_files_once_per_request(hier: dict[str, Path]) -> None:
+async def test_hman_packs_the_primary_files_once_per_request(hier: LabHierarchy) -> None:
     pr1 = hier["PR1"]
     assert request(pr1, "PR1", "SEC") == 1
     await recover_at_primary(pr1, times=2)  # the second RSS is a replay
 
-    rcv = pr1 / "SMSPKG" / "SEC.RCV.1"
+    rcv = pr1.path / "SMSPKG" / "SEC.RCV.1"
     files = bin_files(pr1)
     assert sorted(e.path for e in list_cab(rcv)) == sorted(files)
-    content_hash = folder_hash(pr1 / "bin" / "x64")
-    assert json.loads((pr1 / "SMSPKG" / "SEC.RCV.1.json").read_text()) == {
+    content_hash = folder_hash(pr1.path / "bin" / "x64")
+    assert json.loads((pr1.path / "SMSPKG" / "SEC.RCV.1.json").read_text()) == {
         "Build": NEW_BUILD,
         "Version": NEW_VERSION,
         "FullVersion": NEW_VERSION,
-        "InstalledUpdates": sorted([GUID_2509, HOTFIX]),
+        "InstalledUpdates": sorted([SAMPLE_UPDATE, HOTFIX]),
     }
-    assert query(
-        pr1,
+    assert pr1.query(
         "SELECT JobID, JobType, PkgID, Version, DestSite, PackageFile, FileSize, FileHash, "
         "ContentHash, State FROM SchedulerJobs",
     ) == [
@@ -212,14 +210,14 @@ async def test_hman_packs_the_primary_files_once_per_request(hier: dict[str, Pat
             "Pending",
         )
     ]
-    assert query(pr1, "SELECT RequestNumber, State, Detail FROM SecondarySiteRecovery") == [
+    assert pr1.query("SELECT RequestNumber, State, Detail FROM SecondarySiteRecovery") == [
         (1, "Sent", "job 00000001")
     ]
     # The job row makes SMSDBMon wake the Scheduler.
-    assert query(
-        pr1, "SELECT FileName FROM TableChangeNotifications WHERE Directory = 'schedule.box'"
+    assert pr1.query(
+        "SELECT FileName FROM TableChangeNotifications WHERE Directory = 'schedule.box'"
     ) == [("00000001.JOB",)]
-    assert log(pr1, "hman.log") == [
+    assert pr1.log("hman.log") == [
         f"Recover secondary site SEC: reinstalling it with this site's files (Configuration "
         f"Manager {NEW_VERSION}, build {NEW_BUILD}).",
         f"Created package {ROOT}\\SMSPKG\\SEC.RCV.1 ({rcv.stat().st_size} bytes) of the files "
@@ -230,34 +228,34 @@ async def test_hman_packs_the_primary_files_once_per_request(hier: dict[str, Pat
     ]
 
 
-async def test_hman_refuses_a_site_that_is_not_its_secondary(hier: dict[str, Path]) -> None:
+async def test_hman_refuses_a_site_that_is_not_its_secondary(hier: LabHierarchy) -> None:
     pr1 = hier["PR1"]
     conn = db(pr1, "PR1")
     with transaction(conn):  # as if requested by hand, past request_secondary_recovery
         conn.execute("INSERT INTO SecondarySiteRecovery (SiteCode) VALUES ('CAS')")
     conn.close()
     await recover_at_primary(pr1, "CAS")
-    assert log(pr1, "hman.log") == [
+    assert pr1.log("hman.log") == [
         "ERROR: Recover secondary site CAS: site CAS is a cas site, not a secondary site."
     ]
-    assert query(pr1, "SELECT State, Detail FROM SecondarySiteRecovery") == [
+    assert pr1.query("SELECT State, Detail FROM SecondarySiteRecovery") == [
         ("Failed", "site CAS is a cas site, not a secondary site")
     ]
-    assert query(pr1, "SELECT COUNT(*) FROM SchedulerJobs") == [(0,)]
-    assert not list((pr1 / "SMSPKG").glob("CAS.RCV*"))
+    assert pr1.query("SELECT COUNT(*) FROM SchedulerJobs") == [(0,)]
+    assert not list((pr1.path / "SMSPKG").glob("CAS.RCV*"))
 
 
 # -- the secondary's despooler ------------------------------------------------------------------
 
 
-def recovery_instruction(pr1: Path, **override: object) -> tuple[bytes, bytes, str]:
+def recovery_instruction(pr1: LabSite, **override: object) -> tuple[bytes, bytes, str]:
     """What the Scheduler and Sender deliver for PR1's job: the package, the instruction (from
     the job row and the sidecar) and the job ID."""
-    (job_id, pkg_file, size, file_hash, content_hash) = query(
-        pr1, "SELECT JobID, PackageFile, FileSize, FileHash, ContentHash FROM SchedulerJobs"
+    (job_id, pkg_file, size, file_hash, content_hash) = pr1.query(
+        "SELECT JobID, PackageFile, FileSize, FileHash, ContentHash FROM SchedulerJobs"
     )[0]
     # Read as the Scheduler reads it: HMAN's sidecar is the instruction's Recovery.
-    rec = read_recovery_sidecar(pr1 / pkg_file)
+    rec = read_recovery_sidecar(pr1.path / pkg_file)
     fields: dict[str, object] = {
         "job": job_name(job_id),
         "job_type": "SiteRecovery",
@@ -276,10 +274,10 @@ def recovery_instruction(pr1: Path, **override: object) -> tuple[bytes, bytes, s
     }
     fields.update(override)
     ins = build_instruction(Instruction(**fields))  # type: ignore[arg-type]
-    return (pr1 / pkg_file).read_bytes(), ins, job_name(job_id)
+    return (pr1.path / pkg_file).read_bytes(), ins, job_name(job_id)
 
 
-async def despool_at(sec: Path, pkg: bytes | None, ins: bytes, job: str) -> None:
+async def despool_at(sec: LabSite, pkg: bytes | None, ins: bytes, job: str) -> None:
     async with running(sec):
         if pkg is not None:
             write_atomic(receive(sec) / f"ds_{job.lower()}.pkg", pkg)
@@ -288,9 +286,9 @@ async def despool_at(sec: Path, pkg: bytes | None, ins: bytes, job: str) -> None
         await await_until(lambda: not target.exists(), what=f"{job}.INS handled")
 
 
-async def test_secondary_is_reinstalled_with_its_parent_files(hier: dict[str, Path]) -> None:
+async def test_secondary_is_reinstalled_with_its_parent_files(hier: LabHierarchy) -> None:
     pr1, sec = hier["PR1"], hier["SEC"]
-    old_build = installed_build(sec)
+    old_build = installed_build(sec.path)
     assert old_build != NEW_BUILD
     request(pr1, "PR1", "SEC")
     await recover_at_primary(pr1)
@@ -298,22 +296,21 @@ async def test_secondary_is_reinstalled_with_its_parent_files(hier: dict[str, Pa
     await despool_at(sec, pkg, ins, job)
 
     assert bin_files(sec) == bin_files(pr1)
-    assert installed_build(sec) == NEW_BUILD
-    assert query(
-        sec, "SELECT Version, FullVersion, BuildNumber FROM Sites WHERE SiteCode = 'SEC'"
+    assert installed_build(sec.path) == NEW_BUILD
+    assert sec.query(
+        "SELECT Version, FullVersion, BuildNumber FROM Sites WHERE SiteCode = 'SEC'"
     ) == [(NEW_VERSION, NEW_VERSION, NEW_BUILD)]
-    assert {b for (b,) in query(sec, "SELECT Build FROM SiteServices")} == {NEW_BUILD}
-    assert query(
-        sec,
+    assert {b for (b,) in sec.query("SELECT Build FROM SiteServices")} == {NEW_BUILD}
+    assert sec.query(
         "SELECT ss.PackageGuid, ss.State, p.Name FROM CM_UpdatePackageSiteStatus ss "
         "JOIN CM_UpdatePackages p ON p.PackageGuid = ss.PackageGuid "
         "JOIN ServerData sd ON sd.ID = ss.SiteNumber AND sd.SiteCode = 'SEC' "
         "ORDER BY ss.PackageGuid",
     ) == [
         (HOTFIX, PackageState.INSTALL_SUCCESS, HOTFIX),
-        (GUID_2509, PackageState.INSTALL_SUCCESS, GUID_2509),
+        (SAMPLE_UPDATE, PackageState.INSTALL_SUCCESS, SAMPLE_UPDATE),
     ]
-    ctrl = (sec / "inboxes" / "sitectrl.box" / "sitectrl.ct0").read_text()
+    ctrl = (sec.path / "inboxes" / "sitectrl.box" / "sitectrl.ct0").read_text()
     assert f"PROPERTY <Build Number><><{NEW_BUILD}><0>" in ctrl
     assert f"PROPERTY <Full Version><><{NEW_VERSION}><0>" in ctrl
     n = len(bin_files(pr1))
@@ -328,16 +325,16 @@ async def test_secondary_is_reinstalled_with_its_parent_files(hier: dict[str, Pa
         rf"Updated the site control file {ROOT}\inboxes\sitectrl.box\sitectrl.ct0: "
         f"Build Number {NEW_BUILD}, Full Version {NEW_VERSION}.",
         f"Update {HOTFIX} is installed at site SEC (INSTALL_SUCCESS).",
-        f"Update {GUID_2509} is installed at site SEC (INSTALL_SUCCESS).",
+        f"Update {SAMPLE_UPDATE} is installed at site SEC (INSTALL_SUCCESS).",
         f"Site SEC has been reinstalled at build {NEW_BUILD}.",
     ]
-    assert log(sec, "despool.log") == lines
+    assert sec.log("despool.log") == lines
     assert os.listdir(receive(sec)) == []
-    assert not list((sec / "SMSPKG").iterdir())
+    assert not list((sec.path / "SMSPKG").iterdir())
 
     # Replayed (the INS again, its package consumed): nothing to do.
     await despool_at(sec, None, ins, job)
-    assert log(sec, "despool.log") == [
+    assert sec.log("despool.log") == [
         *lines,
         lines[0],
         f"Site SEC is already reinstalled at build {NEW_BUILD}.",
@@ -361,17 +358,17 @@ async def test_secondary_is_reinstalled_with_its_parent_files(hier: dict[str, Pa
     ids=["content-hash", "build"],
 )
 async def test_damaged_recovery_package_changes_nothing(
-    hier: dict[str, Path], override: dict[str, object], reason: str
+    hier: LabHierarchy, override: dict[str, object], reason: str
 ) -> None:
     pr1, sec = hier["PR1"], hier["SEC"]
     before = bin_files(sec)
-    sites = query(sec, "SELECT * FROM Sites ORDER BY SiteCode")
+    sites = sec.query("SELECT * FROM Sites ORDER BY SiteCode")
     request(pr1, "PR1", "SEC")
     await recover_at_primary(pr1)
     pkg, ins, job = recovery_instruction(pr1, **override)
     await despool_at(sec, pkg, ins, job)
 
-    errors = [line for line in log(sec, "despool.log") if line.startswith("ERROR: The site")]
+    errors = [line for line in sec.log("despool.log") if line.startswith("ERROR: The site")]
     assert len(errors) == 1
     m = re.fullmatch(
         r"ERROR: The site recovery package from site PR1 is damaged: (.*)\. Site SEC is not "
@@ -380,8 +377,8 @@ async def test_damaged_recovery_package_changes_nothing(
     )
     assert m is not None and re.fullmatch(reason, m[1]), errors[0]
     assert bin_files(sec) == before
-    assert query(sec, "SELECT * FROM Sites ORDER BY SiteCode") == sites
-    assert query(sec, "SELECT COUNT(*) FROM CM_UpdatePackageSiteStatus") == [(0,)]
+    assert sec.query("SELECT * FROM Sites ORDER BY SiteCode") == sites
+    assert sec.query("SELECT COUNT(*) FROM CM_UpdatePackageSiteStatus") == [(0,)]
     assert sorted(os.listdir(bad(sec))) == [
         f"{job}.INS",
         f"{job}.INS.reason",
@@ -389,10 +386,10 @@ async def test_damaged_recovery_package_changes_nothing(
         f"ds_{job.lower()}.pkg.reason",
     ]
     # A recovery is not re-requested through DistMgr: the administrator runs it again.
-    assert not list((pr1 / "inboxes" / "distmgr.box").glob("*.RSQ"))
+    assert not list((pr1.path / "inboxes" / "distmgr.box").glob("*.RSQ"))
 
 
-def test_a_request_whose_notification_was_lost_is_found_by_hman(hier: dict[str, Path]) -> None:
+def test_a_request_whose_notification_was_lost_is_found_by_hman(hier: LabHierarchy) -> None:
     """A request made while the primary's installation had SMSDBMon's triggers removed
     (install steps 5 to 13) gets no `.RSS`: HMAN's sweep of the requests finds it."""
     pr1 = hier["PR1"]
@@ -405,17 +402,14 @@ def test_a_request_whose_notification_was_lost_is_found_by_hman(hier: dict[str, 
         assert not conn.execute("SELECT 1 FROM TableChangeNotifications").fetchall()
     finally:
         conn.close()
-    with Daemon(pr1) as daemon:
-        daemon.start()
-        wait_until(
-            lambda: query(pr1, "SELECT State FROM SecondarySiteRecovery") == [("Sent",)],
-            timeout=60,
-            what="HMAN to take the request",
-        )
-        assert "Recover secondary site SEC: request found without a notification." in log(
-            pr1, "hman.log"
-        )
-        assert query(pr1, "SELECT JobType, DestSite FROM SchedulerJobs") == [
-            ("SiteRecovery", "SEC")
-        ]
-        assert daemon.stop() == 0
+    pr1.start()
+    pr1.wait_for(
+        lambda: pr1.query("SELECT State FROM SecondarySiteRecovery") == [("Sent",)],
+        timeout=60,
+        what="HMAN to take the request",
+    )
+    assert "Recover secondary site SEC: request found without a notification." in pr1.log(
+        "hman.log"
+    )
+    assert pr1.query("SELECT JobType, DestSite FROM SchedulerJobs") == [("SiteRecovery", "SEC")]
+    assert pr1.stop() == 0

@@ -1,34 +1,30 @@
 """File-based replication of the Easy Setup Package at the top-level site (docs/hierarchy.md,
 steps 1-4 and 6): DistMgr's minijob, the Scheduler's instruction and send request, the
 Sender's resumable delivery into a child primary's `despoolr.box/receive`, retries and
-failure, and resend requests. The site runs in-process (SiteDaemon, real inboxes, real
+failure, and resend requests. The site runs in-process (a LabSite: real inboxes, real
 SQLite, real files); the crash test runs the real daemon and kills it mid-copy. The child is
 a bare site folder (its despooler is not part of these tests), which keeps what the Sender
 delivered for the test to check."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cmlab.core.fs import write_atomic
 from cmlab.core.hashing import folder_hash, sha256_file
-from cmlab.daemon import SiteDaemon
 from cmlab.site.cab import extract_cab
 from cmlab.site.config import load_config
 from cmlab.site.file_replication import build_package_file
 from cmlab.site.formats.replication import parse_instruction, read_instruction
 from cmlab.site.sitedb import connect, hierarchy, servicing
 from cmlab.site.state_codes import PackageState
-from tests.helpers.sites import Daemon, assert_in_order, copy_site, log, query, set_toml
-from tests.helpers.waiting import await_until, wait_until
+from cmlab.testing import LabSite, Mode, assert_in_order
 
 GUID = "11111111-2222-3333-4444-555555555555"
 PKG = "CAS10001"
@@ -47,17 +43,21 @@ def make_payload(folder: Path) -> None:
     (folder / "readme.txt").write_text("Easy Setup Package for the tests\n")
 
 
-@pytest.fixture
-def hier(template: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """(CAS, PR1): the CAS with an Easy Setup Package whose source is ready (its PKN is
-    waiting for DistMgr), and a child primary PR1 whose folder the CAS reaches; a secondary
-    SEC below the CAS too, which must never get the package."""
-    cas = copy_site(template, tmp_path / "CAS")
+def make_hier(
+    make: Callable[..., LabSite], tmp_path: Path, mode: Mode = "inprocess"
+) -> tuple[LabSite, Path]:
+    """(CAS, PR1): the CAS, not started, with an Easy Setup Package whose source is ready (its
+    PKN is waiting for DistMgr), and a child primary PR1 whose folder the CAS reaches; a
+    secondary SEC below the CAS too, which must never get the package."""
+    cas = make(
+        stage="new",
+        mode=mode,
+        start=False,
+        settings={"replication.sender_retry_delay": 0.2, "replication.sender_retries": 2},
+    )
     child = tmp_path / "PR1"
     (child / RECEIVE).mkdir(parents=True)
-    set_toml(cas, "replication", "sender_retry_delay", "0.2")
-    set_toml(cas, "replication", "sender_retries", "2")
-    config = load_config(cas)
+    config = load_config(cas.path)
     payload = config.paths.payload_folder(GUID)
     make_payload(payload)
     conn = connect(config.paths.db_file, "CAS")
@@ -100,90 +100,80 @@ def hier(template: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
             )
     finally:
         conn.close()
-    yield cas, child
+    return cas, child
 
 
-@contextlib.asynccontextmanager
-async def running(site: Path) -> AsyncIterator[SiteDaemon]:
-    daemon = SiteDaemon(load_config(site), json_stdout=False)
-    await daemon.start()
-    try:
-        yield daemon
-    finally:
-        await daemon.stop()
+@pytest.fixture
+def hier(cmlab_site_factory: Callable[..., LabSite], tmp_path: Path) -> tuple[LabSite, Path]:
+    return make_hier(cmlab_site_factory, tmp_path)
 
 
-def jobs(site: Path) -> list[tuple[int, str, str, int]]:
+def jobs(site: LabSite) -> list[tuple[int, str, str, int]]:
     return [
         (int(r[0]), str(r[1]), str(r[2]), int(r[3]))
-        for r in query(site, "SELECT JobID, DestSite, State, Attempts FROM SchedulerJobs")
+        for r in site.query("SELECT JobID, DestSite, State, Attempts FROM SchedulerJobs")
     ]
 
 
-def job_state(site: Path, job_id: int) -> str | None:
-    rows = query(site, "SELECT State FROM SchedulerJobs WHERE JobID = ?", [job_id])
+def job_state(site: LabSite, job_id: int) -> str | None:
+    rows = site.query("SELECT State FROM SchedulerJobs WHERE JobID = ?", [job_id])
     return str(rows[0][0]) if rows else None
 
 
-def pck(site: Path) -> Path:
-    return site / "SMSPKG" / f"{PKG}.PCK.1"
+def pck(site: LabSite) -> Path:
+    return site.path / "SMSPKG" / f"{PKG}.PCK.1"
 
 
 def delivered(child: Path, job: str) -> bool:
     return (child / RECEIVE / f"{job}.INS").exists()
 
 
-def site_state(site: Path, code: str) -> int | None:
-    conn = sqlite3.connect(f"file:{site / 'db' / 'site.db'}?mode=ro", uri=True)
-    try:
-        return servicing.site_state(conn, GUID, code)
-    finally:
-        conn.close()
+def site_state(site: LabSite, code: str) -> int | None:
+    return site.site_states(GUID).get(code)
 
 
-def dist_state(site: Path, code: str) -> int | None:
-    rows = query(
-        site,
+def dist_state(site: LabSite, code: str) -> int | None:
+    rows = site.query(
         "SELECT State FROM ObjectDistributionState WHERE ObjectID = ? AND SiteCode = ?",
         [PKG, code],
     )
     return int(rows[0][0]) if rows else None
 
 
-async def complete(site: Path, job_id: int) -> None:
-    await await_until(
+def complete(site: LabSite, job_id: int) -> None:
+    site.wait_for(
         lambda: (
             job_state(site, job_id) == "Complete"
-            and "<JOB STATUS - COMPLETE>~" in log(site, "scheduler.log")
-            and not (site / SCHEDULE / "tosend" / f"{job_id:08X}.Idb").exists()
+            and "<JOB STATUS - COMPLETE>~" in site.log("scheduler.log")
+            and not (site.path / SCHEDULE / "tosend" / f"{job_id:08X}.Idb").exists()
         ),
         timeout=30,
         what=f"job {job_id} complete",
     )
 
 
-def expected_pck(site: Path, tmp_path: Path) -> bytes:
+def expected_pck(site: LabSite, tmp_path: Path) -> bytes:
     """The PCK the CAS will build: builds are byte-identical for the same content."""
     out = tmp_path / "expected.PCK"
-    build_package_file(load_config(site).paths.payload_folder(GUID), out)
+    build_package_file(site.config.paths.payload_folder(GUID), out)
     return out.read_bytes()
 
 
 # -- the minijob, the Scheduler and the Sender ---------------------------------------------------
 
 
-async def test_minijob_sends_the_package_to_the_child_primary(
-    hier: tuple[Path, Path], tmp_path: Path
+def test_minijob_sends_the_package_to_the_child_primary(
+    hier: tuple[LabSite, Path], tmp_path: Path
 ) -> None:
     cas, child = hier
-    async with running(cas):
-        await await_until(lambda: delivered(child, JOB1), timeout=30, what="the INS at PR1")
-        await complete(cas, 1)
+    with cas:
+        cas.wait_for(lambda: delivered(child, JOB1), timeout=30, what="the INS at PR1")
+        complete(cas, 1)
 
     assert jobs(cas) == [(1, "PR1", "Complete", 0)]  # PR1 only: never the secondary
     shown = str(pck(cas))
     assert_in_order(
-        log(cas, "distmgr.log"),
+        cas.log("distmgr.log"),
         [
             f"Successfully created/updated the package {PKG}",
             f"Setting CMiniJob transfer root to {shown}",
@@ -191,9 +181,9 @@ async def test_minijob_sends_the_package_to_the_child_primary(
             f"Transfer root = {shown}",
         ],
     )
-    idb = str(cas / SCHEDULE / "tosend" / f"{JOB1}.Idb")
+    idb = str(cas.path / SCHEDULE / "tosend" / f"{JOB1}.Idb")
     assert_in_order(
-        log(cas, "scheduler.log"),
+        cas.log("scheduler.log"),
         [
             "1 jobs found in memory, 1 jobs found in job source.",
             f"~Instruction file = {idb}",
@@ -203,7 +193,7 @@ async def test_minijob_sends_the_package_to_the_child_primary(
         ],
     )
     assert_in_order(
-        log(cas, "sender.log"),
+        cas.log("sender.log"),
         [
             f"~Package file = {shown}",
             f"~Instruction file = {idb}",
@@ -225,46 +215,46 @@ async def test_minijob_sends_the_package_to_the_child_primary(
     assert (instr.package_id, instr.version, instr.package_guid) == (PKG, 1, GUID)
     assert instr.package_file == shown
     assert (instr.file_size, instr.file_hash) == (pkg.stat().st_size, sha256_file(pkg))
-    stored = query(cas, "SELECT StoredPkgHash FROM SMSPackages WHERE PkgID = ?", [PKG])[0][0]
+    stored = cas.query("SELECT StoredPkgHash FROM SMSPackages WHERE PkgID = ?", [PKG])[0][0]
     assert instr.content_hash == stored
     extract_cab(pkg, tmp_path / "unpacked")
     assert folder_hash(tmp_path / "unpacked") == stored
     assert sorted(p.name for p in (child / RECEIVE).iterdir()) == [f"{JOB1}.INS", pkg.name]
-    assert not list((cas / LAN).glob("*.SRQ"))
+    assert not list((cas.path / LAN).glob("*.SRQ"))
     assert dist_state(cas, "PR1") == 1  # INSTALL_PENDING until PR1 reports
     assert dist_state(cas, "SEC") is None
 
 
-async def test_replayed_notification_creates_no_second_job(hier: tuple[Path, Path]) -> None:
+def test_replayed_notification_creates_no_second_job(hier: tuple[LabSite, Path]) -> None:
     cas, _child = hier
-    async with running(cas):
-        await complete(cas, 1)
-        write_atomic(cas / DISTMGR / f"{PKG}.PKN", b"")
-        await await_until(
-            lambda: not (cas / DISTMGR / f"{PKG}.PKN").exists(), what="the replayed PKN"
+    with cas:
+        complete(cas, 1)
+        write_atomic(cas.path / DISTMGR / f"{PKG}.PKN", b"")
+        cas.wait_for(
+            lambda: not (cas.path / DISTMGR / f"{PKG}.PKN").exists(), what="the replayed PKN"
         )
         # A replayed JOB for the finished job only reports it again.
-        write_atomic(cas / SCHEDULE / f"{JOB1}.JOB", b"")
-        await await_until(
-            lambda: log(cas, "scheduler.log").count("<JOB STATUS - COMPLETE>~") == 2,
+        write_atomic(cas.path / SCHEDULE / f"{JOB1}.JOB", b"")
+        cas.wait_for(
+            lambda: cas.log("scheduler.log").count("<JOB STATUS - COMPLETE>~") == 2,
             what="the replayed JOB",
         )
     assert jobs(cas) == [(1, "PR1", "Complete", 0)]
-    created = [line for line in log(cas, "distmgr.log") if line.startswith("Created minijob")]
+    created = [line for line in cas.log("distmgr.log") if line.startswith("Created minijob")]
     assert len(created) == 1
 
 
-async def test_unreachable_child_is_retried_then_the_job_fails(hier: tuple[Path, Path]) -> None:
+def test_unreachable_child_is_retried_then_the_job_fails(hier: tuple[LabSite, Path]) -> None:
     cas, child = hier
     shutil.rmtree(child)
-    async with running(cas):
-        await await_until(
-            lambda: "<JOB STATUS - FAILED>~" in log(cas, "scheduler.log"),
+    with cas:
+        cas.wait_for(
+            lambda: "<JOB STATUS - FAILED>~" in cas.log("scheduler.log"),
             timeout=30,
             what="the job failed",
         )
     assert jobs(cas) == [(1, "PR1", "Failed", 3)]
-    lines = [line for line in log(cas, "sender.log") if line.startswith("~Cannot send")]
+    lines = [line for line in cas.log("sender.log") if line.startswith("~Cannot send")]
     receive = child / RECEIVE
     assert lines == [
         f"~Cannot send to site PR1: {receive} does not exist. Will retry in 0.2 seconds "
@@ -276,50 +266,50 @@ async def test_unreachable_child_is_retried_then_the_job_fails(hier: tuple[Path,
     assert any(
         line.startswith(f"ERROR: Job {JOB1} failed: Cannot send to site PR1")
         and "RetryContentReplication" in line
-        for line in log(cas, "sender.log")
+        for line in cas.log("sender.log")
     )
     assert site_state(cas, "PR1") == PackageState.CONTENT_REPLICATION_FAILED
     # The CAS's own row is its own: it went on (to its prerequisite check) regardless.
     assert site_state(cas, "CAS") != PackageState.CONTENT_REPLICATION_FAILED
     assert dist_state(cas, "PR1") == 3
     assert not child.exists()  # the Sender never makes a destination
-    assert not (cas / SCHEDULE / "tosend" / f"{JOB1}.Idb").exists()
-    assert not (cas / LAN / f"{JOB1}.SRQ").exists()
+    assert not (cas.path / SCHEDULE / "tosend" / f"{JOB1}.Idb").exists()
+    assert not (cas.path / LAN / f"{JOB1}.SRQ").exists()
 
 
-async def test_child_that_comes_back_before_the_limit_gets_the_package(
-    hier: tuple[Path, Path],
+def test_child_that_comes_back_before_the_limit_gets_the_package(
+    hier: tuple[LabSite, Path],
 ) -> None:
     cas, child = hier
     shutil.rmtree(child / RECEIVE)
-    async with running(cas):
-        await await_until(
+    with cas:
+        cas.wait_for(
             lambda: any(
-                line.startswith("~Cannot send to site PR1") for line in log(cas, "sender.log")
+                line.startswith("~Cannot send to site PR1") for line in cas.log("sender.log")
             ),
             what="a failed attempt",
         )
         (child / RECEIVE).mkdir()
-        await complete(cas, 1)
+        complete(cas, 1)
     assert delivered(child, JOB1)
     assert (child / RECEIVE / "ds_00000001.pkg").read_bytes() == pck(cas).read_bytes()
     assert site_state(cas, "PR1") == PackageState.CONTENT_REPLICATING
 
 
 @pytest.mark.parametrize("damaged", [False, True])
-async def test_partial_copy_is_resumed_and_a_damaged_one_sent_again(
-    hier: tuple[Path, Path], tmp_path: Path, damaged: bool
+def test_partial_copy_is_resumed_and_a_damaged_one_sent_again(
+    hier: tuple[LabSite, Path], tmp_path: Path, damaged: bool
 ) -> None:
     cas, child = hier
     want = expected_pck(cas, tmp_path)
     half = len(want) // 2
     part = child / RECEIVE / "ds_00000001.pkg.part"
     part.write_bytes(os.urandom(half) if damaged else want[:half])
-    async with running(cas):
-        await complete(cas, 1)
+    with cas:
+        complete(cas, 1)
     assert (child / RECEIVE / "ds_00000001.pkg").read_bytes() == want
     assert not part.exists()
-    lines = log(cas, "sender.log")
+    lines = cas.log("sender.log")
     assert f"~Resuming sending [{part}] from byte {half}" in lines
     damaged_line = (
         f"~The partly sent file {part} is damaged (its SHA-256 does not match); sending it "
@@ -331,34 +321,34 @@ async def test_partial_copy_is_resumed_and_a_damaged_one_sent_again(
 # -- resend requests -----------------------------------------------------------------------------
 
 
-def rsq(cas: Path, name: str, body: bytes = b"the package hash does not match") -> Path:
-    path = cas / DISTMGR / name
+def rsq(cas: LabSite, name: str, body: bytes = b"the package hash does not match") -> Path:
+    path = cas.path / DISTMGR / name
     write_atomic(path, body)
     return path
 
 
-async def test_resend_requests_then_giving_up(hier: tuple[Path, Path]) -> None:
+def test_resend_requests_then_giving_up(hier: tuple[LabSite, Path]) -> None:
     cas, child = hier
-    async with running(cas):
-        await complete(cas, 1)
+    with cas:
+        complete(cas, 1)
         # Not the stored version: ignored.
         path = rsq(cas, f"PR1_{PKG}_7.RSQ")
-        await await_until(lambda: not path.exists(), what="the RSQ for version 7")
+        cas.wait_for(lambda: not path.exists(), what="the RSQ for version 7")
         assert jobs(cas) == [(1, "PR1", "Complete", 0)]
         # A damaged PCK is rebuilt (the same bytes) before it is sent again.
         good = pck(cas).read_bytes()
         pck(cas).write_bytes(b"damaged")
         for job_id in (2, 3):
             rsq(cas, f"PR1_{PKG}_1.RSQ")
-            await complete(cas, job_id)
+            complete(cas, job_id)
             assert delivered(child, f"{job_id:08X}")
         assert pck(cas).read_bytes() == good
         assert (child / RECEIVE / "ds_00000003.pkg").read_bytes() == good
         # The third request after two resends: PR1 is given up on.
         path = rsq(cas, f"pr1_{PKG.lower()}_1.rsq", b"still damaged \x07\n")
-        await await_until(lambda: not path.exists(), what="the last RSQ")
+        cas.wait_for(lambda: not path.exists(), what="the last RSQ")
     assert [j[:3] for j in jobs(cas)] == [(i, "PR1", "Complete") for i in (1, 2, 3)]
-    lines = log(cas, "distmgr.log")
+    lines = cas.log("distmgr.log")
     assert (
         f"Package {PKG} version 7 is not the stored version (1); the request from site PR1 "
         "is ignored." in lines
@@ -410,34 +400,34 @@ async def test_resend_requests_then_giving_up(hier: tuple[Path, Path]) -> None:
         (DISTMGR, "PR1_CAS10001_1.RSQ", b"\xc3\x28", "the reason is not UTF-8 text"),
     ],
 )
-async def test_hostile_drop_files_go_to_bad(
-    hier: tuple[Path, Path], box: Path, name: str, body: bytes, reason: str
+def test_hostile_drop_files_go_to_bad(
+    hier: tuple[LabSite, Path], box: Path, name: str, body: bytes, reason: str
 ) -> None:
     cas, _child = hier
-    async with running(cas):
-        await complete(cas, 1)
-        write_atomic(cas / box / name, body)
-        await await_until(
-            lambda: (cas / box / "BAD" / f"{name}.reason").exists(), what=f"{name} in BAD"
+    with cas:
+        complete(cas, 1)
+        write_atomic(cas.path / box / name, body)
+        cas.wait_for(
+            lambda: (cas.path / box / "BAD" / f"{name}.reason").exists(), what=f"{name} in BAD"
         )
-        text = (cas / box / "BAD" / f"{name}.reason").read_text()
+        text = (cas.path / box / "BAD" / f"{name}.reason").read_text()
         assert reason in text, text
-        assert not (cas / box / name).exists()
+        assert not (cas.path / box / name).exists()
         # Still serving: a good resend request is answered.
         rsq(cas, f"PR1_{PKG}_1.RSQ")
-        await complete(cas, 2)
+        complete(cas, 2)
     assert jobs(cas)[-1][:3] == (2, "PR1", "Complete")
 
 
-async def test_symlinked_package_part_is_not_written_through(
-    hier: tuple[Path, Path], tmp_path: Path
+def test_symlinked_package_part_is_not_written_through(
+    hier: tuple[LabSite, Path], tmp_path: Path
 ) -> None:
     cas, child = hier
     victim = tmp_path / "victim.txt"
     victim.write_text("not the sender's\n")
     os.symlink(victim, child / RECEIVE / "ds_00000001.pkg.part")
-    async with running(cas):
-        await complete(cas, 1)
+    with cas:
+        complete(cas, 1)
     assert victim.read_text() == "not the sender's\n"
     assert (child / RECEIVE / "ds_00000001.pkg").read_bytes() == pck(cas).read_bytes()
 
@@ -445,39 +435,40 @@ async def test_symlinked_package_part_is_not_written_through(
 # -- a crash in the middle of the copy -------------------------------------------------------------
 
 
-def test_sigkill_mid_copy_then_restart_converges(hier: tuple[Path, Path]) -> None:
-    cas, child = hier
+def test_sigkill_mid_copy_then_restart_converges(
+    cmlab_site_factory: Callable[..., LabSite], tmp_path: Path
+) -> None:
+    # A crash point SIGKILLs the daemon's process: the CAS runs as `cmlab run`, a child process.
+    cas, child = make_hier(cmlab_site_factory, tmp_path, mode="subprocess")
     part = child / RECEIVE / "ds_00000001.pkg.part"
-    with Daemon(cas) as daemon:
-        # Killed after the second 1 MiB chunk of the package was written.
-        daemon.start(CMLAB_CRASHPOINTS="sender.mid_copy:2")
-        assert daemon.wait_exit(60) == -9
-        assert part.exists() and not delivered(child, JOB1)
-        kept = part.stat().st_size
-        assert kept > 0
-        daemon.start()
-        wait_until(lambda: job_state(cas, 1) == "Complete", timeout=60, what="job complete")
-        wait_until(
-            lambda: not (cas / SCHEDULE / "tosend" / f"{JOB1}.Idb").exists(),
-            what="the Idb removed",
-        )
-        assert daemon.stop() == 0
-        assert "Traceback" not in daemon.stderr(), daemon.stderr()
+    # Killed after the second 1 MiB chunk of the package was written.
+    cas.start(CMLAB_CRASHPOINTS="sender.mid_copy:2")
+    assert cas.wait_exit(60) == -9
+    assert part.exists() and not delivered(child, JOB1)
+    kept = part.stat().st_size
+    assert kept > 0
+    cas.start()
+    cas.wait_for(lambda: job_state(cas, 1) == "Complete", timeout=60, what="job complete")
+    cas.wait_for(
+        lambda: not (cas.path / SCHEDULE / "tosend" / f"{JOB1}.Idb").exists(),
+        timeout=30,
+        what="the Idb removed",
+    )
+    assert cas.stop() == 0
+    assert "Traceback" not in cas.daemon_stderr(), cas.daemon_stderr()
     assert delivered(child, JOB1)
     assert (child / RECEIVE / "ds_00000001.pkg").read_bytes() == pck(cas).read_bytes()
-    assert f"~Resuming sending [{part}] from byte {kept}" in log(cas, "sender.log")
+    assert f"~Resuming sending [{part}] from byte {kept}" in cas.log("sender.log")
     parse_instruction((child / RECEIVE / f"{JOB1}.INS").read_bytes())
     assert jobs(cas) == [(1, "PR1", "Complete", 0)]
 
 
-async def test_site_recovery_job_carries_the_sidecar(
-    hier: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_site_recovery_job_carries_the_sidecar(hier: tuple[LabSite, Path], tmp_path: Path) -> None:
     """A SiteRecovery job (HMAN's) goes the same way, with `Recovery` from the sidecar."""
     cas, _child = hier
     sec = tmp_path / "SEC"
     (sec / RECEIVE).mkdir(parents=True)
-    rcv = cas / "SMSPKG" / "SEC.RCV.1"
+    rcv = cas.path / "SMSPKG" / "SEC.RCV.1"
     rcv.parent.mkdir(exist_ok=True)
     rcv.write_bytes(os.urandom(3000))
     recovery = {
@@ -487,7 +478,7 @@ async def test_site_recovery_job_carries_the_sidecar(
         "InstalledUpdates": [GUID],
     }
     write_atomic(rcv.with_name("SEC.RCV.1.json"), json.dumps(recovery))
-    conn = connect(cas / "db" / "site.db", "CAS")
+    conn = connect(cas.path / "db" / "site.db", "CAS")
     try:
         with conn:
             conn.execute(
@@ -498,12 +489,12 @@ async def test_site_recovery_job_carries_the_sidecar(
             )
     finally:
         conn.close()
-    async with running(cas):
-        await complete(cas, 100)
+    with cas:
+        complete(cas, 100)
     instr = read_instruction(sec / RECEIVE / "00000064.INS")
     assert (instr.job_type, instr.package_id, instr.dest_site) == ("SiteRecovery", "SEC", "SEC")
     assert instr.recovery is not None and instr.recovery.installed_updates == (GUID,)
     assert (sec / RECEIVE / "ds_00000064.pkg").read_bytes() == rcv.read_bytes()
-    assert "<Updating JOB 00000064> [Secondary Site Recovery, Site = SEC]~" in log(
-        cas, "scheduler.log"
+    assert "<Updating JOB 00000064> [Secondary Site Recovery, Site = SEC]~" in cas.log(
+        "scheduler.log"
     )

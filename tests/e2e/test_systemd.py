@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cmlab.site.state_codes import PackageState
+from cmlab.testing import LabSite, State
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "systemd"
@@ -230,24 +230,15 @@ def listener() -> Iterator[NotifyListener]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _make_site(tmp_path: Path) -> Path:
-    try:
-        from cmlab.admin.init import InitOptions, init_site
-
-        return init_site(InitOptions(site_dir=tmp_path / "CAS", site_code="CAS", sync_interval=0))
-    except ModuleNotFoundError as exc:
-        if exc.name in ("cmlab.admin.payload", "cmlab.site.trust"):
-            pytest.skip(f"cmlab init needs {exc.name}, which is not in the tree yet")
-        raise
+def _make_site(tmp_path: Path) -> LabSite:
+    """A lab site as `cmlab init` makes it by default (auto-download on, a 5 s rescan), never
+    synchronized; the test runs its daemon itself, as systemd would."""
+    return LabSite(tmp_path / "CAS", auto_download=True, rescan_interval=5.0).create()
 
 
 # Where a synchronization ends on a lab site with auto-download on: the applicable update is
 # downloaded (payload CAB verified and extracted, redists fetched), the others are filtered.
-DECIDED = {
-    PackageState.DOWNLOAD_SUCCESS,
-    PackageState.APPLICABILITY_HIDE,
-    PackageState.APPLICABILITY_NA,
-}
+DECIDED = {State.DOWNLOAD_SUCCESS, State.APPLICABILITY_HIDE, State.APPLICABILITY_NA}
 
 
 def _synchronized(site: Path) -> bool:
@@ -288,7 +279,8 @@ def test_daemon_sends_ready_watchdog_and_stopping(
 ) -> None:
     if mdwe and not _mdwe_supported():
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+) to stand in for systemd's")
-    site = _make_site(tmp_path)
+    lab = _make_site(tmp_path)
+    site = lab.path
     env = dict(os.environ)
     env["NOTIFY_SOCKET"] = listener.path
     # 200 ms: the daemon pings every 100 ms, so two pings arrive quickly even on a slow machine.
@@ -297,6 +289,9 @@ def test_daemon_sends_ready_watchdog_and_stopping(
     env["PYTHONPATH"] = os.pathsep.join(
         [os.fspath(REPO / "daemon"), *filter(None, [env.get("PYTHONPATH")])]
     )
+    # Started by hand, not by LabSite(mode="subprocess"): what is tested is the process as
+    # systemd sees it (this NOTIFY_SOCKET and WATCHDOG_USEC, the MDWE wrapper's exec), which
+    # LabSite's own notify socket would take over.
     out = (tmp_path / "daemon.out").open("wb")
     err = (tmp_path / "daemon.err").open("wb")
     proc = subprocess.Popen(
@@ -332,14 +327,7 @@ def test_daemon_sends_ready_watchdog_and_stopping(
         # extracts (libmspack via ctypes) signed CABs, which is what MemoryDenyWriteExecute
         # could break, and the pings must keep coming while it runs.
         pings_before = listener.count("WATCHDOG=1", proc.pid)
-        sync = subprocess.run(
-            [sys.executable, "-m", "cmlab.commands.cli", "sync", os.fspath(site)],
-            env=env | {"NOTIFY_SOCKET": ""},
-            capture_output=True,
-            text=True,
-            timeout=DEADLINE,
-        )
-        assert sync.returncode == 0, sync.stderr
+        lab.sync()
         wait_for("a finished synchronization", lambda: _synchronized(site))
         assert not list((site / "inboxes").rglob("BAD/*")), "a file went to BAD during sync"
         wait_for(

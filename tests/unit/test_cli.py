@@ -34,9 +34,8 @@ from cmlab.site.sitedb import (
 )
 from cmlab.site.state_codes import PackageFlag, PackageState
 from cmlab.site.trust import create_lab_ca
-from cmlab.testing import LabSite
+from cmlab.testing import SAMPLE_UPDATE, LabSite
 from tests.helpers.cli import cmlab
-from tests.helpers.sites import GUID_2509, query
 
 
 def test_payload_build_and_verify(template: Path, tmp_path: Path) -> None:
@@ -130,7 +129,7 @@ def test_a_second_daemon_on_the_same_site_is_refused(
 
 # -- the exit-code table --------------------------------------------------------------------------
 
-GUID = GUID_2509
+GUID = SAMPLE_UPDATE
 UNKNOWN = "00000000-0000-0000-0000-0000000000AB"
 
 
@@ -289,7 +288,8 @@ def test_an_action_without_a_daemon_is_recorded_and_says_it_waits_for_cmlab_run(
         err
         == f"cmlab: no daemon is running for {site}: the request waits for `cmlab run {site}`.\n"
     )
-    assert query(site, "SELECT ID, Finished FROM SyncHistory") == [(1, None)]
+    # Read without starting it: LabSite on a folder that holds a site uses it as it is.
+    assert LabSite(site).query("SELECT ID, Finished FROM SyncHistory") == [(1, None)]
 
     set_state(site, GUID, PackageState.APPLICABILITY_SUCCESS)
     assert main(["download", str(site), GUID.lower()]) == ExitCode.DONE

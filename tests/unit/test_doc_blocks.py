@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.doc_blocks import (
+    DEFAULT_TIMEOUT,
     BackgroundJob,
     BlockFailed,
     DocBlockError,
@@ -30,7 +31,7 @@ def page(text: str) -> str:
 
 
 def run_page(
-    tmp_path: Path, text: str, *, timeout: float = 30.0, ready: ReadyCheck | None = None
+    tmp_path: Path, text: str, *, timeout: float = DEFAULT_TIMEOUT, ready: ReadyCheck | None = None
 ) -> list[str]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "PAGE.md"
@@ -39,13 +40,14 @@ def run_page(
 
 
 # A command that serves until SIGTERM, then exits 0, as `cmlab run` does; "served" says it is
-# ready (its handler is in place) and holds its pid.
+# ready (its handler is in place) and holds its pid, whole (written, then renamed).
 SERVER = """\
 '''sh
 cat > server.py <<'EOF'
 import os, pathlib, signal, sys
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-pathlib.Path("served").write_text(str(os.getpid()))
+pathlib.Path("served.tmp").write_text(str(os.getpid()))
+os.replace("served.tmp", "served")
 signal.pause()
 EOF
 '''
@@ -261,8 +263,16 @@ def test_a_command_left_running_must_exit_0_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_a_command_left_running_that_fails_fails_its_block(tmp_path: Path) -> None:
+    # It has ended by the block's end (else the end's SIGTERM could be what ends it): the
+    # runner still reports its status, whether or not bash lists it as a job any more.
+    text = """\
+    '''sh
+    (echo refused >&2; exit 3) &
+    while kill -0 $! 2>/dev/null; do sleep 0.01; done
+    '''
+    """
     with pytest.raises(BlockFailed, match=r"PAGE\.md:1: the shell block .*exited 3"):
-        run_page(tmp_path, "'''sh\n(echo refused >&2; exit 3) &\n'''\n")
+        run_page(tmp_path, text)
 
 
 def test_a_background_command_that_never_serves_fails_its_block(tmp_path: Path) -> None:
@@ -290,7 +300,8 @@ def test_what_a_failing_block_started_is_killed_with_it(tmp_path: Path) -> None:
         SERVER
         + "\n'''sh\npython server.py &\nuntil test -s served; do sleep 0.01; done\nfalse\n'''\n"
     )
-    with pytest.raises(BlockFailed, match=r"PAGE\.md:10: the shell block exited 1"):
+    line = len(SERVER.splitlines()) + 2  # the server's block, a blank line, this block
+    with pytest.raises(BlockFailed, match=rf"PAGE\.md:{line}: the shell block exited 1"):
         run_page(tmp_path, text)
     pid = int((tmp_path / "run" / "work" / "served").read_text())
     wait_until(lambda: not _alive(pid), timeout=10, what=f"the server (pid {pid}) to be killed")

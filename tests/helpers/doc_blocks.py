@@ -43,8 +43,8 @@ How the blocks of one file run
   messages give the page's line numbers too (the script is padded so that its lines are the
   page's lines).
 
-Needs Linux (/proc) and bash 5.1 or later (`wait -n -p` collects the `&` commands' exit
-statuses, those of commands that ended early included).
+Needs Linux (/proc) and bash 5.1 or later (`wait -n -p`). The runner notes the `&` commands
+with bash's DEBUG trap, so a block must not set a DEBUG trap of its own.
 """
 
 from __future__ import annotations
@@ -317,6 +317,37 @@ class _Left:
         return {int(pid): int(code) for pid, code in rows}
 
 
+# Around a shell block, its page lines kept. The prologue (the script's first line, blank
+# otherwise) notes the PID of each command the block starts with `&`, as it starts: `jobs -p`
+# forgets one that ended while bash waited for another command. After the block, the trailer
+# lists the commands still running in JOBS (the runner's sign that the block is over), then
+# writes each one's exit status to EXITS as it ends: `wait -n` for those bash still lists,
+# `wait PID` for the others, whose statuses bash keeps (127 there: the block's own `wait` took
+# it already).
+_PROLOGUE = (
+    """__doc_test_all=@ALL@; : >> "$__doc_test_all"; trap '[[ ${!:-} == "${__doc_test_bg:-}" ]] """
+    + """|| { __doc_test_bg=$!; echo "$!" >> "$__doc_test_all"; }' DEBUG"""
+)
+_TRAILER = """\
+trap - DEBUG
+set +e
+printf '%s\\n' $(jobs -p) > @JOBS@.tmp && mv @JOBS@.tmp @JOBS@
+declare -A __doc_test_seen=()
+while wait -n -p __doc_test_pid; __doc_test_status=$?; [[ -n "${__doc_test_pid:-}" ]]; do
+  echo "$__doc_test_pid $__doc_test_status" >> @EXITS@
+  __doc_test_seen[$__doc_test_pid]=1
+  unset __doc_test_pid
+done
+while read -r __doc_test_pid; do
+  [[ -n "${__doc_test_seen[$__doc_test_pid]:-}" ]] && continue
+  wait "$__doc_test_pid" 2>/dev/null
+  __doc_test_status=$?
+  [[ $__doc_test_status == 127 ]] || echo "$__doc_test_pid $__doc_test_status" >> @EXITS@
+done < @ALL@
+exit 0
+"""
+
+
 class DocSession:
     """Runs blocks in order in `root/work` (HOME is `root/home`; scripts and their output go
     to `root/runner/L<line>/`). Leaving it stops what the blocks left running: SIGTERM, and
@@ -420,18 +451,11 @@ class DocSession:
             lines[n] = "exec " + lines[n].lstrip()  # so SIGTERM reaches the command itself
             text = "\n" * block.line + "\n".join(lines) + "\n"
         else:
-            # After the block: list the `&` commands still running, then record each exit
-            # status as it comes (`wait -n -p`: those that ended early come first).
-            jobs, exits = shlex.quote(str(folder / "jobs")), shlex.quote(str(folder / "exits"))
-            text = (
-                block.script()
-                + "set +e\n"
-                + f"printf '%s\\n' $(jobs -p) > {jobs}.tmp && mv {jobs}.tmp {jobs}\n"
-                + "while wait -n -p __doc_test_pid; __doc_test_status=$?; "
-                + '[[ -n "${__doc_test_pid:-}" ]]; do\n'
-                + f'  echo "$__doc_test_pid $__doc_test_status" >> {exits}; unset __doc_test_pid\n'
-                + "done\nexit 0\n"
-            )
+            places = {"@ALL@": "all", "@JOBS@": "jobs", "@EXITS@": "exits"}
+            wrap = [_PROLOGUE, _TRAILER]
+            for mark, name in places.items():
+                wrap = [w.replace(mark, shlex.quote(str(folder / name))) for w in wrap]
+            text = wrap[0] + "\n" * block.line + "\n".join(block.lines()) + "\n" + wrap[1]
         script.write_text(text)
         return ["bash", "-euo", "pipefail", str(script)]
 
@@ -471,8 +495,13 @@ class DocSession:
         deadline = time.monotonic() + READY_TIMEOUT
         for job in left.jobs:
             while not self._ready(job):
-                if not job.alive():
-                    raise BlockFailed(_report(left, f"started pid {job.pid}, which ended at once"))
+                if not job.alive():  # ended: well (a quick job, not a server) or badly
+                    code = _status_when_known(left, job.pid, deadline)
+                    if code == 0:
+                        break
+                    raise BlockFailed(
+                        _report(left, f"started pid {job.pid}, which exited {_status(code)}")
+                    )
                 if time.monotonic() > deadline:
                     raise BlockFailed(
                         _report(
@@ -532,6 +561,14 @@ def run_markdown(
     blocks = read_blocks(path)
     with DocSession(root, venv=venv, timeout=timeout, ready=ready) as session:
         return [session.run(block) for block in blocks]
+
+
+def _status_when_known(left: _Left, pid: int, deadline: float) -> int | None:
+    """The exit status of a command the block left, once its bash has written it (it does as
+    soon as the command ends); None if it does not by the deadline."""
+    while (code := left.statuses().get(pid)) is None and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+    return code
 
 
 def _status(code: int | None) -> str:

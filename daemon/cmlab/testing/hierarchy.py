@@ -21,8 +21,8 @@ from types import TracebackType
 
 from cmlab.admin.hierarchy_spec import HierarchySpec, create_hierarchy
 from cmlab.site.state_codes import PackageState
-from cmlab.testing.runners import Mode
-from cmlab.testing.site import DEFAULT_TIMEOUT, TEST_INIT_DEFAULTS, LabSite
+from cmlab.testing.modes import DEFAULT_TIMEOUT, Mode
+from cmlab.testing.site import TEST_INIT_DEFAULTS, LabSite
 
 
 class LabHierarchy:

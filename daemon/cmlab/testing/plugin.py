@@ -22,34 +22,34 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from cmlab.admin.hierarchy_spec import HierarchySpec, apply_settings
 from cmlab.site.state_codes import PackageState
-from cmlab.testing.hierarchy import LabHierarchy
-from cmlab.testing.runners import MODES, Mode
-from cmlab.testing.samples import SAMPLE_UPDATE
-from cmlab.testing.site import DEFAULT_TIMEOUT, LabSite
+from cmlab.testing.modes import DEFAULT_TIMEOUT, MODES, Mode
+
+# pytest loads this module in every run where cmlab is installed, tests of cmlab or not: the
+# modules that import the daemon (half a second) are imported when a fixture first needs them.
+if TYPE_CHECKING:
+    from cmlab.testing.hierarchy import LabHierarchy
+    from cmlab.testing.site import LabSite
 
 STAGES = ("new", "synced", "downloaded")
 
 # The hierarchy `cmlab_hierarchy` makes unless a test gives its own: a CAS with a child
 # primary and a secondary under it, replicating within a fraction of a second.
-DEFAULT_HIERARCHY = HierarchySpec.from_dict(
-    {
-        "defaults": {
-            "replication.cmupdates_interval": 0.2,
-            "replication.sender_retry_delay": 0.3,
-        },
-        "site": [
-            {"code": "CAS"},
-            {"code": "PR1", "parent": "CAS"},
-            {"code": "SEC", "parent": "PR1"},
-        ],
-    }
-)
+DEFAULT_HIERARCHY: dict[str, Any] = {
+    "defaults": {
+        "replication.cmupdates_interval": 0.2,
+        "replication.sender_retry_delay": 0.3,
+    },
+    "site": [
+        {"code": "CAS"},
+        {"code": "PR1", "parent": "CAS"},
+        {"code": "SEC", "parent": "PR1"},
+    ],
+}
 
 
 class Templates:
@@ -71,6 +71,9 @@ class Templates:
             return self._made[key]
 
     def _make(self, stage: str, site_code: str, init_options: dict[str, Any], n: int) -> Path:
+        from cmlab.testing.samples import SAMPLE_UPDATE
+        from cmlab.testing.site import LabSite
+
         path = self.root / f"{n:03d}-{stage}" / site_code.upper()
         site = LabSite(path, site_code=site_code, **init_options)
         site.create()
@@ -203,6 +206,9 @@ def cmlab_site_factory(
     **init_options)`: a new site in this test's tmp_path, copied from a session template,
     running unless start=False; `settings` ({"table.key": value}) are written into its
     site.toml before it starts. Every site it made is stopped after the test."""
+    from cmlab.admin.hierarchy_spec import apply_settings
+    from cmlab.testing.site import LabSite
+
     made: list[LabSite] = []
     default_mode = _mode(request.config)
     timeout = _timeout(request.config)
@@ -263,6 +269,9 @@ def cmlab_hierarchy(
 ) -> Iterator[LabHierarchy]:
     """Every site of a hierarchy spec, running; the top site starts with SAMPLE_UPDATE
     downloaded (a copy of the session's downloaded template)."""
+    from cmlab.admin.hierarchy_spec import HierarchySpec
+    from cmlab.testing.hierarchy import LabHierarchy
+
     marker = request.node.get_closest_marker("cmlab_hierarchy")
     spec = marker.args[0] if marker and marker.args else DEFAULT_HIERARCHY
     if isinstance(spec, dict):

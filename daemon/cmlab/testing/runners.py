@@ -18,12 +18,9 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 from cmlab.daemon import serve
-
-Mode = Literal["inprocess", "subprocess"]
-MODES: tuple[Mode, ...] = ("inprocess", "subprocess")
+from cmlab.testing.modes import Mode
 
 
 class LabError(RuntimeError):

@@ -31,18 +31,11 @@ from cmlab.site.contract import load_contract, waiting_drop_files
 from cmlab.site.sitedb import connected, overview, scripts, servicing
 from cmlab.site.sms_log import read_messages
 from cmlab.site.state_codes import PackageFlag, PackageState
-from cmlab.testing.runners import (
-    MODES,
-    InProcessDaemon,
-    LabError,
-    Mode,
-    Runner,
-    SubprocessDaemon,
-)
+from cmlab.testing.modes import DEFAULT_TIMEOUT, MODES, Mode
+from cmlab.testing.runners import InProcessDaemon, LabError, Runner, SubprocessDaemon
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = 60.0
 # Start and stop are milliseconds in-process and well under a second as a child process;
 # these bounds only keep a broken site from hanging a test run.
 START_TIMEOUT = 60.0

@@ -196,26 +196,31 @@ def _package_name(site: Path, guid: str) -> str:
     return names.get(guid.upper()) or guid
 
 
-def _package_check(site: Path, guid: str, goal: waiting.Goal) -> Callable[[], waiting.Progress]:
+class _KnownPackageCheck:
     """waiting.package_check, and "not found" for a GUID that no synchronization will bring:
-    the site has synchronized, and nothing is pending that could add it."""
-    config = load_config(site)
-    check = waiting.package_check(site, guid, goal)
+    the site has synchronized, and nothing is pending that could add it. `wait` closes it (and
+    with it the check's read connection)."""
 
-    def known_check() -> waiting.Progress:
-        progress = check()
-        if progress.state is None and not waiting.package_may_appear(config):
+    def __init__(self, site: Path, guid: str, goal: waiting.Goal) -> None:
+        self.config = load_config(site)
+        self.guid = guid
+        self.check = waiting.package_check(site, guid, goal)
+
+    def __call__(self) -> waiting.Progress:
+        progress = self.check()
+        if progress.state is None and not waiting.package_may_appear(self.config):
             raise procs.UnknownPackage(
-                f"no update package {guid} in CM_UpdatePackages, and the last synchronization "
-                "is over: `cmlab status` lists the packages"
+                f"no update package {self.guid} in CM_UpdatePackages, and the last "
+                "synchronization is over: `cmlab status` lists the packages"
             )
         return progress
 
-    return known_check
+    def close(self) -> None:
+        self.check.close()
 
 
 def _await_package(site: Path, guid: str, goal: waiting.Goal, timeout: float) -> int:
-    result = _wait(_package_check(site, guid, goal), timeout)
+    result = _wait(_KnownPackageCheck(site, guid, goal), timeout)
     # A package that never appeared: the progress lines name its GUID themselves.
     label = _package_name(site, guid) if result.state is not None else None
     print(outcome(label, result, goal.what, timeout))

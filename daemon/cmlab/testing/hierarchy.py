@@ -13,19 +13,18 @@ their shares; in-process, each daemon runs on a thread of its own with its own e
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from types import TracebackType
 
 from cmlab.admin.hierarchy_spec import HierarchySpec, create_hierarchy
 from cmlab.site.state_codes import PackageState
+from cmlab.testing.lifecycle import StartStop
 from cmlab.testing.modes import DEFAULT_TIMEOUT, Mode
 from cmlab.testing.site import TEST_INIT_DEFAULTS, LabSite
 
 
-class LabHierarchy:
+class LabHierarchy(StartStop):
     """The sites of `spec` in `root/<CODE>`, made the first time it starts (or found there).
     `top_from`: a site folder to copy as the top site (a template made with the spec's top
     options: the pytest plugin's downloaded CAS); `address_of(code)`: how the other sites
@@ -97,28 +96,6 @@ class LabHierarchy:
         for code in reversed(codes or tuple(self.sites)):
             if self[code].running:
                 self[code].stop()
-
-    def __enter__(self) -> LabHierarchy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> LabHierarchy:
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
 
     # -- waiting on the whole hierarchy ------------------------------------------------------
 

@@ -19,7 +19,6 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from cmlab.admin import actions, waiting
@@ -31,6 +30,7 @@ from cmlab.site.contract import load_contract, waiting_drop_files
 from cmlab.site.sitedb import connected, overview, scripts, servicing
 from cmlab.site.sms_log import read_messages
 from cmlab.site.state_codes import PackageFlag, PackageState
+from cmlab.testing.lifecycle import StartStop
 from cmlab.testing.modes import DEFAULT_TIMEOUT, MODES, Mode
 from cmlab.testing.runners import InProcessDaemon, LabError, Runner, SubprocessDaemon
 
@@ -71,7 +71,7 @@ def _named(value: int) -> str:
     return f"{PackageState.name_of(value)} ({value})"
 
 
-class LabSite:
+class LabSite(StartStop):
     """A lab site in `path`: made by `cmlab init` (or copied from `template`) the first time
     it starts, run in this process (`mode="inprocess"`, the default: ready in milliseconds)
     or as `cmlab run` in a child process (`mode="subprocess"`: the only mode `kill()` works
@@ -189,28 +189,6 @@ class LabSite:
 
     def daemon_stderr(self) -> str:
         return self._runner.stderr() if isinstance(self._runner, SubprocessDaemon) else ""
-
-    def __enter__(self) -> LabSite:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> LabSite:
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
 
     # -- the administrator's actions (cmlab.admin.actions) ------------------------------------
 

@@ -115,3 +115,35 @@ def test_a_hierarchy_installs_everywhere(cmlab_templates: Templates, tmp_path: P
         h.wait_installed(SAMPLE_UPDATE)
         h.wait_idle()
         assert h["PR1"].history(SAMPLE_UPDATE)[-1] == State.INSTALL_SUCCESS
+
+
+def test_a_daemon_that_dies_ends_a_wait_at_once(
+    cmlab_site: LabSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An in-process daemon that ends with an error mid-test: the next wait says so at once
+    instead of timing out (a wait on a dead site could only time out)."""
+    from cmlab.daemon import SiteDaemon
+
+    real_stop = SiteDaemon.stop
+
+    async def broken_stop(self: SiteDaemon) -> None:
+        await real_stop(self)  # every component stops; then serve() fails
+        raise RuntimeError("the database thread is gone")
+
+    monkeypatch.setattr(SiteDaemon, "stop", broken_stop)
+    runner = cmlab_site._runner
+    assert runner._loop is not None and runner._stop is not None  # type: ignore[union-attr]
+    runner._loop.call_soon_threadsafe(runner._stop.set)  # type: ignore[union-attr]
+    with pytest.raises(LabError, match="the daemon stopped with an error while waiting for"):
+        cmlab_site.wait_state(SAMPLE_UPDATE, State.INSTALL_SUCCESS, timeout=600)
+    with pytest.raises(LabError, match="the database thread is gone"):
+        cmlab_site.stop()
+    monkeypatch.undo()
+
+
+def test_a_timeout_without_seen_shows_the_site(cmlab_site: LabSite) -> None:
+    with pytest.raises(WaitTimeout) as err:
+        cmlab_site.wait_for(lambda: False, timeout=0.05, what="nothing")
+    assert "\n  seen: states: " in str(err.value)
+    assert f"{SAMPLE_UPDATE}=APPLICABILITY_SUCCESS (327682)" in str(err.value)
+    assert "waiting drop files: none" in str(err.value)

@@ -131,7 +131,10 @@ def converge(h: LabHierarchy, codes: tuple[str, ...]) -> None:
         # The sites keep replicating while they run: a peer's message may be on its way in
         # under a temporary name for an instant. A leaked one stays.
         site.wait_for(
-            lambda site=site: temporaries(site.path) == [], timeout=30, what=f"{code}'s temps"
+            lambda site=site: temporaries(site.path) == [],
+            timeout=30,
+            what=f"{code}'s temps",
+            seen=lambda site=site: ", ".join(temporaries(site.path)),
         )
         receive = site.inbox(RECEIVE)
         left = [p.name for p in receive.iterdir()] if receive.is_dir() else []

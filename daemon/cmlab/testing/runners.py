@@ -82,6 +82,13 @@ class InProcessDaemon:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def failure(self) -> BaseException | None:
+        """The exception the daemon's thread ended with while nobody stopped it: a wait that
+        goes on after that would only time out, so it stops at once with this."""
+        if self._thread is not None and not self._thread.is_alive():
+            return self._error
+        return None
+
     def stop(self, timeout: float) -> int:
         thread, loop, stop = self._thread, self._loop, self._stop
         if thread is None:
@@ -190,6 +197,11 @@ class SubprocessDaemon:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def failure(self) -> BaseException | None:
+        # A child process may end by itself on purpose (a crash point): wait_exit() is how a
+        # test awaits that, so a wait does not treat it as a failure.
+        return None
 
     def stop(self, timeout: float) -> int:
         if self.proc is None:

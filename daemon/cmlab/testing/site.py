@@ -323,20 +323,36 @@ class LabSite(StartStop):
         seen: Callable[[], str] | None = None,
     ) -> T:
         """Poll `predicate` until it returns something true, or raise WaitTimeout saying
-        `what` was awaited and (with `seen`) what the site showed at the end."""
+        `what` was awaited and what the site showed at the end (`seen`, or every package's
+        state and the drop files waiting). An in-process daemon that died meanwhile ends the
+        wait at once with its error."""
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
             value = predicate()
             if value:
                 return value
+            self._raise_if_daemon_died(what or str(predicate))
             if time.monotonic() > deadline:
-                detail = f"\n  seen: {seen()}" if seen is not None else ""
+                detail = seen() if seen is not None else self._snapshot()
                 raise WaitTimeout(
                     f"{self.site_code}: timed out after {limit} s waiting for "
-                    f"{what or predicate}{detail}"
+                    f"{what or predicate}\n  seen: {detail}"
                 )
             time.sleep(waiting.POLL_SECONDS)
+
+    def _snapshot(self) -> str:
+        """What a timeout shows when the test gave no `seen`: the packages and the inboxes."""
+        states = ", ".join(f"{g}={_named(int(s))}" for g, s in self.states().items())
+        return f"states: {states or 'none'}; waiting drop files: {self.waiting_files() or 'none'}"
+
+    def _raise_if_daemon_died(self, what: str) -> None:
+        error = self._runner.failure()
+        if error is not None:
+            raise LabError(
+                f"{self.site_code}: the daemon stopped with an error while waiting for {what}: "
+                f"{error!r}"
+            ) from error
 
     async def wait_state_async(
         self,
@@ -357,11 +373,17 @@ class LabSite(StartStop):
     async def wait_idle_async(self, timeout: float | None = None) -> None:
         await asyncio.to_thread(self.wait_idle, timeout)
 
-    def _wait(
-        self, check: Callable[[], waiting.Progress], timeout: float | None, what: str
-    ) -> waiting.WaitResult:
+    def _wait(self, check: waiting.Check, timeout: float | None, what: str) -> waiting.WaitResult:
         limit = self.timeout if timeout is None else timeout
-        result = waiting.wait(check, limit)
+
+        def watched() -> waiting.Progress:
+            self._raise_if_daemon_died(what)
+            return check()
+
+        try:
+            result = waiting.wait(watched, limit)
+        finally:
+            check.close()
         if result.verdict is waiting.Verdict.DONE:
             return result
         seen = " -> ".join(result.seen)

@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import pytest
 
+# Imported here, in the outer run, before any pytester run: an in-process pytester run puts
+# sys.modules back as it found it, so a module first imported inside one is imported again by
+# the next, and cryptography's Python modules then no longer match its Rust bindings, which
+# cannot be imported twice ("Algorithm must be a registered hash algorithm" when this file ran
+# alone). LabSite imports the daemon and, with it, cryptography.
+import cmlab.testing.site  # noqa: F401
+
 pytest_plugins = ("pytester",)
 
 

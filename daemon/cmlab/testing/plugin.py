@@ -30,7 +30,7 @@ from cmlab.site.state_codes import PackageState
 from cmlab.testing.modes import DEFAULT_TIMEOUT, MODES, Mode
 
 # pytest loads this module in every run where cmlab is installed, tests of cmlab or not: the
-# modules that import the daemon (half a second) are imported when a fixture first needs them.
+# modules that import the daemon (0.6-0.7 s) are imported when a fixture first needs them.
 if TYPE_CHECKING:
     from cmlab.testing.hierarchy import LabHierarchy
     from cmlab.testing.site import LabSite
@@ -238,7 +238,7 @@ def cmlab_site_factory(
         made.append(site)
         site.create()
         if settings:
-            apply_settings(path, {k: v for k, v in settings.items()})
+            apply_settings(path, settings)
         if start:
             site.start()
         return site
